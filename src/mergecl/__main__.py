@@ -1,0 +1,3 @@
+from mergecl.cli import main
+
+raise SystemExit(main())
