@@ -1,0 +1,115 @@
+"""The `mergecl` command line: merge, run, report.
+
+Errors a user can cause (MergeclError) print one line, ``mergecl: error: ...``, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mergecl.errors import MergeclError
+
+
+def _merge_help() -> str:
+    from mergecl.merging.engine import RULES
+
+    lines = ["merge rules (default lam in brackets):"]
+    for name, spec in RULES.items():
+        lam = "computed" if spec.lam is None else f"{spec.lam:g}"
+        lines.append(f"  {name:<16} [{lam}] {spec.summary}")
+    lines.append("ties: --keep 0.2, --scope global (exact model-wide top-k, as the MagMax release) | tensor")
+    lines.append("dare: --dare P drops each task-vector entry with probability P and rescales by 1/(1-P),")
+    lines.append("      in front of any rule (DARE-TA: --method task_arithmetic --dare 0.9)")
+    return "\n".join(lines)
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge fine-tuned checkpoints into a base checkpoint (out of core)",
+        description="Merge fine-tuned checkpoints FT1 FT2 ... into BASE by a merge rule; task vectors are "
+        "tau_t = FT_t - BASE. Inputs: .safetensors, sharded HF directories, .pt/.bin (weights_only=True).",
+        epilog=_merge_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints, in task order")
+    p.add_argument("--method", required=True, help="merge rule (see below)")
+    p.add_argument("--base", required=True, help="the base (pretrained) checkpoint theta_0")
+    p.add_argument(
+        "-o", "--out", required=True, help="output: X.safetensors, or a directory (HF layout, sharded)"
+    )
+    p.add_argument("--lam", type=float, default=None, help="scaling coefficient (default: the rule's own)")
+    p.add_argument("--keep", type=float, default=0.2, help="ties: fraction of entries kept (default 0.2)")
+    p.add_argument("--scope", choices=["global", "tensor"], default="global", help="ties: top-k scope")
+    p.add_argument("--seed", type=int, default=0, help="random_mix and dare draws (default 0)")
+    p.add_argument(
+        "--dare", type=float, default=0.0, metavar="P", help="DARE drop probability (default 0: off)"
+    )
+    p.add_argument("--start", type=int, default=1, help="one_over_t: t of the first checkpoint (default 1)")
+    p.add_argument("--include", default=None, metavar="RE", help="merge only tensors whose name matches RE")
+    p.add_argument(
+        "--exclude", default=None, metavar="RE", help="copy tensors whose name matches RE from the base"
+    )
+    p.add_argument(
+        "--fisher", action="append", default=None, metavar="F", help="Fisher checkpoint (repeat per FT)"
+    )
+    p.add_argument("--prior-precision", default=None, metavar="P", help="became: the prior precision Lambda")
+    p.add_argument("--max-shard-size", default="5GB", help="directory output: shard size (default 5GB)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_merge(args) -> int:
+    from mergecl.merging.engine import merge_checkpoints
+
+    started = time.perf_counter()
+    result = merge_checkpoints(
+        args.base,
+        args.finetuned,
+        args.method,
+        out=args.out,
+        lam=args.lam,
+        keep=args.keep,
+        scope=args.scope,
+        seed=args.seed,
+        dare=args.dare,
+        start=args.start,
+        include=args.include,
+        exclude=args.exclude,
+        fisher=args.fisher,
+        prior_precision=args.prior_precision,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
+    print(
+        f"wrote {result.path} ({args.method}, {len(args.finetuned)} checkpoints, "
+        f"{time.perf_counter() - started:.1f}s{extra})"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mergecl import __version__
+
+    parser = argparse.ArgumentParser(prog="mergecl", description="Continual learning by model merging.")
+    parser.add_argument("--version", action="version", version=f"mergecl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "merge":
+            return _run_merge(args)
+        raise AssertionError(args.command)
+    except MergeclError as err:
+        print(f"mergecl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergecl: interrupted", file=sys.stderr)
+        return 130

