@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from mergecl.evaluation import _io
-from mergecl.evaluation._io import atomic_write_bytes, atomic_write_text
+from mergecl import atomic as _io
+from mergecl.atomic import atomic_write_bytes, atomic_write_text
 
 
 def _names(folder):

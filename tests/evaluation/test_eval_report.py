@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mergecl.errors import MergeclError
-from mergecl.evaluation import _io
+from mergecl import atomic as _io
 from mergecl.evaluation.metrics import summarize
 from mergecl.evaluation.report import format_table, markdown_table, write_csv, write_report
 

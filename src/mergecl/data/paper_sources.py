@@ -42,7 +42,9 @@ def read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise missing("cifar100", path, path.name)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % _CIFAR_RECORD:
-        raise MergeclError(f"{path} is not a CIFAR-100 binary file: {raw.size} bytes is not a multiple of 3074")
+        raise MergeclError(
+            f"{path} is not a CIFAR-100 binary file: {raw.size} bytes is not a multiple of 3074"
+        )
     records = raw.reshape(-1, _CIFAR_RECORD)
     return records[:, 0], records[:, 1], records[:, 2:].reshape(-1, 3, 32, 32)
 
@@ -60,7 +62,9 @@ def load_cifar100(root: str | Path) -> Dataset:
     def split(name: str) -> tuple[Split, np.ndarray, np.ndarray]:
         coarse, fine, images = read_cifar_bin(folder / name)
         if fine.max() >= len(fine_names):
-            raise MergeclError(f"{folder / name} has fine label {fine.max()}, fine_label_names.txt has {len(fine_names)}")
+            raise MergeclError(
+                f"{folder / name} has fine label {fine.max()}, fine_label_names.txt has {len(fine_names)}"
+            )
         x = torch.from_numpy(images.astype(np.float32) / 255.0)
         return Split(x, torch.from_numpy(fine.astype(np.int64))), coarse, fine
 
@@ -138,7 +142,9 @@ def load_imagenet_r(root: str | Path, seed: int = 0, test_fraction: float = 0.2)
         if not paths:
             raise missing("imagenet_r", folder / dirs[0] / "<image>", "images", root)
         domain_set = sorted(set(domains))
-        strata = torch.tensor([lab * len(domain_set) + domain_set.index(d) for lab, d in zip(labels, domains)])
+        strata = torch.tensor(
+            [lab * len(domain_set) + domain_set.index(d) for lab, d in zip(labels, domains, strict=True)]
+        )
         keep, take = stratified_split(strata, test_fraction, seed)
         train_part, test_part = (_pick((paths, labels, domains), idx.tolist()) for idx in (keep, take))
     domain_names = _domain_names(set(train_part[2]) | set(test_part[2]), PAPER_DOMAIN_ORDERS["imagenet_r"])
@@ -195,7 +201,9 @@ def load_cub200(root: str | Path) -> Dataset:
             raise MergeclError(f"{folder / 'image_class_labels.txt'}: image {image_id} has class {label + 1}")
         flag = is_train[image_id].strip()
         if flag not in parts:
-            raise MergeclError(f"{folder / 'train_test_split.txt'}: image {image_id} has flag {flag!r}, not 1 or 0")
+            raise MergeclError(
+                f"{folder / 'train_test_split.txt'}: image {image_id} has flag {flag!r}, not 1 or 0"
+            )
         paths, ys = parts[flag]
         paths.append(str(folder / "images" / rel))
         ys.append(label)
@@ -209,13 +217,14 @@ def load_cub200(root: str | Path) -> Dataset:
 def _loadmat(path: Path, key: str) -> np.ndarray:
     try:
         from scipy.io import loadmat  # scipy comes with scikit-learn; a MATLAB parser, not pickle
+        from scipy.io.matlab import MatReadError
     except ImportError as err:
         raise MergeclError(f"reading {path} needs scipy (pip install scipy)") from err
     if not path.is_file():
         raise missing("cars", path, path.name)
     try:
         return np.atleast_1d(loadmat(str(path), squeeze_me=True)[key])
-    except (ValueError, OSError, KeyError, TypeError) as err:
+    except (MatReadError, ValueError, OSError, KeyError, TypeError) as err:
         raise MergeclError(f"cannot read {key!r} from {path}: {err}") from err
 
 
@@ -284,7 +293,7 @@ def load_domainnet(root: str | Path, domains: list[str] | tuple[str, ...] | None
         raise MergeclError(f"unknown DomainNet domains {unknown}; valid: {', '.join(DOMAINNET_DOMAINS)}")
     folder = locate(root, f"{domains[0]}_train.txt", ("domainnet",), "domainnet")
     lists = {(d, p): _domainnet_list(folder / f"{d}_{p}.txt") for d in domains for p in ("train", "test")}
-    for (domain, part), rows in lists.items():
+    for (domain, _), rows in lists.items():
         if rows and not (folder / rows[0][0]).is_file():
             raise missing("domainnet", folder / rows[0][0], f"{domain} images (unzip {domain}.zip)", folder)
     official: dict[str, int] = {}

@@ -47,7 +47,9 @@ def default_root(name: str) -> Path:
     return data_root() / name
 
 
-def get_source(name: str, root: str | Path | None = None, seed: int = 0, download: bool = False, **options: Any) -> Dataset:
+def get_source(
+    name: str, root: str | Path | None = None, seed: int = 0, download: bool = False, **options: Any
+) -> Dataset:
     """Load source ``name``; ``options`` go to its loader (e.g. ``hub_id=`` for hf, ``domains=``).
 
     ``download=True`` first fetches the official files into ``root`` (needs internet).
@@ -63,6 +65,8 @@ def get_source(name: str, root: str | Path | None = None, seed: int = 0, downloa
     kwargs = dict(options)
     if "seed" in accepted:
         kwargs["seed"] = seed
+    if name == "hf" and root is not None:
+        kwargs.setdefault("cache_dir", str(Path(root).expanduser()))  # the hub cache is its "root"
     if name not in _NO_ROOT:
         if root is None and name == "image_folder":
             raise MergeclError("data source 'image_folder' needs a root folder (root/<class>/<image>)")

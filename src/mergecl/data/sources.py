@@ -63,7 +63,9 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         raise MergeclError(f"{path} is not an IDX file: only {len(raw)} bytes")
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != _IDX_MAGIC[ndim]:
-        raise MergeclError(f"{path} is not an MNIST IDX file: magic number {magic}, expected {_IDX_MAGIC[ndim]}")
+        raise MergeclError(
+            f"{path} is not an MNIST IDX file: magic number {magic}, expected {_IDX_MAGIC[ndim]}"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
@@ -89,7 +91,9 @@ def _mnist_part(root: Path, prefix: str) -> Split | None:
     images = read_idx(images_path, 3)
     labels = read_idx(labels_path, 1)
     if len(images) != len(labels):
-        raise MergeclError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise MergeclError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
     if labels.max(initial=0) > 9:
         raise MergeclError(f"{labels_path} has label {labels.max()}, MNIST labels are 0..9")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # [N, 1, 28, 28]

@@ -41,7 +41,7 @@ import numpy as np
 
 from mergecl.errors import MergeclError
 from mergecl.evaluation import metrics
-from mergecl.evaluation._io import atomic_write_bytes, atomic_write_text
+from mergecl.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "METRIC_COLUMNS",

@@ -1,0 +1,113 @@
+"""Hugging Face CLIP as in MagMax (METHODS.md §1): train the image tower, freeze a zero-shot head.
+
+The encoder is CLIP's ``vision_model`` + ``visual_projection``; its features are L2-normalised. The
+text tower is used once, to embed the prompt templates of every class into a ``ZeroShotHead``
+(frozen buffer, logits = 100 * cosine), and is then dropped: it is neither trained nor merged, and
+it does not occupy memory during training. ``openai/clip-vit-base-patch16`` on the hub holds the same
+OpenAI ViT-B/16 weights that MagMax loads through open_clip.
+
+Images go through ``ImagePreparer`` (torch/PIL only): train RandomResizedCrop(image_size, scale
+(0.9, 1.0)) bicubic without flip; eval resize + centre crop; CLIP mean/std.
+transformers is imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergecl.errors import MergeclError
+from mergecl.models.heads import ZeroShotHead, build_zero_shot_weights, readable_class_name
+from mergecl.models.images import CLIP_MEAN, CLIP_STD, ImagePreparer
+from mergecl.models.text import _check_local_or_hub, import_transformers
+
+# A short subset of the standard CLIP ImageNet prompt family ("a photo of a {}." ...).
+CLIP_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of a {}.",
+    "a bright photo of a {}.",
+    "a close-up photo of a {}.",
+    "a rendering of a {}.",
+)
+
+
+class CLIPImageEncoder(nn.Module):
+    """pixel_values [N, 3, S, S] -> L2-normalised image embeddings [N, projection_dim]."""
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, normalize: bool = True) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.visual_projection = visual_projection
+        self.normalize = normalize
+        self.out_dim = int(visual_projection.out_features)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        features = self.visual_projection(pooled)
+        return F.normalize(features, dim=-1) if self.normalize else features
+
+
+def load_hf_clip(pretrained: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """(CLIPModel, tokenizer) from a local directory or hub id; the tokenizer defaults to the same."""
+    transformers = import_transformers()
+    sources = [str(pretrained), str(tokenizer or pretrained)]
+    for source in sources:
+        _check_local_or_hub(source)
+    try:
+        model = transformers.CLIPModel.from_pretrained(sources[0])
+        tok = transformers.AutoTokenizer.from_pretrained(sources[1])
+    except (OSError, ValueError) as exc:
+        raise MergeclError(f"cannot load CLIP model {sources[0]!r}: {' '.join(str(exc).split())[:200]}") from None
+    return model.float(), tok
+
+
+def random_hf_clip(config: dict[str, Any]) -> Any:
+    """An untrained CLIPModel from CLIPConfig keyword arguments (tests, architecture experiments)."""
+    transformers = import_transformers()
+    try:
+        return transformers.CLIPModel(transformers.CLIPConfig(**config))
+    except (TypeError, ValueError) as exc:
+        raise MergeclError(f"invalid CLIP config: {' '.join(str(exc).split())[:200]}") from None
+
+
+@torch.no_grad()
+def clip_class_embeddings(
+    model: Any,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    templates: Sequence[str] = CLIP_TEMPLATES,
+) -> torch.Tensor:
+    """METHODS.md §1 class embeddings from CLIP's text tower (text_model + text_projection)."""
+    was_training = model.training
+    model.eval()
+    device = model.text_projection.weight.device
+    max_length = int(model.config.text_config.max_position_embeddings)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        pooled = model.text_model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).pooler_output
+        return model.text_projection(pooled)
+
+    weights = build_zero_shot_weights(encode, [readable_class_name(n) for n in class_names], templates)
+    model.train(was_training)
+    return weights
+
+
+def clip_image_parts(
+    model: Any, crop_scale: tuple[float, float] = (0.9, 1.0)
+) -> tuple[CLIPImageEncoder, ImagePreparer]:
+    """CLIPModel -> (trainable image encoder, its image preparer at the model's image size)."""
+    encoder = CLIPImageEncoder(model.vision_model, model.visual_projection)
+    size = int(model.config.vision_config.image_size)
+    preparer = ImagePreparer(size, CLIP_MEAN, CLIP_STD, augment="resized_crop", crop_scale=crop_scale)
+    return encoder, preparer
