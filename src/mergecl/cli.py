@@ -90,6 +90,59 @@ def _run_merge(args) -> int:
     return 0
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a continual-learning config (no CONFIG: the embedded default)",
+        description="Train task by task, merge, evaluate every step; writes a run directory with "
+        "results.json, task vectors, logs and a report. With no CONFIG: the embedded default "
+        "(sklearn digits, class-incremental 5 x 2, nine methods, about a minute on a laptop CPU).",
+    )
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded digits run)")
+    p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+
+
+def _run_run(args) -> int:
+    import os
+
+    from mergecl.evaluation.report import format_table
+    from mergecl.run.runner import run
+
+    if args.resume and args.config:
+        raise MergeclError("give either a CONFIG or --resume RUN_DIR, not both")
+    if args.quiet:
+        os.environ["MERGECL_QUIET"] = "1"
+    echo = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    started = time.perf_counter()
+    results, path = run(args.config, out=args.out, resume=args.resume, echo=echo)
+    print(format_table(results))
+    print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="tables and plots of a finished or half-finished run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+
+
+def _run_report(args) -> int:
+    from pathlib import Path
+
+    from mergecl.evaluation.report import format_table, write_report
+    from mergecl.run.rundir import RunDir
+
+    rundir = RunDir(args.run_dir)
+    results = rundir.read_json("results.json")
+    if results is None:
+        raise MergeclError(f"{Path(args.run_dir) / 'results.json'}: no such file (is this a run directory?)")
+    written = write_report(results, rundir.path)
+    print(format_table(results))
+    print(f"\nwrote {', '.join(p.name for p in written)} in {rundir.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mergecl import __version__
 
@@ -97,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mergecl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
+    _add_run(sub)
+    _add_report(sub)
     return parser
 
 
@@ -104,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "merge":
-            return _run_merge(args)
-        raise AssertionError(args.command)
+        handlers = {"merge": _run_merge, "run": _run_run, "report": _run_report}
+        return handlers[args.command](args)
     except MergeclError as err:
         print(f"mergecl: error: {err}", file=sys.stderr)
         return 2

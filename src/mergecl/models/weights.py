@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mergecl.errors import MergeclError
+from mergecl.models._util import one_line
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -37,6 +38,9 @@ def load_weights(
     Returns the dropped tensors (e.g. a classifier that the encoder does not use).
     """
     state = read_state_dict(path)
+    if state and all(k.startswith(("encoder.", "head.")) for k in state):
+        # A whole Learner checkpoint: its encoder part is what an encoder loads.
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     prefixes = tuple(drop_prefixes)
     dropped = {k: v for k, v in state.items() if prefixes and k.startswith(prefixes)}
     kept = {k: v for k, v in state.items() if k not in dropped}
@@ -66,7 +70,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise MergeclError(f"{path}: cannot read as safetensors ({_one_line(exc)})") from None
+        raise MergeclError(f"{path}: cannot read as safetensors ({one_line(exc)})") from None
 
 
 def _read_torch(path: Path) -> object:
@@ -75,7 +79,7 @@ def _read_torch(path: Path) -> object:
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise MergeclError(
             f"{path}: cannot be loaded with torch.load(weights_only=True) - "
-            f"it is not a plain tensor checkpoint or it carries code ({_one_line(exc)})"
+            f"it is not a plain tensor checkpoint or it carries code ({one_line(exc)})"
         ) from None
 
 
@@ -88,8 +92,3 @@ def _first(keys: list[str], n: int = 3) -> str:
         return "none"
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,65 @@
+"""Method names -> (training stream, merge rule).
+
+A CL method is how each task is trained (a *stream*) plus, optionally, a merge rule applied after
+every step to the stream's task vectors tau_1..tau_t. Methods that differ only in the rule share one
+stream, so asking for seq_ft, magmax, average and ties trains once.
+
+Names: ``seq_ft``, ``ind_ft``, ``joint``, ``zero_shot``, ``lwf``, ``ewc``; a merge rule alone
+(``magmax``) means that rule over Seq-FT task vectors; ``seq_ft+RULE`` and ``ind_ft+RULE`` say
+which task vectors explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mergecl.errors import MergeclError
+
+# stream name -> what it does (documentation and --help)
+STREAMS: dict[str, str] = {
+    "seq": "sequential fine-tuning: task t starts from the model after task t-1",
+    "ind": "independent fine-tuning: every task starts from theta_0",
+    "joint": "joint training on all tasks seen so far, from theta_0 (upper bound)",
+    "zero_shot": "no training: theta_0 (lower bound)",
+    "lwf": "sequential fine-tuning + distillation of the previous model on old classes",
+    "ewc": "sequential fine-tuning + EWC penalty (online Fisher)",
+}
+PLAIN_METHODS = {
+    "seq_ft": "seq",
+    "ind_ft": "ind",
+    "joint": "joint",
+    "zero_shot": "zero_shot",
+    "lwf": "lwf",
+    "ewc": "ewc",
+}
+CL_RULES = ("average", "task_arithmetic", "random_mix", "magmax", "ties", "one_over_t")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stream: str
+    rule: str | None = None  # None: evaluate the stream's own model
+
+
+def resolve_method(name: str) -> MethodSpec:
+    if name in PLAIN_METHODS:
+        return MethodSpec(name, PLAIN_METHODS[name])
+    prefix, _, rule = name.rpartition("+")
+    stream = {"": "seq", "seq_ft": "seq", "ind_ft": "ind"}.get(prefix)
+    if stream is None or rule not in CL_RULES:
+        valid = [*PLAIN_METHODS, *CL_RULES, *(f"ind_ft+{r}" for r in CL_RULES)]
+        raise MergeclError(f"unknown method '{name}' (valid: {', '.join(valid)}; or seq_ft+RULE)")
+    return MethodSpec(name, stream, rule)
+
+
+def resolve_methods(names: list[str]) -> list[MethodSpec]:
+    if not names:
+        raise MergeclError("config: methods: give at least one method")
+    specs = [resolve_method(n) for n in names]
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise MergeclError(f"config: methods: '{spec.name}' is listed twice")
+        seen.add(spec.name)
+    return specs

@@ -1,0 +1,96 @@
+"""Run configs: YAML validated into typed objects; an unknown key or a wrong type names the key.
+
+name: digits-cil
+seeds: [0]
+data: {source: digits, scenario: class, n_tasks: 5, order: seeded}
+model: {name: mlp, in_dim: 64, hidden: [256, 256]}      # see mergecl.models.factory
+train: {optimizer: adamw, lr: 0.001, epochs: 5, batch_size: 32}
+methods: [seq_ft, magmax, average, ties, random_mix, ind_ft+magmax, lwf, ewc, joint]
+method_options: {magmax: {lam: 0.5}, lwf: {lam: 0.3, temperature: 2}, ewc: {lam: 1.0e+6}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mergecl.errors import MergeclError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: str = "digits"
+    root: str | None = None
+    scenario: Literal["class", "task", "domain", "permuted"] = "class"
+    n_tasks: int | None = Field(5, ge=1)
+    order: str | list[int] = "seeded"
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    train_per_class: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: bool = True
+    eval_batch_size: int = Field(256, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: dict[str, Any] = Field(default_factory=lambda: {"name": "mlp", "in_dim": 64})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    methods: list[str] = Field(default_factory=lambda: ["seq_ft", "magmax"], min_length=1)
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def _error_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'"
+    return f"{source}: {where}: {first['msg']}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise MergeclError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise MergeclError(_error_line(err, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> RunConfig:
+    """Read and validate a YAML config; None = the embedded default (digits)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MergeclError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise MergeclError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_config(data or {}, str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

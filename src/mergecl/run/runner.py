@@ -1,0 +1,280 @@
+"""`mergecl run`: config -> scenario and learner -> streams trained step by step -> merges ->
+accuracy matrices -> results.json and the report. Resumable at any point.
+
+A step's task vector file is its commit marker: written (atomically) only after training, and
+after the stream's carried state. A resumed run skips every committed step and every recorded
+evaluation row, and rebuilds a stream's weights as theta_0 + tau_{t-1} -- as an uninterrupted run
+does too -- so both end with the same numbers.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecl.data.scenarios import build_scenario
+from mergecl.data.types import Scenario, Split
+from mergecl.errors import MergeclError
+from mergecl.evaluation.metrics import summarize
+from mergecl.merging.engine import merge
+from mergecl.methods.registry import MethodSpec, resolve_methods
+from mergecl.methods.streams import eval_classes, train_step
+from mergecl.models.base import Learner
+from mergecl.models.factory import build_learner
+from mergecl.run.config import RunConfig, dump_config, load_config
+from mergecl.run.rundir import RunDir
+from mergecl.training.loop import TrainSettings, accuracy
+
+METRICS = ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc", "wall_time_s")
+
+
+def step_seed(seed: int, stream: str, t: int) -> int:
+    return zlib.crc32(f"{seed}:{stream}:{t}".encode()) & 0x7FFFFFFF
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MergeclError(
+            f"config: device: '{name}' is not a device (auto, cpu, cuda, cuda:1, ...)"
+        ) from None
+
+
+def float_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+class Runner:
+    def __init__(self, config: RunConfig, rundir: RunDir, echo=print) -> None:
+        self.config = config
+        self.rundir = rundir
+        self.methods = resolve_methods(config.methods)
+        self.device = pick_device(config.device)
+        self.settings = TrainSettings(**config.train.model_dump())
+        self.progress = rundir.read_json("progress.json", {"seeds": {}})
+        self.echo = echo
+        self.meta: dict[str, Any] = {}
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def seed_progress(self, seed: int) -> dict[str, Any]:
+        return self.progress["seeds"].setdefault(
+            str(seed), {"rows": {}, "all_class_acc": {}, "train_time": {}, "method_time": {}}
+        )
+
+    def commit_progress(self) -> None:
+        self.rundir.write_json("progress.json", self.progress)
+        self.rundir.write_json("results.json", self.results())
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        for seed in self.config.seeds:
+            self.run_seed(seed)
+        self.commit_progress()
+        return self.results()
+
+    def run_seed(self, seed: int) -> None:
+        data = self.config.data
+        scenario = build_scenario(
+            data.scenario,
+            data.source,
+            data.n_tasks,
+            data.order,
+            seed,
+            val_fraction=data.val_fraction,
+            train_per_class=data.train_per_class,
+            root=data.root,
+            source_options=data.options,
+        )
+        self.meta = {
+            "config": self.config.name,
+            "scenario": scenario.name or scenario.kind,
+            "kind": scenario.kind,
+            "task_names": [task.name for task in scenario.tasks],
+            "num_tasks": len(scenario.tasks),
+            "seeds": list(self.config.seeds),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+            f"{self.device.type}, torch {torch.__version__}",
+        }
+        torch.manual_seed(seed)
+        learner = build_learner(self.config.model, scenario.class_names, self.device)
+        base_path = self.rundir.base_path(seed)
+        if base_path.exists():
+            learner.load_state_dict(self.rundir.load_tensors(base_path))
+        else:
+            self.rundir.save_tensors(base_path, learner.state_dict())
+        base = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
+        for stream in dict.fromkeys(spec.stream for spec in self.methods):
+            self.run_stream(seed, stream, scenario, learner, base)
+
+    def run_stream(self, seed: int, stream: str, scenario: Scenario, learner: Learner, base: dict) -> None:
+        methods = [spec for spec in self.methods if spec.stream == stream]
+        progress = self.seed_progress(seed)
+        carried = None
+        for t in range(len(scenario.tasks)):
+            if stream != "zero_shot":
+                carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
+            for spec in methods:
+                rows = progress["rows"].setdefault(spec.name, [])
+                if len(rows) > t:
+                    continue
+                started = time.perf_counter()
+                learner.load_state_dict(self.weights(seed, spec, t, base))
+                rows.append(
+                    [
+                        self.evaluate(learner, task.test, eval_classes(scenario, t, i))
+                        for i, task in enumerate(scenario.tasks)
+                    ]
+                )
+                if t == len(scenario.tasks) - 1:
+                    union = Split.concat([task.test for task in scenario.tasks])
+                    progress["all_class_acc"][spec.name] = self.evaluate(
+                        learner, union, list(range(scenario.num_classes))
+                    )
+                spent = time.perf_counter() - started
+                progress["method_time"][spec.name] = progress["method_time"].get(spec.name, 0.0) + spent
+                self.commit_progress()
+                self.echo(
+                    f"seed {seed} step {t + 1}/{len(scenario.tasks)} {spec.name}: "
+                    f"ACC {sum(rows[t][: t + 1]) / (t + 1):.2f}"
+                )
+
+    def train_or_load(self, seed, stream, t, scenario, learner, base, carried):
+        """Train step t of ``stream`` unless it is committed; return the stream's carried state."""
+        vector_path = self.rundir.vector_path(seed, stream, t)
+        state_path = self.rundir.state_path(seed, stream, t)
+        if vector_path.exists():
+            return self.rundir.load_tensors(state_path) if state_path.exists() else carried
+        start = base
+        if t > 0 and stream in ("seq", "lwf", "ewc"):
+            start = self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, stream, t - 1)))
+        if t > 0 and stream == "ewc" and carried is None:
+            carried = self.rundir.load_tensors(self.rundir.state_path(seed, stream, t - 1))
+        learner.load_state_dict(start)
+        torch.manual_seed(step_seed(seed, stream, t))
+        started = time.perf_counter()
+        options = self.config.method_options.get(stream, {})
+        stats, carried = train_step(
+            stream, learner, scenario, t, self.settings, step_seed(seed, stream, t), options, carried
+        )
+        trained = learner.state_dict()
+        tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in float_keys(base)}
+        if carried is not None:
+            self.rundir.save_tensors(state_path, carried)
+        self.rundir.save_tensors(vector_path, tau, {"stream": stream, "task": str(t)})
+        spent = time.perf_counter() - started
+        times = self.seed_progress(seed)["train_time"]
+        times[stream] = times.get(stream, 0.0) + spent
+        self.rundir.log(
+            f"seed {seed} {stream} task {t + 1}: {stats.steps} steps, loss {stats.final_loss:.4f}, "
+            f"{spent:.1f}s"
+        )
+        return carried
+
+    @staticmethod
+    def rebuild(base: dict, tau: dict) -> dict:
+        return {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in base.items()}
+
+    def weights(self, seed: int, spec: MethodSpec, t: int, base: dict) -> dict:
+        """The model a method has after step t."""
+        if spec.stream == "zero_shot":
+            return base
+        if spec.rule is None:
+            return self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, spec.stream, t)))
+        options = dict(self.config.method_options.get(spec.name, {}))
+        if spec.rule == "random_mix" or options.get("dare"):
+            options.setdefault("seed", seed)
+        vectors = [self.rundir.vector_path(seed, spec.stream, i) for i in range(t + 1)]
+        return merge(base, vectors, spec.rule, task_vectors=True, **options)
+
+    def evaluate(self, learner: Learner, data: Split, classes: list[int]) -> float:
+        return accuracy(learner, data, classes, self.settings.eval_batch_size)
+
+    # --- results --------------------------------------------------------------------------------
+
+    def results(self) -> dict[str, Any]:
+        methods: dict[str, Any] = {}
+        for spec in self.methods:
+            per_seed = {}
+            for seed in self.config.seeds:
+                progress = self.progress["seeds"].get(str(seed))
+                if not progress or not progress["rows"].get(spec.name):
+                    continue
+                summary = summarize(progress["rows"][spec.name], progress["all_class_acc"].get(spec.name))
+                summary["wall_time_s"] = progress["train_time"].get(spec.stream, 0.0) + progress[
+                    "method_time"
+                ].get(spec.name, 0.0)
+                per_seed[str(seed)] = summary
+            if per_seed:
+                methods[spec.name] = aggregate(per_seed)
+        return {"methods": methods, "run": self.meta}
+
+
+def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds (std when there are several); the matrix is the mean of the common rows."""
+    summaries = list(per_seed.values())
+    out: dict[str, Any] = {}
+    rows = min(len(s["accuracy_matrix"]) for s in summaries)
+    out["accuracy_matrix"] = [
+        [
+            statistics.fmean(s["accuracy_matrix"][t][i] for s in summaries)
+            for i in range(len(summaries[0]["accuracy_matrix"][t]))
+        ]
+        for t in range(rows)
+    ]
+    std = {}
+    for metric in METRICS:
+        values = [s[metric] for s in summaries if s.get(metric) is not None]
+        out[metric] = statistics.fmean(values) if values else None
+        if len(values) > 1:
+            std[metric] = statistics.stdev(values)
+    if std:
+        out["std"] = std
+    if len(summaries) > 1:
+        out["seeds"] = per_seed
+    return out
+
+
+def default_out(config: RunConfig) -> Path:
+    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(
+    config: RunConfig | str | Path | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    echo=print,
+    report: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Run a config (None: the embedded default) into ``out``, or continue the run in ``resume``."""
+    if resume is not None:
+        rundir = RunDir(resume)
+        if not rundir.config_path.exists():
+            raise MergeclError(f"{rundir.path}: not a run directory (no config.yaml)")
+        config = load_config(rundir.config_path)
+    else:
+        if not isinstance(config, RunConfig):
+            config = load_config(config)
+        rundir = RunDir(out if out is not None else default_out(config))
+        if (rundir.path / "progress.json").exists():
+            raise MergeclError(f"{rundir.path}: already holds a run; continue it with --resume {rundir.path}")
+        rundir.path.mkdir(parents=True, exist_ok=True)
+        from mergecl.atomic import atomic_write_text
+
+        atomic_write_text(rundir.config_path, dump_config(config))
+    results = Runner(config, rundir, echo).run()
+    if report:
+        from mergecl.evaluation.report import write_report
+
+        write_report(results, rundir.path)
+    return results, rundir.path
