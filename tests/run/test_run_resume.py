@@ -1,0 +1,107 @@
+"""Runs: results.json shape, resume after a kill at arbitrary moments gives the same numbers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergecl import MergeclError
+from mergecl.run.config import load_config, parse_config
+from mergecl.run.runner import run
+
+SMALL = {
+    "name": "small",
+    "seeds": [0],
+    "data": {"source": "digits", "scenario": "class", "n_tasks": 3},
+    "model": {"name": "mlp", "in_dim": 64, "hidden": [32]},
+    "train": {"epochs": 4, "batch_size": 32, "lr": 0.01},
+    "methods": ["seq_ft", "magmax", "ties", "random_mix", "ind_ft+average", "lwf", "ewc", "joint", "zero_shot"],
+    "method_options": {"ewc": {"lam": 100.0}},
+}
+
+
+def strip_times(results):
+    for entry in results["methods"].values():
+        entry.pop("wall_time_s", None)
+    results.pop("run", None)
+    return results
+
+
+def write_config(tmp_path, data):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_results_json_has_every_method_and_metric(tmp_path):
+    results, out = run(parse_config(SMALL), out=tmp_path / "run", echo=lambda m: None)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk["methods"]) == set(SMALL["methods"])
+    for name, entry in on_disk["methods"].items():
+        assert len(entry["accuracy_matrix"]) == 3 and all(len(r) == 3 for r in entry["accuracy_matrix"]), name
+        for key in ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc", "wall_time_s"):
+            assert isinstance(entry[key], float), (name, key)
+    m = on_disk["methods"]
+    assert m["joint"]["final_acc"] > 80  # the upper bound learns digits
+    assert m["seq_ft"]["bwt"] < -20  # sequential fine-tuning forgets (class-incremental, linear head)
+    # zero_shot is theta_0 at every step: its rows only differ through the classes in play
+    assert m["zero_shot"]["accuracy_matrix"][2] == m["zero_shot"]["accuracy_matrix"][2]
+    for f in ("report.md", "results.csv", "acc_over_tasks.png", "heatmap_magmax.png", "config.yaml"):
+        assert (out / f).exists(), f
+    assert (out / "seed0" / "seq" / "task2.safetensors").exists()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = dict(SMALL, data={"source": "digits", "n_taks": 3})
+    with pytest.raises(MergeclError, match=r"unknown key 'data.n_taks'"):
+        load_config(write_config(tmp_path, bad))
+    with pytest.raises(MergeclError, match=r"train.lr: Input should be greater than 0"):
+        parse_config(dict(SMALL, train={"lr": -1}))
+    with pytest.raises(MergeclError, match="unknown method 'magmix'"):
+        run(parse_config(dict(SMALL, methods=["magmix"])), out=tmp_path / "r", echo=lambda m: None)
+    with pytest.raises(MergeclError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    small = dict(SMALL, methods=["seq_ft"], data=dict(SMALL["data"], n_tasks=2))
+    run(parse_config(small), out=tmp_path / "r", echo=lambda m: None)
+    with pytest.raises(MergeclError, match="already holds a run; continue it with --resume"):
+        run(parse_config(small), out=tmp_path / "r", echo=lambda m: None)
+
+
+def test_resume_after_kills_gives_the_same_numbers(tmp_path):
+    config = write_config(tmp_path, SMALL)
+    env = dict(os.environ, MERGECL_QUIET="1")
+    reference = tmp_path / "reference"
+    done = subprocess.run([sys.executable, "-m", "mergecl", "run", str(config), "--out", str(reference), "--quiet"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = strip_times(json.loads((reference / "results.json").read_text()))
+
+    interrupted = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "mergecl", "run", str(config), "--out", str(interrupted), "--quiet"]
+    kills = 0
+    # kill -9 when 2, then 9, then 16 task vectors are on disk (mid-stream, between and inside steps)
+    for target in (2, 9, 16):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if len(list(interrupted.glob("seed0/*/task*.safetensors"))) >= target:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.01)
+        proc.wait()
+        cmd = [sys.executable, "-m", "mergecl", "run", "--resume", str(interrupted), "--quiet"]
+    assert kills >= 2, "the run finished before it could be interrupted"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert strip_times(json.loads((interrupted / "results.json").read_text())) == expected
+    assert not list(Path(interrupted).rglob("*.tmp"))
