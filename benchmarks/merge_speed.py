@@ -100,22 +100,21 @@ def run_child(engine: str, method: str, paths: list[Path], output: Path) -> dict
 
 
 def interpreter_rss() -> int:
-    code = "import resource, torch, safetensors, mergecl.merging; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code = (
+        "import resource, torch, safetensors, mergecl.merging; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(done.stdout) * 1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/mergecl-bench", help="folder for the synthetic checkpoints")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=["average", "magmax", "ties", "random_mix"])
-    parser.add_argument(
-        "--naive", nargs="+", default=["average", "magmax"], help="methods to run naively too"
-    )
+    parser.add_argument("--naive", nargs="+", default=["average", "magmax"], help="methods to run naively too")
     parser.add_argument("--naive-max-tasks", type=int, default=8, help="skip the naive merge above this T")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,10 +125,11 @@ def main() -> None:
 
     folder = Path(args.out)
     base_rss = interpreter_rss()
-    print(
-        f"torch {torch.__version__}, {os.cpu_count()} cores, interpreter+imports RSS {base_rss / 1e6:.0f} MB"
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, interpreter+imports RSS {base_rss / 1e6:.0f} MB")
+    header = (
+        f"{'dtype':<5} {'T':>3} {'method':<12} {'engine':<7} {'wall s':>7} {'GB/s':>6} "
+        f"{'peak RSS MB':>11} {'RSS/model':>9}"
     )
-    header = f"{'dtype':<5} {'T':>3} {'method':<12} {'engine':<7} {'wall s':>7} {'GB/s':>6} {'peak RSS MB':>11} {'RSS/model':>9}"
     print(header)
     rows = []
     for dtype_name in args.dtypes:
@@ -140,9 +140,7 @@ def main() -> None:
             read_all(paths)  # warm the page cache
             raw = read_all(paths)
             rows.append((dtype_name, tasks, "raw read", "-", raw, read_bytes / raw / 1e9, 0, 0))
-            print(
-                f"{dtype_name:<5} {tasks:>3} {'raw read':<12} {'-':<7} {raw:7.2f} {read_bytes / raw / 1e9:6.2f}"
-            )
+            print(f"{dtype_name:<5} {tasks:>3} {'raw read':<12} {'-':<7} {raw:7.2f} {read_bytes / raw / 1e9:6.2f}")
             for method in args.methods:
                 engines = ["mergecl"]
                 if method in args.naive and tasks <= args.naive_max_tasks:

@@ -37,24 +37,16 @@ def _add_merge(sub) -> None:
     p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints, in task order")
     p.add_argument("--method", required=True, help="merge rule (see below)")
     p.add_argument("--base", required=True, help="the base (pretrained) checkpoint theta_0")
-    p.add_argument(
-        "-o", "--out", required=True, help="output: X.safetensors, or a directory (HF layout, sharded)"
-    )
+    p.add_argument("-o", "--out", required=True, help="output: X.safetensors, or a directory (HF layout, sharded)")
     p.add_argument("--lam", type=float, default=None, help="scaling coefficient (default: the rule's own)")
     p.add_argument("--keep", type=float, default=0.2, help="ties: fraction of entries kept (default 0.2)")
     p.add_argument("--scope", choices=["global", "tensor"], default="global", help="ties: top-k scope")
     p.add_argument("--seed", type=int, default=0, help="random_mix and dare draws (default 0)")
-    p.add_argument(
-        "--dare", type=float, default=0.0, metavar="P", help="DARE drop probability (default 0: off)"
-    )
+    p.add_argument("--dare", type=float, default=0.0, metavar="P", help="DARE drop probability (default 0: off)")
     p.add_argument("--start", type=int, default=1, help="one_over_t: t of the first checkpoint (default 1)")
     p.add_argument("--include", default=None, metavar="RE", help="merge only tensors whose name matches RE")
-    p.add_argument(
-        "--exclude", default=None, metavar="RE", help="copy tensors whose name matches RE from the base"
-    )
-    p.add_argument(
-        "--fisher", action="append", default=None, metavar="F", help="Fisher checkpoint (repeat per FT)"
-    )
+    p.add_argument("--exclude", default=None, metavar="RE", help="copy tensors whose name matches RE from the base")
+    p.add_argument("--fisher", action="append", default=None, metavar="F", help="Fisher checkpoint (repeat per FT)")
     p.add_argument("--prior-precision", default=None, metavar="P", help="became: the prior precision Lambda")
     p.add_argument("--max-shard-size", default="5GB", help="directory output: shard size (default 5GB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -241,9 +241,7 @@ def test_domainnet_lists_classes_and_domains(tmp_path: Path) -> None:
     assert ds.class_names == ["The Eiffel Tower", "aircraft carrier", "airplane", "zigzag"]
     assert ds.domain_names == ["clipart", "sketch", "real"]
     assert len(ds.train) == 36 and len(ds.test) == 12
-    for path, label, d in zip(
-        ds.train.inputs, ds.train.labels.tolist(), ds.train_domains.tolist(), strict=True
-    ):
+    for path, label, d in zip(ds.train.inputs, ds.train.labels.tolist(), ds.train_domains.tolist(), strict=True):
         parts = Path(path).parts
         assert parts[-3] == ds.domain_names[d] and parts[-2].replace("_", " ") == ds.class_names[label]
     two = load_domainnet(tmp_path / "domainnet", domains=["real", "clipart"])

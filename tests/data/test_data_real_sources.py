@@ -102,11 +102,7 @@ def test_digits_is_embedded_and_split_60_20_20() -> None:
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None, compress: bool = True) -> Path:
     magic = magic if magic is not None else (2051 if array.ndim == 3 else 2049)
-    raw = (
-        struct.pack(">I", magic)
-        + struct.pack(f">{array.ndim}I", *array.shape)
-        + array.astype(np.uint8).tobytes()
-    )
+    raw = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(raw) if compress else raw)
     return path
 

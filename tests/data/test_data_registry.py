@@ -47,9 +47,7 @@ def test_data_root_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert data_root() == tmp_path / "home" / ".cache" / "mergecl" / "data"
 
 
-def test_missing_files_name_the_path_and_how_to_get_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_files_name_the_path_and_how_to_get_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MERGECL_DATA", str(tmp_path))
     with pytest.raises(MergeclError) as err:
         get_source("clinc150")
@@ -57,9 +55,7 @@ def test_missing_files_name_the_path_and_how_to_get_them(
     assert str(tmp_path / "clinc150" / "data_full.json") in message and "oos-eval" in message
     assert "\n" not in message
     for name in ("banking77", "mnist", "cifar100", "imagenet_r", "cub200", "cars", "domainnet"):
-        with pytest.raises(
-            MergeclError, match=rf"{name}: .*not found at {tmp_path / name}.*prepare\('{name}'"
-        ):
+        with pytest.raises(MergeclError, match=rf"{name}: .*not found at {tmp_path / name}.*prepare\('{name}'"):
             get_source(name)
 
 

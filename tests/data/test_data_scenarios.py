@@ -137,9 +137,7 @@ def test_natural_order_and_names() -> None:
 
 def test_bad_arguments() -> None:
     ds = synthetic()
-    with pytest.raises(
-        MergeclError, match=r"n_tasks must be between 1 and the number of classes \(10\), got 11"
-    ):
+    with pytest.raises(MergeclError, match=r"n_tasks must be between 1 and the number of classes \(10\), got 11"):
         class_incremental(ds, 11)
     with pytest.raises(MergeclError, match="n_tasks must be between"):
         class_incremental(ds, 0)
@@ -239,11 +237,7 @@ def test_domain_incremental_one_task_per_domain_all_classes() -> None:
         assert all((i - 100_000) % 3 == d for i in ids(task.test))
         assert set(task.val.labels.tolist()) == {0, 1, 2, 3}  # stratified by (domain, class)
         assert not set(ids(task.train)) & set(ids(task.val))
-    assert (
-        sum(len(t.train) + len(t.val) for t in sc.tasks)
-        == len(ds.train)
-        == len(carved.train) + len(carved.val)
-    )
+    assert sum(len(t.train) + len(t.val) for t in sc.tasks) == len(ds.train) == len(carved.train) + len(carved.val)
     order = domain_incremental(ds, ["d2", "d0"])
     assert [t.name for t in order.tasks] == ["d2", "d0"] and order.tasks[0].index == 0
 
@@ -268,9 +262,7 @@ def test_permuted_tasks() -> None:
         assert task.classes == [0, 1, 2] and task.train.inputs.shape[1:] == (1, 2, 3)
         assert torch.equal(task.train.labels, carved.train.labels)
         # one permutation per task, the same for every split: recover it from the first rows
-        perm = (
-            task.train.inputs.reshape(len(task.train), -1)[0] - carved.train.inputs.reshape(-1, 6)[0]
-        ).long()
+        perm = (task.train.inputs.reshape(len(task.train), -1)[0] - carved.train.inputs.reshape(-1, 6)[0]).long()
         flat = carved.test.inputs.reshape(len(carved.test), -1)
         assert torch.equal(task.test.inputs.reshape(len(flat), -1), flat[:, perm + torch.arange(6)])
     perms = {tuple(t.train.inputs[0].flatten().tolist()) for t in sc.tasks}

@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from mergecl.errors import MergeclError
 from mergecl import atomic as _io
+from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.evaluation.report import format_table, markdown_table, write_csv, write_report
 
@@ -209,9 +209,7 @@ def test_half_finished_run_with_a_single_step(tmp_path):
 
 def test_odd_method_names_get_distinct_safe_file_names(tmp_path):
     matrix = [[50.0]]
-    res = {
-        "methods": {name: {"accuracy_matrix": matrix} for name in ["a/b", "a b", "Seq", "seq", "../x", "λ"]}
-    }
+    res = {"methods": {name: {"accuracy_matrix": matrix} for name in ["a/b", "a b", "Seq", "seq", "../x", "λ"]}}
     paths = write_report(res, tmp_path)
     heatmaps = [p.name for p in paths if p.name.startswith("heatmap_")]
     assert len(heatmaps) == 6 and len({h.lower() for h in heatmaps}) == 6

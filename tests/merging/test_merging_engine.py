@@ -58,9 +58,7 @@ def assert_same(a, b):
 
 
 def flat_taus(base, fts, keys):
-    return torch.stack(
-        [torch.cat([(ft[k].float() - base[k].float()).reshape(-1) for k in keys]) for ft in fts]
-    )
+    return torch.stack([torch.cat([(ft[k].float() - base[k].float()).reshape(-1) for k in keys]) for ft in fts])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -154,9 +152,7 @@ def test_output_keeps_each_tensors_dtype_and_computes_in_fp32(tmp_path, dtype):
     merge(base_path, ft_paths, "average", out=out)
     merged = load_file(str(out))
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    want = (
-        base["enc.w"].to(compute) + sum(ft["enc.w"].to(compute) - base["enc.w"].to(compute) for ft in fts) / 3
-    )
+    want = base["enc.w"].to(compute) + sum(ft["enc.w"].to(compute) - base["enc.w"].to(compute) for ft in fts) / 3
     assert merged["enc.w"].dtype == dtype
     assert torch.equal(merged["enc.w"], want.to(dtype)) or torch.allclose(
         merged["enc.w"].double(), want.to(dtype).double(), rtol=0, atol=float(torch.finfo(dtype).eps) * 8
@@ -269,9 +265,7 @@ def test_bad_options_are_clear_errors():
         "lam must be a finite number": dict(method="magmax", lam=float("nan")),
     }
     for message, kwargs in cases.items():
-        with pytest.raises(
-            MergeclError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-        ):
+        with pytest.raises(MergeclError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             merge(base, fts, **kwargs)
 
 
@@ -318,16 +312,12 @@ def test_cli_merge_and_errors(tmp_path):
     base, fts = make_models(t=2)
     base_path, ft_paths = save_all(tmp_path, base, fts)
     out = tmp_path / "m.safetensors"
-    done = run_cli(
-        "merge", "--method", "ties", "--keep", "0.5", "--base", base_path, "-o", str(out), *ft_paths
-    )
+    done = run_cli("merge", "--method", "ties", "--keep", "0.5", "--base", base_path, "-o", str(out), *ft_paths)
     assert done.returncode == 0, done.stderr
     assert_same(load_file(str(out)), merge(base, fts, "ties", keep=0.5))
     fts[1]["enc.w"][0, 0] = float("nan")
     save_file(fts[1], ft_paths[1])
-    bad = run_cli(
-        "merge", "--method", "magmax", "--base", base_path, "-o", str(tmp_path / "x.safetensors"), *ft_paths
-    )
+    bad = run_cli("merge", "--method", "magmax", "--base", base_path, "-o", str(tmp_path / "x.safetensors"), *ft_paths)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"mergecl: error: {ft_paths[1]}: tensor 'enc.w' has NaN/Inf values"
     assert not (tmp_path / "x.safetensors").exists()
@@ -336,8 +326,6 @@ def test_cli_merge_and_errors(tmp_path):
 def test_cli_help_lists_every_rule_and_default():
     done = run_cli("merge", "--help")
     assert done.returncode == 0
-    for name, spec in RULES.items():
+    for name in RULES:
         assert name in done.stdout
-    assert (
-        "[0.5] each entry takes" in done.stdout and "[0.55] trim" in done.stdout and "--keep" in done.stdout
-    )
+    assert "[0.5] each entry takes" in done.stdout and "[0.55] trim" in done.stdout and "--keep" in done.stdout

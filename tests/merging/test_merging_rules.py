@@ -81,15 +81,15 @@ def test_one_over_t_hand():
 small_ints = st.integers(-8, 8)
 
 
-def vectors(count=st.integers(1, 5), size=st.integers(1, 12), values=small_ints):
+ONE_TO_FIVE = st.integers(1, 5)
+SIZES = st.integers(1, 12)
+
+
+def vectors(count=ONE_TO_FIVE, size=SIZES, values=small_ints):
     # integer-valued floats: sums are exact, so order-invariance can be checked bit for bit
     return (
         st.tuples(count, size)
-        .flatmap(
-            lambda cs: st.lists(
-                st.lists(values, min_size=cs[1], max_size=cs[1]), min_size=cs[0], max_size=cs[0]
-            )
-        )
+        .flatmap(lambda cs: st.lists(st.lists(values, min_size=cs[1], max_size=cs[1]), min_size=cs[0], max_size=cs[0]))
         .map(lambda rows: [torch.tensor(r, dtype=torch.float32) for r in rows])
     )
 

@@ -86,9 +86,7 @@ def test_head_is_the_text_tower_zero_shot_rule(spec, tokenizer_dir):
     pixels = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         features = learner.eval().features(learner.prepare(pixels))
-        expected = F.normalize(
-            projected(model.get_image_features(pixel_values=learner.prepare(pixels))), dim=-1
-        )
+        expected = F.normalize(projected(model.get_image_features(pixel_values=learner.prepare(pixels))), dim=-1)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
 
 

@@ -52,9 +52,7 @@ def test_factory_resnet_cifar_from_real_weights(weights_dir):
 
 
 def test_wrong_depth_names_file_and_keys(weights_dir):
-    with pytest.raises(
-        MergeclError, match=r"resnet20-12fca82f\.th: weights do not match the model \(missing"
-    ):
+    with pytest.raises(MergeclError, match=r"resnet20-12fca82f\.th: weights do not match the model \(missing"):
         load_resnet_cifar(weights_dir / FILES[20], 56)
 
 

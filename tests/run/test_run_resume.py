@@ -80,8 +80,12 @@ def test_resume_after_kills_gives_the_same_numbers(tmp_path):
     config = write_config(tmp_path, SMALL)
     env = dict(os.environ, MERGECL_QUIET="1")
     reference = tmp_path / "reference"
-    done = subprocess.run([sys.executable, "-m", "mergecl", "run", str(config), "--out", str(reference), "--quiet"],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergecl", "run", str(config), "--out", str(reference), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     expected = strip_times(json.loads((reference / "results.json").read_text()))
 

@@ -159,9 +159,7 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
                 for member in tf.getmembers():
                     _safe_target(dest, member.name, archive)
                     if not (member.isfile() or member.isdir()):
-                        raise MergeclError(
-                            f"{archive}: refusing to extract {member.name!r}, not a plain file"
-                        )
+                        raise MergeclError(f"{archive}: refusing to extract {member.name!r}, not a plain file")
                 if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12: the safe filter
                     tf.extractall(dest, filter="data")
                 else:

@@ -42,9 +42,7 @@ def read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise missing("cifar100", path, path.name)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % _CIFAR_RECORD:
-        raise MergeclError(
-            f"{path} is not a CIFAR-100 binary file: {raw.size} bytes is not a multiple of 3074"
-        )
+        raise MergeclError(f"{path} is not a CIFAR-100 binary file: {raw.size} bytes is not a multiple of 3074")
     records = raw.reshape(-1, _CIFAR_RECORD)
     return records[:, 0], records[:, 1], records[:, 2:].reshape(-1, 3, 32, 32)
 
@@ -201,9 +199,7 @@ def load_cub200(root: str | Path) -> Dataset:
             raise MergeclError(f"{folder / 'image_class_labels.txt'}: image {image_id} has class {label + 1}")
         flag = is_train[image_id].strip()
         if flag not in parts:
-            raise MergeclError(
-                f"{folder / 'train_test_split.txt'}: image {image_id} has flag {flag!r}, not 1 or 0"
-            )
+            raise MergeclError(f"{folder / 'train_test_split.txt'}: image {image_id} has flag {flag!r}, not 1 or 0")
         paths, ys = parts[flag]
         paths.append(str(folder / "images" / rel))
         ys.append(label)

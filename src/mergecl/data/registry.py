@@ -76,9 +76,7 @@ def get_source(
                 raise MergeclError(f"data source {name!r} has no download recipe; put the files in {root}")
             prepare(name, root)
         kwargs["root"] = root
-    needed = [
-        p for p, spec in accepted.items() if spec.default is inspect.Parameter.empty and p not in kwargs
-    ]
+    needed = [p for p, spec in accepted.items() if spec.default is inspect.Parameter.empty and p not in kwargs]
     if needed:
         raise MergeclError(f"data source {name!r} needs the option {needed[0]!r}")
     return loader(**kwargs)

@@ -163,18 +163,14 @@ def domain_incremental(
 ) -> Scenario:
     """One task per domain (in ``domain_order``, default ``ds.domain_names``); all classes each."""
     if not ds.domain_names or ds.train_domains is None or ds.test_domains is None:
-        raise MergeclError(
-            f"source {ds.name!r} has no domains; domain-incremental needs a source such as domainnet"
-        )
+        raise MergeclError(f"source {ds.name!r} has no domains; domain-incremental needs a source such as domainnet")
     if ds.val is not None and ds.val_domains is None:
         raise MergeclError(f"source {ds.name!r} has a val split without val domains")
     ds = with_val(ds, val_fraction, seed)
     chosen = list(domain_order) if domain_order is not None else list(ds.domain_names)
     unknown = [d for d in chosen if d not in ds.domain_names]
     if unknown or len(set(chosen)) != len(chosen) or not chosen:
-        raise MergeclError(
-            f"domain order {chosen} must name distinct domains of: {', '.join(ds.domain_names)}"
-        )
+        raise MergeclError(f"domain order {chosen} must name distinct domains of: {', '.join(ds.domain_names)}")
     everything = list(range(len(ds.class_names)))
     tasks = []
     for t, domain in enumerate(chosen):
@@ -188,9 +184,7 @@ def domain_incremental(
             )
         ]
         tasks.append(Task(t, domain, everything, *parts))
-    return Scenario(
-        "domain", tasks, list(ds.class_names), f"{ds.name} domain-incremental ({len(tasks)} domains)"
-    )
+    return Scenario("domain", tasks, list(ds.class_names), f"{ds.name} domain-incremental ({len(tasks)} domains)")
 
 
 def _permute(split: Split, perm: torch.Tensor) -> Split:

@@ -63,9 +63,7 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         raise MergeclError(f"{path} is not an IDX file: only {len(raw)} bytes")
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != _IDX_MAGIC[ndim]:
-        raise MergeclError(
-            f"{path} is not an MNIST IDX file: magic number {magic}, expected {_IDX_MAGIC[ndim]}"
-        )
+        raise MergeclError(f"{path} is not an MNIST IDX file: magic number {magic}, expected {_IDX_MAGIC[ndim]}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
@@ -91,18 +89,14 @@ def _mnist_part(root: Path, prefix: str) -> Split | None:
     images = read_idx(images_path, 3)
     labels = read_idx(labels_path, 1)
     if len(images) != len(labels):
-        raise MergeclError(
-            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
-        )
+        raise MergeclError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     if labels.max(initial=0) > 9:
         raise MergeclError(f"{labels_path} has label {labels.max()}, MNIST labels are 0..9")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # [N, 1, 28, 28]
     return Split(x, torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_mnist(
-    root: str | Path, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2
-) -> Dataset:
+def load_mnist(root: str | Path, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> Dataset:
     """MNIST from its IDX files (``train-*`` and/or ``t10k-*``, gzip or plain): inputs [N, 1, 28, 28].
 
     With both parts: the official 60k/10k train/test. With only the 10k test files (as in the shared
@@ -277,8 +271,7 @@ def load_hf_dataset(
         import datasets as hf  # lazy: an optional extra
     except ImportError as err:
         raise MergeclError(
-            f"loading {hub_id!r} from the Hugging Face hub needs the 'datasets' package: "
-            "pip install 'mergecl[hub]'"
+            f"loading {hub_id!r} from the Hugging Face hub needs the 'datasets' package: pip install 'mergecl[hub]'"
         ) from err
     try:
         loaded = hf.load_dataset(hub_id, config, cache_dir=cache_dir)

@@ -89,9 +89,7 @@ def as_accuracy_matrix(matrix: AccuracyMatrixLike) -> np.ndarray:
     if steps == 0 or tasks == 0:
         raise MergeclError("accuracy matrix: it is empty (no evaluated step yet)")
     if steps > tasks:
-        raise MergeclError(
-            f"accuracy matrix: {steps} rows but only {tasks} tasks; row t must hold tasks 0..t"
-        )
+        raise MergeclError(f"accuracy matrix: {steps} rows but only {tasks} tasks; row t must hold tasks 0..t")
     bad = np.argwhere(np.tril(~np.isfinite(array)))  # only entries i <= t are required
     if len(bad):
         t, i = (int(x) for x in bad[0])

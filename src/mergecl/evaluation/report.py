@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from mergecl.atomic import atomic_write_bytes, atomic_write_text
 from mergecl.errors import MergeclError
 from mergecl.evaluation import metrics
-from mergecl.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -212,9 +212,7 @@ def format_table(results: Mapping[str, Any]) -> str:
 
     def render(line: list[str]) -> str:
         # Method name left-aligned, numbers right-aligned so that decimal points line up.
-        parts = [line[0].ljust(widths[0])] + [
-            cell.rjust(w) for cell, w in zip(line[1:], widths[1:], strict=True)
-        ]
+        parts = [line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:], strict=True)]
         return "  ".join(parts)
 
     lines = [render(table[0]), "  ".join("-" * w for w in widths)] + [render(line) for line in table[1:]]

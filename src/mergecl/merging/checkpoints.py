@@ -206,9 +206,7 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], name: str 
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (path / single).exists():
                 return open_checkpoint(path / single)
-        raise MergeclError(
-            f"{path}: directory holds no {SHARD_INDEX}, model.safetensors or pytorch_model.bin"
-        )
+        raise MergeclError(f"{path}: directory holds no {SHARD_INDEX}, model.safetensors or pytorch_model.bin")
     if not path.exists():
         raise MergeclError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -300,9 +298,7 @@ def write_checkpoint(
         return out
     shards = plan_shards(specs, parse_size(max_shard_size))
     n = len(shards)
-    names = (
-        ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    )
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     with atomic_directory(out) as directory:
         for name, shard in zip(names, shards, strict=True):
             with open(directory / name, "wb") as handle:

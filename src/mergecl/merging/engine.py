@@ -52,22 +52,16 @@ RULES: dict[str, RuleSpec] = {
     "average": RuleSpec(1.0, "theta_0 + lam * mean_t tau_t (weight averaging)"),
     "task_arithmetic": RuleSpec(0.3, "theta_0 + lam * sum_t tau_t"),
     "random_mix": RuleSpec(1.0, "each entry copies tau_k, k uniform at random (seeded)", ("seed",)),
-    "magmax": RuleSpec(
-        0.5, "each entry takes the signed tau_t of largest |tau_t|; ties go to the later task"
-    ),
+    "magmax": RuleSpec(0.5, "each entry takes the signed tau_t of largest |tau_t|; ties go to the later task"),
     "ties": RuleSpec(0.55, "trim to top `keep` by |x|, elect sign, disjoint mean", ("keep", "scope")),
-    "fisher": RuleSpec(
-        1.0, "sum_t F_t tau_t / sum_t F_t (diagonal Fisher weights, needs `fisher`)", ("fisher",)
-    ),
+    "fisher": RuleSpec(1.0, "sum_t F_t tau_t / sum_t F_t (diagonal Fisher weights, needs `fisher`)", ("fisher",)),
     "became": RuleSpec(
         None,
         "theta_gp + lam* (theta_hat - theta_gp), lam* = sum F d^2 / sum (F + Lambda) d^2 "
         "(needs `fisher` and `prior_precision`, one fine-tuned model)",
         ("fisher", "prior_precision"),
     ),
-    "one_over_t": RuleSpec(
-        1.0, "running 1/t merge: m += (tau_j - m) / t, t = start, start+1, ...", ("start",)
-    ),
+    "one_over_t": RuleSpec(1.0, "running 1/t merge: m += (tau_j - m) / t, t = start, start+1, ...", ("start",)),
 }
 
 
@@ -110,9 +104,7 @@ class MergeOptions:
                 try:
                     re.compile(pattern)
                 except re.error as err:
-                    raise MergeclError(
-                        f"--{name} '{pattern}' is not a valid regular expression ({err})"
-                    ) from None
+                    raise MergeclError(f"--{name} '{pattern}' is not a valid regular expression ({err})") from None
 
     def selects(self, key: str) -> bool:
         if self.include is not None and not re.search(self.include, key):
@@ -201,9 +193,7 @@ class _Merge:
             merged = dtype.is_floating_point and self.options.selects(key)
             entries.append(_Entry(key, dtype, shape, merged))
         others = [(r, "task vector" if self.vectors else "fine-tuned") for r in self.finetuned]
-        others += [(r, "fisher") for r in self.fisher] + (
-            [(self.prior, "prior precision")] if self.prior else []
-        )
+        others += [(r, "fisher") for r in self.fisher] + ([(self.prior, "prior precision")] if self.prior else [])
         for reader, role in others:
             keys = set(reader.keys())
             for entry in entries:
@@ -216,19 +206,14 @@ class _Merge:
                 dtype, shape = reader.spec(entry.key)
                 if tuple(shape) != entry.shape:
                     raise MergeclError(
-                        f"{reader.name}: tensor '{entry.key}' has shape {list(shape)}, "
-                        f"the base has {list(entry.shape)}"
+                        f"{reader.name}: tensor '{entry.key}' has shape {list(shape)}, the base has {list(entry.shape)}"
                     )
                 if entry.merged and not dtype.is_floating_point:
-                    raise MergeclError(
-                        f"{reader.name}: tensor '{entry.key}' is {dtype}, the base's is {entry.dtype}"
-                    )
+                    raise MergeclError(f"{reader.name}: tensor '{entry.key}' is {dtype}, the base's is {entry.dtype}")
             if role in ("fine-tuned", "task vector"):
                 extra = sorted(keys - known)
                 if extra:
-                    raise MergeclError(
-                        f"{reader.name}: tensor '{extra[0]}' is not in the base {self.base.name}"
-                    )
+                    raise MergeclError(f"{reader.name}: tensor '{extra[0]}' is not in the base {self.base.name}")
         return entries
 
     # --- chunk streams --------------------------------------------------------------------------
@@ -467,14 +452,10 @@ def merge_checkpoints(
         fisher = [fisher]
     fisher = list(fisher or [])
     if method == "fisher" and len(fisher) != len(finetuned):
-        raise MergeclError(
-            f"method 'fisher' needs one Fisher per fine-tuned checkpoint ({len(fisher)} given)"
-        )
+        raise MergeclError(f"method 'fisher' needs one Fisher per fine-tuned checkpoint ({len(fisher)} given)")
     if method == "became":
         if len(finetuned) != 1 or len(fisher) != 1 or prior_precision is None:
-            raise MergeclError(
-                "method 'became' needs exactly one fine-tuned model, one fisher and prior_precision"
-            )
+            raise MergeclError("method 'became' needs exactly one fine-tuned model, one fisher and prior_precision")
     elif prior_precision is not None:
         raise MergeclError(f"prior_precision is only used by method 'became', not '{method}'")
     elif fisher and method != "fisher":
@@ -483,9 +464,7 @@ def merge_checkpoints(
     base_reader = open_checkpoint(base, "base")
     ft_readers = [open_checkpoint(src, f"finetuned[{i}]") for i, src in enumerate(finetuned)]
     fisher_readers = [open_checkpoint(src, f"fisher[{i}]") for i, src in enumerate(fisher)]
-    prior_reader = (
-        open_checkpoint(prior_precision, "prior_precision") if prior_precision is not None else None
-    )
+    prior_reader = open_checkpoint(prior_precision, "prior_precision") if prior_precision is not None else None
 
     nbytes = sum(numel(base_reader.spec(k)[1]) * base_reader.spec(k)[0].itemsize for k in base_reader.keys())
     passes = 1 + (3 if method == "ties" and opts.scope == "global" else 1 if method == "became" else 0)

@@ -63,9 +63,7 @@ def train_step(
         classes = scenario.seen_classes(t) if scenario.kind != "domain" else classes
     elif stream == "lwf" and t > 0:
         old = scenario.seen_classes(t - 1) if scenario.kind != "domain" else classes
-        hooks.append(
-            LwF(learner, old, lam=options.get("lam", 0.3), temperature=options.get("temperature", 2.0))
-        )
+        hooks.append(LwF(learner, old, lam=options.get("lam", 0.3), temperature=options.get("temperature", 2.0)))
     elif stream == "ewc" and t > 0 and carried is not None:
         anchor = {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad}
         hooks.append(EWC(anchor, carried, lam=options.get("lam", 1e6)))

@@ -56,9 +56,7 @@ class CLIPImageEncoder(nn.Module):
         return F.normalize(features, dim=-1) if self.normalize else features
 
 
-def load_hf_clip(
-    pretrained: str | os.PathLike, tokenizer: str | os.PathLike | None = None
-) -> tuple[Any, Any]:
+def load_hf_clip(pretrained: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """(CLIPModel, tokenizer) from a local directory or hub id; the tokenizer defaults to the same."""
     transformers = import_transformers()
     check_local_or_hub(str(pretrained))

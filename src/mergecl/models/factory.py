@@ -77,9 +77,7 @@ HEADS = ("linear", "zero_shot")
 Built = tuple[nn.Module, Callable[[Any, bool], Any] | None, torch.Tensor | None]
 
 
-def build_learner(
-    spec: dict[str, Any], class_names: Sequence[str], device: str | torch.device = "cpu"
-) -> Learner:
+def build_learner(spec: dict[str, Any], class_names: Sequence[str], device: str | torch.device = "cpu") -> Learner:
     """A Learner on ``device`` whose head covers all ``class_names`` (see the module docstring)."""
     name, head, options = _resolve(spec)
     if not class_names or not all(isinstance(c, str) for c in class_names):
@@ -111,9 +109,7 @@ def _resolve(spec: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     allowed = set(COMMON_KEYS) | set(OPTIONS[name])
     for key in spec:
         if key not in allowed:
-            raise MergeclError(
-                f"model.{key}: unknown option for {name} (allowed: {', '.join(sorted(allowed))})"
-            )
+            raise MergeclError(f"model.{key}: unknown option for {name} (allowed: {', '.join(sorted(allowed))})")
     options = {"pretrained": None, "templates": None, "head_scale": ZERO_SHOT_SCALE, **OPTIONS[name]}
     options.update({k: v for k, v in spec.items() if k not in ("name", "head")})
     if name == "open_clip" and "pretrained" not in spec:
@@ -145,9 +141,7 @@ def _build_cnn(options: dict[str, Any], class_names: list[str], head: str, devic
     return encoder, None, None
 
 
-def _build_resnet_cifar(
-    options: dict[str, Any], class_names: list[str], head: str, device: torch.device
-) -> Built:
+def _build_resnet_cifar(options: dict[str, Any], class_names: list[str], head: str, device: torch.device) -> Built:
 
     encoder = ResNetCifar(_int(options, "depth"))
     if options["pretrained"] is not None:
@@ -162,9 +156,7 @@ def _build_hf_text(options: dict[str, Any], class_names: list[str], head: str, d
     preparer = TextPreparer(tokenizer, max_length=_int(options, "max_length"))
     embeddings = None
     if head == "zero_shot":
-        embeddings = text_class_embeddings(
-            encoder, preparer, class_names, _templates(options, TEXT_TEMPLATES)
-        )
+        embeddings = text_class_embeddings(encoder, preparer, class_names, _templates(options, TEXT_TEMPLATES))
     return encoder, preparer, embeddings
 
 
@@ -187,17 +179,13 @@ def _build_hf_clip(options: dict[str, Any], class_names: list[str], head: str, d
     return encoder, preparer, embeddings  # the text tower goes out of scope here
 
 
-def _build_open_clip(
-    options: dict[str, Any], class_names: list[str], head: str, device: torch.device
-) -> Built:
+def _build_open_clip(options: dict[str, Any], class_names: list[str], head: str, device: torch.device) -> Built:
 
     model, tokenizer = load_open_clip(str(options["arch"]), options["pretrained"])
     model.to(device)
     embeddings = None
     if head == "zero_shot":
-        embeddings = open_clip_class_embeddings(
-            model, tokenizer, class_names, _templates(options, CLIP_TEMPLATES)
-        )
+        embeddings = open_clip_class_embeddings(model, tokenizer, class_names, _templates(options, CLIP_TEMPLATES))
     encoder, preparer = open_clip_image_parts(model, _crop_scale(options))
     return encoder, preparer, embeddings
 
@@ -226,9 +214,7 @@ def _int(options: dict[str, Any], key: str) -> int:
 
 def _ints(options: dict[str, Any], key: str) -> list[int]:
     value = options[key]
-    if not isinstance(value, (list, tuple)) or any(
-        isinstance(v, bool) or not isinstance(v, int) for v in value
-    ):
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
         raise MergeclError(f"model.{key}: expected a list of integers, got {value!r}")
     return list(value)
 
@@ -251,11 +237,7 @@ def _templates(options: dict[str, Any], default: Sequence[str]) -> list[str]:
 
 def _crop_scale(options: dict[str, Any]) -> tuple[float, float]:
     value = options["crop_scale"]
-    ok = (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, (int, float)) for v in value)
-    )
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
     if not ok or not 0 < value[0] <= value[1] <= 1:
         raise MergeclError(f"model.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {value!r}")
     return float(value[0]), float(value[1])

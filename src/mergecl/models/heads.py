@@ -27,9 +27,7 @@ class LinearHead(nn.Linear):
 
     def __init__(self, in_dim: int, num_classes: int) -> None:
         if in_dim < 1 or num_classes < 1:
-            raise MergeclError(
-                f"LinearHead needs in_dim >= 1 and num_classes >= 1, got {in_dim}, {num_classes}"
-            )
+            raise MergeclError(f"LinearHead needs in_dim >= 1 and num_classes >= 1, got {in_dim}, {num_classes}")
         super().__init__(in_dim, num_classes)
 
 
@@ -42,8 +40,7 @@ class ZeroShotHead(nn.Module):
         super().__init__()
         if class_embeddings.dim() != 2 or class_embeddings.shape[0] < 1:
             raise MergeclError(
-                f"ZeroShotHead needs class embeddings of shape [num_classes, dim], "
-                f"got {tuple(class_embeddings.shape)}"
+                f"ZeroShotHead needs class embeddings of shape [num_classes, dim], got {tuple(class_embeddings.shape)}"
             )
         # Normalised here too, so that any embeddings (not only build_zero_shot_weights') give cosines.
         weight = F.normalize(class_embeddings.detach().float(), dim=-1)

@@ -61,9 +61,7 @@ class SmallCNN(nn.Module):
         _check_positive("feature_dim", [feature_dim])
         _check_dropout(dropout)
         if not channels or image_size < 2 ** len(channels):
-            raise MergeclError(
-                f"SmallCNN: image_size {image_size} is too small for {len(channels)} pooling blocks"
-            )
+            raise MergeclError(f"SmallCNN: image_size {image_size} is too small for {len(channels)} pooling blocks")
         blocks: list[nn.Module] = []
         width, side = in_channels, image_size
         for size in channels:

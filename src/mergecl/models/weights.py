@@ -30,9 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {_strip_prefix(str(k)): v for k, v in raw.items()}
 
 
-def load_weights(
-    module: nn.Module, path: str | Path, drop_prefixes: Iterable[str] = ()
-) -> dict[str, torch.Tensor]:
+def load_weights(module: nn.Module, path: str | Path, drop_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Strictly load a checkpoint into ``module``, first dropping keys under ``drop_prefixes``.
 
     Returns the dropped tensors (e.g. a classifier that the encoder does not use).
@@ -50,8 +48,7 @@ def load_weights(
     unexpected = sorted(set(kept) - set(expected))
     if missing or unexpected:
         raise MergeclError(
-            f"{path}: weights do not match the model "
-            f"(missing {_first(missing)}, unexpected {_first(unexpected)})"
+            f"{path}: weights do not match the model (missing {_first(missing)}, unexpected {_first(unexpected)})"
         )
     for key, tensor in kept.items():
         if tensor.shape != expected[key].shape:

@@ -50,9 +50,7 @@ class RunDir:
     # --- tensors -------------------------------------------------------------------------------
 
     @staticmethod
-    def save_tensors(
-        path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-    ) -> None:
+    def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write_bytes(path, save(data, metadata=metadata))
 

@@ -44,9 +44,7 @@ def pick_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise MergeclError(
-            f"config: device: '{name}' is not a device (auto, cpu, cuda, cuda:1, ...)"
-        ) from None
+        raise MergeclError(f"config: device: '{name}' is not a device (auto, cpu, cuda, cuda:1, ...)") from None
 
 
 def float_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -176,8 +174,7 @@ class Runner:
         times = self.seed_progress(seed)["train_time"]
         times[stream] = times.get(stream, 0.0) + spent
         self.rundir.log(
-            f"seed {seed} {stream} task {t + 1}: {stats.steps} steps, loss {stats.final_loss:.4f}, "
-            f"{spent:.1f}s"
+            f"seed {seed} {stream} task {t + 1}: {stats.steps} steps, loss {stats.final_loss:.4f}, {spent:.1f}s"
         )
         return carried
 
@@ -211,9 +208,9 @@ class Runner:
                 if not progress or not progress["rows"].get(spec.name):
                     continue
                 summary = summarize(progress["rows"][spec.name], progress["all_class_acc"].get(spec.name))
-                summary["wall_time_s"] = progress["train_time"].get(spec.stream, 0.0) + progress[
-                    "method_time"
-                ].get(spec.name, 0.0)
+                summary["wall_time_s"] = progress["train_time"].get(spec.stream, 0.0) + progress["method_time"].get(
+                    spec.name, 0.0
+                )
                 per_seed[str(seed)] = summary
             if per_seed:
                 methods[spec.name] = aggregate(per_seed)

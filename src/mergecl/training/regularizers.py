@@ -21,9 +21,7 @@ class LwF(Hook):
     the current task's inputs. lam 0.3 and T 2 as the MagMax baselines.
     """
 
-    def __init__(
-        self, previous: Learner, old_classes: Sequence[int], lam: float = 0.3, temperature: float = 2.0
-    ):
+    def __init__(self, previous: Learner, old_classes: Sequence[int], lam: float = 0.3, temperature: float = 2.0):
         self.previous = copy.deepcopy(previous).eval()
         for p in self.previous.parameters():
             p.requires_grad_(False)
