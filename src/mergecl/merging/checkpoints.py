@@ -53,7 +53,10 @@ class CheckpointReader(Protocol):
 
     def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
 
-    def read(self, key: str, start: int, stop: int) -> Tensor: ...
+    def read(self, key: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Flat elements [start, stop); may fill and return ``out`` (a buffer of that dtype and
+        size) or return a read-only view. The caller must not modify the result in place."""
+        ...
 
 
 def numel(shape: Iterable[int]) -> int:
@@ -80,7 +83,7 @@ class StateDictReader:
         tensor = self._state[key]
         return tensor.dtype, tuple(tensor.shape)
 
-    def read(self, key: str, start: int, stop: int) -> Tensor:
+    def read(self, key: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         return self._state[key].detach().reshape(-1)[start:stop]
 
 
@@ -121,9 +124,10 @@ class SafetensorsReader:
         dtype, shape, _ = self._entries[key]
         return dtype, shape
 
-    def read(self, key: str, start: int, stop: int) -> Tensor:
+    def read(self, key: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         dtype, _, offset = self._entries[key]
-        out = torch.empty(stop - start, dtype=dtype)
+        if out is None or out.dtype != dtype or out.numel() != stop - start:
+            out = torch.empty(stop - start, dtype=dtype)
         if out.numel() == 0:
             return out
         view = memoryview(out.view(torch.uint8).numpy())
@@ -161,8 +165,8 @@ class ShardedReader:
     def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self._owner[key].spec(key)
 
-    def read(self, key: str, start: int, stop: int) -> Tensor:
-        return self._owner[key].read(key, start, stop)
+    def read(self, key: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        return self._owner[key].read(key, start, stop, out)
 
 
 def load_torch_state_dict(path: Path) -> dict[str, Tensor]:

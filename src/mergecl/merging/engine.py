@@ -35,7 +35,7 @@ from mergecl.merging import rules
 from mergecl.merging.checkpoints import numel, open_checkpoint, write_checkpoint
 
 RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: chunking-independent
-DEFAULT_CHUNK = 1 << 20  # elements per chunk and input; small enough to stay in cache
+DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements TIES may hold per chunk position, over all T inputs
 
 Source = str | os.PathLike | Mapping[str, Tensor]
@@ -137,6 +137,12 @@ class _Entry:
         return numel(self.shape)
 
 
+def _all_finite(x: Tensor) -> bool:
+    """A finite sum implies finite entries (inf and nan propagate); only a non-finite sum, which
+    finite values can also give by overflow, needs the exact check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -167,6 +173,8 @@ class _Merge:
     def __init__(self, base, finetuned, options, fisher, prior_precision, progress, vectors=False) -> None:
         self.options = options
         self.vectors = vectors  # finetuned readers hold task vectors tau_t, not weights theta_t
+        self._buffers: dict[tuple, Tensor] = {}
+        self.before_entry: Callable[[_Entry], None] = lambda entry: None  # whole-tensor passes
         self.base = base
         self.finetuned = finetuned
         self.fisher = fisher
@@ -223,17 +231,36 @@ class _Merge:
             yield start, min(start + self.chunk, entry.numel)
 
     def read_base(self, entry: _Entry, start: int, stop: int) -> Tensor:
-        base = self.base.read(entry.key, start, stop).to(_compute_dtype(entry.dtype))
-        self.progress.update(base.numel() * entry.dtype.itemsize)
-        return base
+        n = stop - start
+        raw = self.base.read(entry.key, start, stop, out=self._buffer(("raw", "base"), n, entry.dtype))
+        self.progress.update(n * entry.dtype.itemsize)
+        return self._buffer(("base",), n, _compute_dtype(entry.dtype)).copy_(raw)
+
+    def _buffer(self, slot: tuple, n: int, dtype: torch.dtype) -> Tensor:
+        """A reusable flat buffer: fresh allocations of chunk-sized tensors cost page faults."""
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
+            buffer = self._buffers[slot] = torch.empty(max(n, self.chunk), dtype=dtype)
+        return buffer[:n]
 
     def taus(self, entry: _Entry, start: int, stop: int, base: Tensor) -> Iterator[Tensor]:
-        """Task-vector chunks, one checkpoint at a time, checked finite, DARE applied."""
+        """Task-vector chunks, one checkpoint at a time, checked finite, DARE applied.
+
+        Folding rules are done with a chunk before they ask for the next, so all checkpoints share
+        one pair of buffers; TIES keeps all T at once and gets a pair per checkpoint.
+        """
+        n = stop - start
         for t, reader in enumerate(self.finetuned):
-            theta = reader.read(entry.key, start, stop)
+            slot = t if self.options.method == "ties" else 0
+            dtype = reader.spec(entry.key)[0]
+            theta = reader.read(entry.key, start, stop, out=self._buffer(("raw", slot), n, dtype))
             self.progress.update(theta.numel() * theta.dtype.itemsize)
-            tau = theta.to(base.dtype) if self.vectors else theta.to(base.dtype) - base
-            if not torch.isfinite(tau.sum()):
+            tau = self._buffer(("tau", slot), n, base.dtype)
+            if self.vectors:
+                tau.copy_(theta)
+            else:
+                torch.sub(theta, base, out=tau)
+            if not _all_finite(tau):
                 self._blame_non_finite(entry.key, reader, theta, base)
             if self.options.dare:
                 p = self.options.dare
@@ -334,6 +361,8 @@ class _Merge:
     def output(self, rule: Callable[[_Entry, int, int, Tensor], Tensor], lam: float) -> Iterator[Tensor]:
         """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype."""
         for entry in self.entries:
+            if entry.merged:
+                self.before_entry(entry)
             for start, stop in self.chunks(entry):
                 if not entry.merged:
                     base = self.base.read(entry.key, start, stop)
@@ -343,7 +372,10 @@ class _Merge:
                 base = self.read_base(entry, start, stop)
                 merged = rule(entry, start, stop, base)
                 merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
-                yield merged.to(entry.dtype)
+                out = merged.to(entry.dtype)
+                if not (_all_finite(merged) and (entry.dtype != torch.float16 or _all_finite(out.float()))):
+                    raise MergeclError(f"tensor '{entry.key}': the merged values overflow {entry.dtype}")
+                yield out
 
     def rule(self, lam_info: dict) -> Callable[[_Entry, int, int, Tensor], Tensor]:
         o = self.options
@@ -385,15 +417,19 @@ class _Merge:
                 lam_info["thresholds"] = thresholds
                 lam_info["majority_sign"] = self.ties_majority_sign(entries, thresholds)
 
+            def tensor_scope(e):  # a tensor too big for one chunk: its exact threshold by streaming
+                if o.scope == "tensor" and e.numel > self.chunk:
+                    th = self.ties_thresholds([e])
+                    scopes[e.key] = th, self.ties_majority_sign([e], th)
+
+            self.before_entry = tensor_scope
+
             def ties(e, a, b, base):
                 if o.scope == "tensor" and b - a == e.numel:  # whole tensor in hand: the plain rule
                     return rules.ties(self.taus(e, a, b, base), keep=o.keep)
                 if o.scope == "global":
                     thresholds, majority = lam_info["thresholds"], lam_info["majority_sign"]
-                else:  # a tensor too big for one chunk: its own exact threshold by streaming
-                    if e.key not in scopes:
-                        th = self.ties_thresholds([e])
-                        scopes[e.key] = th, self.ties_majority_sign([e], th)
+                else:
                     thresholds, majority = scopes[e.key]
                 trimmed = _trim_all(self.taus(e, a, b, base), thresholds)
                 return rules.ties_disjoint_mean(trimmed, rules.ties_elect(trimmed, majority))

@@ -42,25 +42,32 @@ def magmax(taus: Iterable[Tensor]) -> Tensor:
     """Per entry, the signed value of the largest |tau_t|; ties go to the LATER task.
 
     A running fold, exactly as METHODS.md §1: m = tau_1; m = where(|tau_t| >= |m|, tau_t, m).
+    The select is written as float arithmetic (a 0/1 weight and lerp, exact for those weights)
+    because bool masks and where() are several times slower on CPU.
     """
-    best = best_abs = None
+    best = best_abs = tau_abs = take = None
     for tau in taus:
         if best is None:
             best, best_abs = tau.clone(), tau.abs()
+            tau_abs, take = torch.empty_like(best), torch.empty_like(best)
             continue
-        tau_abs = tau.abs()
-        take = tau_abs >= best_abs
-        best = torch.where(take, tau, best)
-        best_abs = torch.where(take, tau_abs, best_abs)
+        torch.abs(tau, out=tau_abs)
+        torch.sub(tau_abs, best_abs, out=take).sign_().add_(1.0).clamp_(max=1.0)  # 1 where |tau| >= |m|
+        best.lerp_(tau, take)
+        torch.maximum(best_abs, tau_abs, out=best_abs)
     return best
 
 
 def random_mix(taus: Iterable[Tensor], pick: Tensor) -> Tensor:
     """Each entry copies tau_k with k = pick[entry] (drawn uniformly by the caller, seeded)."""
     mixed = None
+    pick = pick.to(torch.float32)
     for t, tau in enumerate(taus):
-        mixed = torch.zeros_like(tau) if mixed is None else mixed
-        mixed = torch.where(pick == t, tau, mixed)
+        if mixed is None:
+            mixed, take = torch.zeros_like(tau), torch.empty_like(tau)
+        # take = 1 where pick == t else 0, in float arithmetic (faster than a bool mask; see magmax)
+        torch.sub(pick, t, out=take).abs_().clamp_(max=1.0).neg_().add_(1.0)
+        mixed.lerp_(tau, take)
     return mixed
 
 
