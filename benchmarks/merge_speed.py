@@ -89,8 +89,17 @@ def child(args) -> None:
 
         merge(base, fts, args.method, out=args.output)
     wall = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"wall_s": wall, "peak_rss": rss}))
+    print(json.dumps({"wall_s": wall, "peak_rss": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """VmHWM: the peak RSS of this process image. (getrusage's ru_maxrss is not used: Linux
+    carries the parent's peak across fork + exec into it.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(engine: str, method: str, paths: list[Path], output: Path) -> dict:
@@ -101,8 +110,8 @@ def run_child(engine: str, method: str, paths: list[Path], output: Path) -> dict
 
 def interpreter_rss() -> int:
     code = (
-        "import resource, torch, safetensors, mergecl.merging; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import torch, safetensors, mergecl.merging; "
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(done.stdout) * 1024

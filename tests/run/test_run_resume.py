@@ -109,3 +109,26 @@ def test_resume_after_kills_gives_the_same_numbers(tmp_path):
     assert done.returncode == 0, done.stderr
     assert strip_times(json.loads((interrupted / "results.json").read_text())) == expected
     assert not list(Path(interrupted).rglob("*.tmp"))
+
+
+def test_cli_run_and_report(tmp_path):
+    small = dict(SMALL, methods=["seq_ft", "magmax"], data=dict(SMALL["data"], n_tasks=2))
+    config = write_config(tmp_path, small)
+    env = dict(os.environ, MERGECL_QUIET="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mergecl", "run", str(config), "--out", str(tmp_path / "r")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "magmax" in done.stdout and "final ACC" in done.stdout
+    (tmp_path / "r" / "report.md").unlink()
+    again = subprocess.run(
+        [sys.executable, "-m", "mergecl", "report", str(tmp_path / "r")], capture_output=True, text=True
+    )
+    assert again.returncode == 0 and (tmp_path / "r" / "report.md").exists()
+    bad = write_config(tmp_path, dict(small, methods=["magmax"], train={"epoch": 3}))
+    failed = subprocess.run([sys.executable, "-m", "mergecl", "run", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == f"mergecl: error: {bad}: unknown key 'train.epoch'"
