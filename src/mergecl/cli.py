@@ -104,8 +104,10 @@ def _run_run(args) -> int:
 
     if args.resume and args.config:
         raise MergeclError("give either a CONFIG or --resume RUN_DIR, not both")
-    if args.quiet:
+    if args.quiet or os.environ.get("CI"):
         os.environ["MERGECL_QUIET"] = "1"
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # e.g. transformers' weight loading
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     echo = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     results, path = run(args.config, out=args.out, resume=args.resume, echo=echo)
