@@ -132,3 +132,18 @@ def test_cli_run_and_report(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "mergecl", "run", str(bad)], capture_output=True, text=True)
     assert failed.returncode == 2
     assert failed.stderr.strip() == f"mergecl: error: {bad}: unknown key 'train.epoch'"
+
+
+def test_a_run_with_the_real_minilm_and_a_zero_shot_head(tmp_path):
+    config = {
+        "name": "clinc-smoke",
+        "data": {"source": "clinc150", "scenario": "class", "n_tasks": 2, "train_per_class": 2, "eval_per_class": 2},
+        "model": {"name": "hf_text", "head": "zero_shot"},
+        "train": {"lr": 5e-5, "epochs": 1, "batch_size": 16},
+        "methods": ["zero_shot", "seq_ft", "magmax"],
+    }
+    results, out = run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
+    m = results["methods"]
+    assert m["zero_shot"]["all_class_acc"] > 30  # 150 intents: chance is 0.7%
+    assert m["seq_ft"]["accuracy_matrix"] != m["zero_shot"]["accuracy_matrix"]  # training changed the model
+    assert (out / "seed0" / "seq" / "task1.safetensors").exists()

@@ -232,6 +232,7 @@ def build_scenario(
     *,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     train_per_class: int | None = None,
+    eval_per_class: int | None = None,
     domain_order: Sequence[str] | None = None,
     identity_first: bool = True,
     root: str | Path | None = None,
@@ -239,7 +240,8 @@ def build_scenario(
 ) -> Scenario:
     """The entry point of a run config: source (a ``Dataset`` or a registry name) -> Scenario.
 
-    ``kind``: 'class', 'task', 'domain' or 'permuted'. ``train_per_class`` caps each task's
+    ``kind``: 'class', 'task', 'domain' or 'permuted'. ``eval_per_class`` caps each task's val
+    and test examples per class (seeded; quick smoke runs). ``train_per_class`` caps each task's
     training examples per class (seeded), for CPU-sized benchmarks.
     """
     if kind not in KINDS:
@@ -257,4 +259,8 @@ def build_scenario(
     if train_per_class is not None:
         for task in scenario.tasks:
             task.train = subsample_per_class(task.train, train_per_class, seed + task.index)
+    if eval_per_class is not None:
+        for task in scenario.tasks:
+            task.val = subsample_per_class(task.val, eval_per_class, seed + task.index)
+            task.test = subsample_per_class(task.test, eval_per_class, seed + task.index)
     return scenario

@@ -34,6 +34,7 @@ class DataConfig(_Strict):
     order: str | list[int] = "seeded"
     val_fraction: float = Field(0.1, gt=0, lt=1)
     train_per_class: int | None = Field(None, ge=1)
+    eval_per_class: int | None = Field(None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
 
 

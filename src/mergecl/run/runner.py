@@ -91,6 +91,7 @@ class Runner:
             seed,
             val_fraction=data.val_fraction,
             train_per_class=data.train_per_class,
+            eval_per_class=data.eval_per_class,
             root=data.root,
             source_options=data.options,
         )
