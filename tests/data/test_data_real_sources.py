@@ -24,7 +24,7 @@ def shared(name: str) -> Path:
     if not path.is_dir():
         (pytest.fail if os.environ.get("CI") else pytest.skip)(
             f"real data folder {path} is not here"
-        )  # CI must have ../shared/data
+        )
     return path
 
 

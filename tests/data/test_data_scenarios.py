@@ -313,7 +313,7 @@ def test_clinc150_domains_as_tasks() -> None:
     if not (root / "clinc150").is_dir():
         (pytest.fail if os.environ.get("CI") else pytest.skip)(
             "real CLINC150 data is not here"
-        )  # CI must have ../shared/data
+        )
     ds = load_clinc150(root / "clinc150")
     sc = build_scenario("class", ds, order="groups")
     assert len(sc.tasks) == 10 and sc.tasks[0].name == "banking"

@@ -20,5 +20,5 @@ def shared_data() -> Path:
     if not root.is_dir():
         (pytest.fail if os.environ.get("CI") else pytest.skip)(
             f"shared data not found at {root}"
-        )  # CI must have ../shared/data
+        )
     return root
