@@ -15,15 +15,7 @@ from dataclasses import dataclass
 
 from mergecl.errors import MergeclError
 
-# stream name -> what it does (documentation and --help)
-STREAMS: dict[str, str] = {
-    "seq": "sequential fine-tuning: task t starts from the model after task t-1",
-    "ind": "independent fine-tuning: every task starts from theta_0",
-    "joint": "joint training on all tasks seen so far, from theta_0 (upper bound)",
-    "zero_shot": "no training: theta_0 (lower bound)",
-    "lwf": "sequential fine-tuning + distillation of the previous model on old classes",
-    "ewc": "sequential fine-tuning + EWC penalty (online Fisher)",
-}
+# method name -> the stream whose own model it evaluates (modules of new methods add theirs)
 PLAIN_METHODS = {
     "seq_ft": "seq",
     "ind_ft": "ind",

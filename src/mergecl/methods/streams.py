@@ -1,13 +1,16 @@
-"""How each stream trains one step, and which logit columns each evaluation uses.
+"""Streams: how each method trains one step; and which logit columns each evaluation uses.
 
-A step starts from weights the runner gives (theta_0, or theta_0 + tau_{t-1} rebuilt from the run
-directory, the same way whether the run was resumed or not) and returns the trained learner plus
-the stream's carried state (EWC's running Fisher). Each step is a short recipe over the training
-loop and its hooks; no trainer hierarchy.
+A stream is a name, whether it continues from its own previous model, and a step function: a short
+recipe over the training loop and its hooks, no trainer hierarchy. A step starts from weights the
+runner gives (theta_0, or theta_0 + tau_{t-1} rebuilt from the run directory, the same way whether
+the run was resumed or not) and returns the stream's carried state (EWC's running Fisher) and
+per-step info to log (BECAME's lambda*). New methods register a Stream from their own module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -15,7 +18,7 @@ from torch import Tensor
 from mergecl.data.types import Scenario, Split
 from mergecl.models.base import Learner
 from mergecl.training.fisher import diagonal_fisher
-from mergecl.training.loop import Hook, TrainSettings, TrainStats, train_task
+from mergecl.training.loop import TrainSettings, TrainStats, train_task
 from mergecl.training.regularizers import EWC, LwF, online_fisher
 
 
@@ -41,40 +44,103 @@ def joint_data(scenario: Scenario, t: int) -> Split:
     return Split.concat([task.train for task in scenario.tasks[: t + 1]])
 
 
-def train_step(
-    stream: str,
-    learner: Learner,
-    scenario: Scenario,
-    t: int,
-    settings: TrainSettings,
-    seed: int,
-    options: dict[str, Any],
-    carried: dict[str, Tensor] | None,
-) -> tuple[TrainStats, dict[str, Tensor] | None]:
-    """Train ``learner`` (already holding the step's starting weights) on step ``t`` of ``stream``."""
-    task = scenario.tasks[t]
-    desc = f"{stream} task {t + 1}/{len(scenario.tasks)}"
-    classes = train_classes(scenario, t)
-    hooks: list[Hook] = []
-    data = task.train
-    if stream == "joint":
-        data = joint_data(scenario, t)
-        # one head over every class seen (task-incremental too: its per-task heads are column subsets)
-        classes = scenario.seen_classes(t) if scenario.kind != "domain" else classes
-    elif stream == "lwf" and t > 0:
-        old = scenario.seen_classes(t - 1) if scenario.kind != "domain" else classes
-        hooks.append(LwF(learner, old, lam=options.get("lam", 0.3), temperature=options.get("temperature", 2.0)))
-    elif stream == "ewc" and t > 0 and carried is not None:
-        anchor = {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad}
-        hooks.append(EWC(anchor, carried, lam=options.get("lam", 1e6)))
-    stats = train_task(learner, data, classes, scenario.num_classes, settings, seed, hooks, desc)
-    if stream == "ewc":
-        fisher = diagonal_fisher(
-            learner,
-            task.train,
-            train_classes(scenario, t),
-            scenario.num_classes,
-            labels=options.get("fisher_labels", "predicted"),
+@dataclass
+class Step:
+    """Everything one step of a stream sees. ``learner`` already holds the step's start weights."""
+
+    learner: Learner
+    scenario: Scenario
+    t: int
+    settings: TrainSettings
+    seed: int
+    options: dict[str, Any]  # method_options[stream]
+    carried: dict[str, Tensor] | None  # the stream's state after step t-1 (None at t = 0)
+
+    @property
+    def task(self):
+        return self.scenario.tasks[self.t]
+
+    @property
+    def desc(self) -> str:
+        return f"task {self.t + 1}/{len(self.scenario.tasks)}"
+
+    def train(self, data: Split | None = None, classes: list[int] | None = None, hooks=(), settings=None):
+        """Train on this step's task (or ``data`` over ``classes``) with ``hooks``."""
+        return train_task(
+            self.learner,
+            self.task.train if data is None else data,
+            train_classes(self.scenario, self.t) if classes is None else classes,
+            self.scenario.num_classes,
+            settings or self.settings,
+            self.seed,
+            hooks,
+            self.desc,
         )
-        carried = online_fisher(carried, fisher, decay=options.get("decay", 0.5))
-    return stats, carried
+
+
+@dataclass
+class StepResult:
+    stats: TrainStats | None = None
+    carried: dict[str, Tensor] | None = None  # saved with the step; handed to step t+1
+    info: dict[str, float] = field(default_factory=dict)  # logged per step into results.json
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    summary: str
+    continues: bool  # True: step t starts from the stream's model after t-1; False: from theta_0
+    step: Callable[[Step], StepResult] | None  # None: no training (zero-shot)
+
+
+STREAMS: dict[str, Stream] = {}
+
+
+def register(stream: Stream) -> Stream:
+    STREAMS[stream.name] = stream
+    return stream
+
+
+def _plain(step: Step) -> StepResult:
+    return StepResult(step.train())
+
+
+def _joint(step: Step) -> StepResult:
+    scenario, t = step.scenario, step.t
+    # one head over every class seen (task-incremental too: its per-task heads are column subsets)
+    classes = scenario.seen_classes(t) if scenario.kind != "domain" else train_classes(scenario, t)
+    return StepResult(step.train(joint_data(scenario, t), classes))
+
+
+def _lwf(step: Step) -> StepResult:
+    hooks = []
+    if step.t > 0:
+        scenario = step.scenario
+        old = scenario.seen_classes(step.t - 1) if scenario.kind != "domain" else train_classes(scenario, step.t)
+        options = step.options
+        hooks.append(LwF(step.learner, old, lam=options.get("lam", 0.3), temperature=options.get("temperature", 2.0)))
+    return StepResult(step.train(hooks=hooks))
+
+
+def _ewc(step: Step) -> StepResult:
+    hooks = []
+    if step.t > 0 and step.carried is not None:
+        anchor = {n: p.detach().clone() for n, p in step.learner.named_parameters() if p.requires_grad}
+        hooks.append(EWC(anchor, step.carried, lam=step.options.get("lam", 1e6)))
+    stats = step.train(hooks=hooks)
+    fisher = diagonal_fisher(
+        step.learner,
+        step.task.train,
+        train_classes(step.scenario, step.t),
+        step.scenario.num_classes,
+        labels=step.options.get("fisher_labels", "predicted"),
+    )
+    return StepResult(stats, online_fisher(step.carried, fisher, decay=step.options.get("decay", 0.5)))
+
+
+register(Stream("seq", "sequential fine-tuning: task t starts from the model after task t-1", True, _plain))
+register(Stream("ind", "independent fine-tuning: every task starts from theta_0", False, _plain))
+register(Stream("joint", "joint training on all tasks seen so far, from theta_0 (upper bound)", False, _joint))
+register(Stream("zero_shot", "no training: theta_0 (lower bound)", False, None))
+register(Stream("lwf", "sequential fine-tuning + distillation of the previous model on old classes", True, _lwf))
+register(Stream("ewc", "sequential fine-tuning + EWC penalty (online Fisher)", True, _ewc))

@@ -24,7 +24,7 @@ from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.merging.engine import merge
 from mergecl.methods.registry import MethodSpec, resolve_methods
-from mergecl.methods.streams import eval_classes, train_step
+from mergecl.methods.streams import STREAMS, Step, eval_classes
 from mergecl.models.base import Learner
 from mergecl.models.factory import build_learner
 from mergecl.run.config import RunConfig, dump_config, load_config
@@ -121,7 +121,7 @@ class Runner:
         progress = self.seed_progress(seed)
         carried = None
         for t in range(len(scenario.tasks)):
-            if stream != "zero_shot":
+            if STREAMS[stream].step is not None:
                 carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
             for spec in methods:
                 rows = progress["rows"].setdefault(spec.name, [])
@@ -154,30 +154,36 @@ class Runner:
         state_path = self.rundir.state_path(seed, stream, t)
         if vector_path.exists():
             return self.rundir.load_tensors(state_path) if state_path.exists() else carried
+        spec = STREAMS[stream]
         start = base
-        if t > 0 and stream in ("seq", "lwf", "ewc"):
+        if t > 0 and spec.continues:
             start = self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, stream, t - 1)))
-        if t > 0 and stream == "ewc" and carried is None:
-            carried = self.rundir.load_tensors(self.rundir.state_path(seed, stream, t - 1))
+        previous_state = self.rundir.state_path(seed, stream, t - 1)
+        if t > 0 and carried is None and previous_state.exists():
+            carried = self.rundir.load_tensors(previous_state)
         learner.load_state_dict(start)
         torch.manual_seed(step_seed(seed, stream, t))
         started = time.perf_counter()
         options = self.config.method_options.get(stream, {})
-        stats, carried = train_step(
-            stream, learner, scenario, t, self.settings, step_seed(seed, stream, t), options, carried
-        )
+        step = Step(learner, scenario, t, self.settings, step_seed(seed, stream, t), options, carried)
+        result = spec.step(step)
         trained = learner.state_dict()
         tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in float_keys(base)}
-        if carried is not None:
-            self.rundir.save_tensors(state_path, carried)
+        if result.carried is not None:
+            self.rundir.save_tensors(state_path, result.carried)
+        if result.info:  # recorded before the commit marker: a resumed run finds it with the vector
+            info = self.seed_progress(seed).setdefault("stream_info", {}).setdefault(stream, {})
+            info[str(t)] = result.info
+            self.rundir.write_json("progress.json", self.progress)
         self.rundir.save_tensors(vector_path, tau, {"stream": stream, "task": str(t)})
         spent = time.perf_counter() - started
         times = self.seed_progress(seed)["train_time"]
         times[stream] = times.get(stream, 0.0) + spent
-        self.rundir.log(
-            f"seed {seed} {stream} task {t + 1}: {stats.steps} steps, loss {stats.final_loss:.4f}, {spent:.1f}s"
-        )
-        return carried
+        stats = result.stats
+        summary = f"{stats.steps} steps, loss {stats.final_loss:.4f}, " if stats else ""
+        extra = "".join(f", {k} {v:.4g}" for k, v in result.info.items())
+        self.rundir.log(f"seed {seed} {stream} task {t + 1}: {summary}{spent:.1f}s{extra}")
+        return result.carried
 
     @staticmethod
     def rebuild(base: dict, tau: dict) -> dict:
@@ -200,6 +206,16 @@ class Runner:
 
     # --- results --------------------------------------------------------------------------------
 
+    def step_info(self, stream: str) -> dict[str, list[float]]:
+        """Per-step values a stream logged (e.g. BECAME's lambda*), averaged over seeds."""
+        series: dict[str, list[list[float]]] = {}
+        for seed in self.config.seeds:
+            logged = self.progress["seeds"].get(str(seed), {}).get("stream_info", {}).get(stream, {})
+            steps = sorted(logged, key=int)
+            for key in dict.fromkeys(k for t in steps for k in logged[t]):
+                series.setdefault(key, []).append([logged[t][key] for t in steps if key in logged[t]])
+        return {key: _mean_per_step(values) for key, values in series.items() if all(values)}
+
     def results(self) -> dict[str, Any]:
         methods: dict[str, Any] = {}
         for spec in self.methods:
@@ -215,7 +231,15 @@ class Runner:
                 per_seed[str(seed)] = summary
             if per_seed:
                 methods[spec.name] = aggregate(per_seed)
+                step_info = self.step_info(spec.stream)
+                if step_info:
+                    methods[spec.name]["step_info"] = step_info
         return {"methods": methods, "run": self.meta}
+
+
+def _mean_per_step(values: list[list[float]]) -> list[float]:
+    steps = min(len(v) for v in values)
+    return [statistics.fmean(v[t] for v in values) for t in range(steps)]
 
 
 def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
