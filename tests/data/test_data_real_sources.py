@@ -22,9 +22,7 @@ SHARED = Path(os.environ.get("MERGECL_DATA", Path(__file__).resolve().parents[3]
 def shared(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            f"real data folder {path} is not here"
-        )
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"real data folder {path} is not here")
     return path
 
 

@@ -311,9 +311,7 @@ def test_build_scenario_from_a_registry_name_with_a_train_cap() -> None:
 def test_clinc150_domains_as_tasks() -> None:
     root = Path(os.environ.get("MERGECL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
     if not (root / "clinc150").is_dir():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            "real CLINC150 data is not here"
-        )
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("real CLINC150 data is not here")
     ds = load_clinc150(root / "clinc150")
     sc = build_scenario("class", ds, order="groups")
     assert len(sc.tasks) == 10 and sc.tasks[0].name == "banking"

@@ -18,7 +18,5 @@ def shared_data() -> Path:
     """../shared/data next to the project (or $MERGECL_SHARED_DATA); skip when it is not there."""
     root = Path(os.environ.get("MERGECL_SHARED_DATA", _DEFAULT_DATA))
     if not root.is_dir():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            f"shared data not found at {root}"
-        )
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"shared data not found at {root}")
     return root

@@ -147,3 +147,22 @@ def test_a_run_with_the_real_minilm_and_a_zero_shot_head(tmp_path):
     assert m["zero_shot"]["all_class_acc"] > 30  # 150 intents: chance is 0.7%
     assert m["seq_ft"]["accuracy_matrix"] != m["zero_shot"]["accuracy_matrix"]  # training changed the model
     assert (out / "seed0" / "seq" / "task1.safetensors").exists()
+
+
+def test_lam_auto_picks_on_validation_and_is_logged(tmp_path):
+    config = dict(
+        SMALL,
+        methods=["magmax", "magmax@auto", "ind_ft+ties@auto"],
+        method_options={"magmax@auto": {"lam": "auto"}, "ind_ft+ties@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}},
+        eval_val=True,
+    )
+    results, _ = run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
+    m = results["methods"]
+    lams = m["magmax@auto"]["step_info"]["lam"]
+    assert len(lams) == 3 and all(lam in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0) for lam in lams)
+    assert set(m["ind_ft+ties@auto"]["step_info"]["lam"]) <= {0.5, 1.0}
+    assert "step_info" not in m["magmax"]
+    for entry in m.values():
+        assert 0 <= entry["val"]["final_acc"] <= 100
+    # the chosen lam maximises validation accuracy: the auto variant is at least as good on val as 0.5
+    assert m["magmax@auto"]["val"]["final_acc"] >= m["magmax"]["val"]["final_acc"] - 1e-9

@@ -6,7 +6,8 @@ stream, so asking for seq_ft, magmax, average and ties trains once.
 
 Names: ``seq_ft``, ``ind_ft``, ``joint``, ``zero_shot``, ``lwf``, ``ewc``; a merge rule alone
 (``magmax``) means that rule over Seq-FT task vectors; ``seq_ft+RULE`` and ``ind_ft+RULE`` say
-which task vectors explicitly.
+which task vectors explicitly. Any name may carry a tag, ``magmax@auto``, to run it again with
+other method_options (keyed by the full name).
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ class MethodSpec:
 
 
 def resolve_method(name: str) -> MethodSpec:
-    if name in PLAIN_METHODS:
-        return MethodSpec(name, PLAIN_METHODS[name])
-    prefix, _, rule = name.rpartition("+")
+    """``NAME@TAG`` is a variant of NAME with its own method_options (e.g. ``magmax@auto``)."""
+    base, _, tag = name.partition("@")
+    if tag and not tag.replace("_", "").replace(".", "").isalnum():
+        raise MergeclError(f"method '{name}': the tag after '@' must be letters, digits, '_' or '.'")
+    if base in PLAIN_METHODS:
+        return MethodSpec(name, PLAIN_METHODS[base])
+    prefix, _, rule = base.rpartition("+")
     stream = {"": "seq", "seq_ft": "seq", "ind_ft": "ind"}.get(prefix)
     if stream is None or rule not in CL_RULES:
         valid = [*PLAIN_METHODS, *CL_RULES, *(f"ind_ft+{r}" for r in CL_RULES)]

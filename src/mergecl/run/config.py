@@ -61,6 +61,7 @@ class RunConfig(_Strict):
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "mlp", "in_dim": 64})
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: list[str] = Field(default_factory=lambda: ["seq_ft", "magmax"], min_length=1)
+    eval_val: bool = False  # also evaluate every step on the validation splits (for model selection)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

@@ -31,6 +31,7 @@ from mergecl.run.config import RunConfig, dump_config, load_config
 from mergecl.run.rundir import RunDir
 from mergecl.training.loop import TrainSettings, accuracy
 
+LAM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 METRICS = ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc", "wall_time_s")
 
 
@@ -128,18 +129,20 @@ class Runner:
                 if len(rows) > t:
                     continue
                 started = time.perf_counter()
-                learner.load_state_dict(self.weights(seed, spec, t, base))
-                rows.append(
-                    [
-                        self.evaluate(learner, task.test, eval_classes(scenario, t, i))
-                        for i, task in enumerate(scenario.tasks)
-                    ]
-                )
+                weights, info = self.weights(seed, spec, t, base, learner, scenario)
+                learner.load_state_dict(weights)
+                if self.config.eval_val:
+                    val_rows = progress.setdefault("val_rows", {}).setdefault(spec.name, [])
+                    del val_rows[t:]
+                    val_rows.append(self.evaluate_all(learner, scenario, t, "val"))
+                if info:
+                    progress.setdefault("method_info", {}).setdefault(spec.name, {})[str(t)] = info
                 if t == len(scenario.tasks) - 1:
                     union = Split.concat([task.test for task in scenario.tasks])
                     progress["all_class_acc"][spec.name] = self.evaluate(
                         learner, union, list(range(scenario.num_classes))
                     )
+                rows.append(self.evaluate_all(learner, scenario, t, "test"))  # last: the row commits the step
                 spent = time.perf_counter() - started
                 progress["method_time"][spec.name] = progress["method_time"].get(spec.name, 0.0) + spent
                 self.commit_progress()
@@ -147,6 +150,13 @@ class Runner:
                     f"seed {seed} step {t + 1}/{len(scenario.tasks)} {spec.name}: "
                     f"ACC {sum(rows[t][: t + 1]) / (t + 1):.2f}"
                 )
+
+    def evaluate_all(self, learner: Learner, scenario: Scenario, t: int, split: str) -> list[float]:
+        """Row t of the accuracy matrix: every task's ``split`` (also future tasks)."""
+        return [
+            self.evaluate(learner, getattr(task, split), eval_classes(scenario, t, i))
+            for i, task in enumerate(scenario.tasks)
+        ]
 
     def train_or_load(self, seed, stream, t, scenario, learner, base, carried):
         """Train step t of ``stream`` unless it is committed; return the stream's carried state."""
@@ -189,28 +199,41 @@ class Runner:
     def rebuild(base: dict, tau: dict) -> dict:
         return {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in base.items()}
 
-    def weights(self, seed: int, spec: MethodSpec, t: int, base: dict) -> dict:
-        """The model a method has after step t."""
+    def weights(self, seed, spec: MethodSpec, t: int, base: dict, learner: Learner, scenario: Scenario):
+        """The model a method has after step t, and what was chosen on the way ({"lam": ...})."""
         if spec.stream == "zero_shot":
-            return base
+            return base, {}
         if spec.rule is None:
-            return self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, spec.stream, t)))
+            return self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, spec.stream, t))), {}
         options = dict(self.config.method_options.get(spec.name, {}))
         if spec.rule == "random_mix" or options.get("dare"):
             options.setdefault("seed", seed)
+        grid = options.pop("lam_grid", LAM_GRID)
         vectors = [self.rundir.vector_path(seed, spec.stream, i) for i in range(t + 1)]
-        return merge(base, vectors, spec.rule, task_vectors=True, **options)
+        if options.get("lam") != "auto":
+            return merge(base, vectors, spec.rule, task_vectors=True, **options), {}
+        # lam: auto -- the lam of ``grid`` with the best validation accuracy on the tasks seen so far
+        options.pop("lam")
+        unit = merge(base, vectors, spec.rule, task_vectors=True, lam=1.0, **options)
+        direction = {k: unit[k].float() - base[k].float() for k in float_keys(base)}
+        scores = []
+        for lam in grid:
+            learner.load_state_dict(self.rebuild(base, {k: lam * v for k, v in direction.items()}))
+            val = self.evaluate_all(learner, scenario, t, "val")[: t + 1]
+            scores.append((sum(val) / len(val), -lam))  # ties: the smaller lam
+        best = -max(scores)[1]
+        return merge(base, vectors, spec.rule, task_vectors=True, lam=best, **options), {"lam": best}
 
     def evaluate(self, learner: Learner, data: Split, classes: list[int]) -> float:
         return accuracy(learner, data, classes, self.settings.eval_batch_size)
 
     # --- results --------------------------------------------------------------------------------
 
-    def step_info(self, stream: str) -> dict[str, list[float]]:
-        """Per-step values a stream logged (e.g. BECAME's lambda*), averaged over seeds."""
+    def step_info(self, kind: str, name: str) -> dict[str, list[float]]:
+        """Per-step values a stream (BECAME's lambda*) or a method (an auto lam) logged, mean over seeds."""
         series: dict[str, list[list[float]]] = {}
         for seed in self.config.seeds:
-            logged = self.progress["seeds"].get(str(seed), {}).get("stream_info", {}).get(stream, {})
+            logged = self.progress["seeds"].get(str(seed), {}).get(kind, {}).get(name, {})
             steps = sorted(logged, key=int)
             for key in dict.fromkeys(k for t in steps for k in logged[t]):
                 series.setdefault(key, []).append([logged[t][key] for t in steps if key in logged[t]])
@@ -228,10 +251,13 @@ class Runner:
                 summary["wall_time_s"] = progress["train_time"].get(spec.stream, 0.0) + progress["method_time"].get(
                     spec.name, 0.0
                 )
+                val_rows = progress.get("val_rows", {}).get(spec.name)
+                if val_rows:
+                    summary["val"] = summarize(val_rows[: len(progress["rows"][spec.name])])
                 per_seed[str(seed)] = summary
             if per_seed:
                 methods[spec.name] = aggregate(per_seed)
-                step_info = self.step_info(spec.stream)
+                step_info = {**self.step_info("stream_info", spec.stream), **self.step_info("method_info", spec.name)}
                 if step_info:
                     methods[spec.name]["step_info"] = step_info
         return {"methods": methods, "run": self.meta}
@@ -262,6 +288,9 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
             std[metric] = statistics.stdev(values)
     if std:
         out["std"] = std
+    vals = [s["val"] for s in summaries if "val" in s]
+    if len(vals) == len(summaries):
+        out["val"] = {m: statistics.fmean(v[m] for v in vals) for m in ("final_acc", "avg_incremental_acc")}
     if len(summaries) > 1:
         out["seeds"] = per_seed
     return out
