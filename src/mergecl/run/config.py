@@ -46,7 +46,7 @@ class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(32, ge=1)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
     amp: bool = True
     eval_batch_size: int = Field(256, ge=1)
