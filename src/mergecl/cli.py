@@ -90,30 +90,60 @@ def _add_run(sub) -> None:
         "results.json, task vectors, logs and a report. With no CONFIG: the embedded default "
         "(sklearn digits, class-incremental 5 x 2, nine methods, about a minute on a laptop CPU).",
     )
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded digits run)")
+    p.add_argument(
+        "config", nargs="?", default=None, help="YAML config or packaged config name (default: the embedded digits run)"
+    )
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
 
 
 def _run_run(args) -> int:
-    import os
-
     from mergecl.evaluation.report import format_table
     from mergecl.run.runner import run
 
     if args.resume and args.config:
         raise MergeclError("give either a CONFIG or --resume RUN_DIR, not both")
-    if args.quiet or os.environ.get("CI"):
-        os.environ["MERGECL_QUIET"] = "1"
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # e.g. transformers' weight loading
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    echo = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    echo = _quiet(args.quiet)
     started = time.perf_counter()
     results, path = run(args.config, out=args.out, resume=args.resume, echo=echo)
     print(format_table(results))
     print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
     return 0
+
+
+def _add_bench(sub) -> None:
+    from mergecl.run.bench import SUITES
+
+    p = sub.add_parser("bench", help="run a benchmark suite (real data, real pretrained model)")
+    p.add_argument("suite", choices=SUITES)
+    p.add_argument("--quick", action="store_true", help="one seed, tiny data, five methods (<= 3 min)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
+    p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+
+
+def _run_bench(args) -> int:
+    from mergecl.evaluation.report import format_table
+    from mergecl.run.bench import bench
+
+    echo = _quiet(args.quiet)
+    started = time.perf_counter()
+    results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, echo=echo)
+    print(format_table(results))
+    print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
+    return 0
+
+
+def _quiet(quiet: bool):
+    """Silence bars and per-step lines under --quiet or CI; return the per-step printer."""
+    import os
+
+    if quiet or os.environ.get("CI"):
+        os.environ["MERGECL_QUIET"] = "1"
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # e.g. transformers' weight loading
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
 
 def _add_report(sub) -> None:
@@ -145,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_run(sub)
+    _add_bench(sub)
     _add_report(sub)
     return parser
 
@@ -153,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        handlers = {"merge": _run_merge, "run": _run_run, "report": _run_report}
+        handlers = {"merge": _run_merge, "run": _run_run, "bench": _run_bench, "report": _run_report}
         return handlers[args.command](args)
     except MergeclError as err:
         print(f"mergecl: error: {err}", file=sys.stderr)

@@ -166,3 +166,13 @@ def test_lam_auto_picks_on_validation_and_is_logged(tmp_path):
         assert 0 <= entry["val"]["final_acc"] <= 100
     # the chosen lam maximises validation accuracy: the auto variant is at least as good on val as 0.5
     assert m["magmax@auto"]["val"]["final_acc"] >= m["magmax"]["val"]["final_acc"] - 1e-9
+
+
+def test_joint_final_only_reports_final_and_all_class_accuracy(tmp_path):
+    config = dict(SMALL, methods=["seq_ft", "joint"], method_options={"joint": {"final_only": True}})
+    results, out = run(parse_config(config), out=tmp_path / "r", echo=lambda m: None)
+    joint = results["methods"]["joint"]
+    assert joint["final_acc"] > 80 and joint["all_class_acc"] > 80 and joint["bwt"] is None
+    assert len(joint["final_row"]) == 3 and "accuracy_matrix" not in joint
+    assert not (out / "seed0" / "joint" / "task0.safetensors").exists()  # trained once, at the end
+    assert (out / "seed0" / "joint" / "task2.safetensors").exists() and (out / "report.md").exists()

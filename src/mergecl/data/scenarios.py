@@ -161,12 +161,21 @@ def domain_incremental(
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> Scenario:
-    """One task per domain (in ``domain_order``, default ``ds.domain_names``); all classes each."""
+    """One task per domain (in ``domain_order``: a list, 'paper' for MagMax's, default
+    ``ds.domain_names``); all classes in each."""
     if not ds.domain_names or ds.train_domains is None or ds.test_domains is None:
         raise MergeclError(f"source {ds.name!r} has no domains; domain-incremental needs a source such as domainnet")
     if ds.val is not None and ds.val_domains is None:
         raise MergeclError(f"source {ds.name!r} has a val split without val domains")
     ds = with_val(ds, val_fraction, seed)
+    if domain_order == "paper":
+        from mergecl.data.orders import PAPER_DOMAIN_ORDERS
+
+        if ds.name not in PAPER_DOMAIN_ORDERS:
+            raise MergeclError(
+                f"no paper domain order for source {ds.name!r} (known: {', '.join(PAPER_DOMAIN_ORDERS)})"
+            )
+        domain_order = PAPER_DOMAIN_ORDERS[ds.name]
     chosen = list(domain_order) if domain_order is not None else list(ds.domain_names)
     unknown = [d for d in chosen if d not in ds.domain_names]
     if unknown or len(set(chosen)) != len(chosen) or not chosen:

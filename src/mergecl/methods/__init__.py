@@ -4,4 +4,5 @@ Method modules register their streams (``streams.register``) and method names
 (``registry.PLAIN_METHODS``) when imported; import each new module here.
 """
 
-from mergecl.methods import registry, streams  # noqa: F401  (the built-in streams register on import)
+# the built-in streams, and those of became (gpm, became, gpm_one_over_t, seq_became), register on import
+from mergecl.methods import became, registry, streams  # noqa: F401

@@ -24,6 +24,10 @@ PLAIN_METHODS = {
     "zero_shot": "zero_shot",
     "lwf": "lwf",
     "ewc": "ewc",
+    "gpm": "gpm",
+    "became": "became",
+    "gpm_one_over_t": "gpm_one_over_t",
+    "seq_became": "seq_became",
 }
 CL_RULES = ("average", "task_arithmetic", "random_mix", "magmax", "ties", "one_over_t")
 

@@ -2,7 +2,7 @@
 
 Spec keys shared by every backbone:
 
-- ``name``: ``mlp`` | ``cnn`` | ``resnet_cifar`` | ``hf_text`` | ``hf_clip`` | ``open_clip`` (required)
+- ``name``: ``mlp`` | ``cnn`` | ``alexnet5`` | ``resnet_cifar`` | ``hf_text`` | ``hf_clip`` | ``open_clip`` (required)
 - ``head``: ``linear`` (a learned ``LinearHead``) | ``zero_shot`` (a frozen ``ZeroShotHead`` built from
   the class names through the model's text side; only ``hf_text``, ``hf_clip``, ``open_clip``).
   Default: ``zero_shot`` for those three, ``linear`` otherwise.
@@ -17,6 +17,8 @@ Per backbone (default in brackets):
   ``pretrained``: a .safetensors / torch file of encoder weights (or of a whole Learner).
 - ``cnn``: ``in_channels`` [1], ``image_size`` [28], ``channels`` [[32, 64]], ``feature_dim`` [128],
   ``dropout`` [0.0]. ``pretrained`` as for mlp.
+- ``alexnet5``: the AlexNet-5 of GPM/BECAME (``models/alexnet.py``): ``in_channels`` [3],
+  ``image_size`` [32], ``normalize`` [true] (the release's CIFAR mean/std). ``pretrained`` as for mlp.
 - ``resnet_cifar``: ``depth`` [20] (20/32/44/56/110), ``augment`` [true] (train-time pad-crop-flip).
   ``pretrained``: akamaster's .th file (or safetensors); its 10-class classifier is dropped.
 - ``hf_text``: ``max_length`` [128], ``normalize`` [true]. ``pretrained``: a local directory or hub id;
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from mergecl.errors import MergeclError
+from mergecl.models.alexnet import AlexNet5
 from mergecl.models.base import Learner
 from mergecl.models.clip import (
     CLIP_TEMPLATES,
@@ -65,6 +68,7 @@ COMMON_KEYS = ("name", "head", "pretrained", "templates", "head_scale")
 OPTIONS: dict[str, dict[str, Any]] = {
     "mlp": {"in_dim": None, "hidden": [256, 256], "dropout": 0.0},
     "cnn": {"in_channels": 1, "image_size": 28, "channels": [32, 64], "feature_dim": 128, "dropout": 0.0},
+    "alexnet5": {"in_channels": 3, "image_size": 32, "normalize": True},
     "resnet_cifar": {"depth": 20, "augment": True},
     "hf_text": {"max_length": 128, "normalize": True},
     "hf_clip": {"crop_scale": [0.9, 1.0], "tokenizer": None, "config": None},
@@ -141,6 +145,13 @@ def _build_cnn(options: dict[str, Any], class_names: list[str], head: str, devic
     return encoder, None, None
 
 
+def _build_alexnet5(options: dict[str, Any], class_names: list[str], head: str, device: torch.device) -> Built:
+
+    encoder = AlexNet5(_int(options, "in_channels"), _int(options, "image_size"), _bool(options, "normalize"))
+    _maybe_load(encoder, options)
+    return encoder, None, None
+
+
 def _build_resnet_cifar(options: dict[str, Any], class_names: list[str], head: str, device: torch.device) -> Built:
 
     encoder = ResNetCifar(_int(options, "depth"))
@@ -193,6 +204,7 @@ def _build_open_clip(options: dict[str, Any], class_names: list[str], head: str,
 BUILDERS: dict[str, Callable[[dict[str, Any], list[str], str, torch.device], Built]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
+    "alexnet5": _build_alexnet5,
     "resnet_cifar": _build_resnet_cifar,
     "hf_text": _build_hf_text,
     "hf_clip": _build_hf_clip,
@@ -209,6 +221,13 @@ def _int(options: dict[str, Any], key: str) -> int:
     value = options[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise MergeclError(f"model.{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _bool(options: dict[str, Any], key: str) -> bool:
+    value = options[key]
+    if not isinstance(value, bool):
+        raise MergeclError(f"model.{key}: expected true or false, got {value!r}")
     return value
 
 

@@ -19,7 +19,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergecl.errors import MergeclError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "digits.yaml"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Configs shipped with mergecl, by name: the suites and the paper presets."""
+    return {p.stem: p for p in sorted([*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("presets/*.yaml")])}
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A file path, or the name of a packaged config (``mergecl run magmax-clip-cifar100-cil10``)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    packaged = packaged_configs()
+    if str(name) in packaged:
+        return packaged[str(name)]
+    raise MergeclError(f"{name}: no such config file or packaged config (packaged: {', '.join(packaged)})")
 
 
 class _Strict(BaseModel):
@@ -32,6 +49,7 @@ class DataConfig(_Strict):
     scenario: Literal["class", "task", "domain", "permuted"] = "class"
     n_tasks: int | None = Field(5, ge=1)
     order: str | list[int] = "seeded"
+    domain_order: str | list[str] | None = None  # domain-incremental: a list, or 'paper'
     val_fraction: float = Field(0.1, gt=0, lt=1)
     train_per_class: int | None = Field(None, ge=1)
     eval_per_class: int | None = Field(None, ge=1)
@@ -83,8 +101,8 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path | None = None) -> RunConfig:
-    """Read and validate a YAML config; None = the embedded default (digits)."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    """Read and validate a YAML config (a path or a packaged name); None = the embedded default."""
+    path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -93,6 +93,7 @@ class Runner:
             val_fraction=data.val_fraction,
             train_per_class=data.train_per_class,
             eval_per_class=data.eval_per_class,
+            domain_order=data.domain_order,
             root=data.root,
             source_options=data.options,
         )
@@ -121,7 +122,14 @@ class Runner:
         methods = [spec for spec in self.methods if spec.stream == stream]
         progress = self.seed_progress(seed)
         carried = None
+        final_only = bool(self.config.method_options.get(stream, {}).get("final_only"))
+        last = len(scenario.tasks) - 1
         for t in range(len(scenario.tasks)):
+            if final_only and t < last:  # e.g. joint trained once on everything: no rows before the end
+                for spec in methods:
+                    rows = progress["rows"].setdefault(spec.name, [])
+                    rows.extend([None] * (t + 1 - len(rows)))
+                continue
             if STREAMS[stream].step is not None:
                 carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
             for spec in methods:
@@ -247,7 +255,20 @@ class Runner:
                 progress = self.progress["seeds"].get(str(seed))
                 if not progress or not progress["rows"].get(spec.name):
                     continue
-                summary = summarize(progress["rows"][spec.name], progress["all_class_acc"].get(spec.name))
+                rows = progress["rows"][spec.name]
+                if rows[0] is None:  # final_only: only the last row, so only final and all-class accuracy
+                    if len(rows) < len(self.meta.get("task_names", rows)) or rows[-1] is None:
+                        continue
+                    summary = {
+                        "final_acc": sum(rows[-1]) / len(rows[-1]),
+                        "avg_incremental_acc": None,
+                        "bwt": None,
+                        "forgetting": None,
+                        "all_class_acc": progress["all_class_acc"].get(spec.name),
+                        "final_row": rows[-1],
+                    }
+                else:
+                    summary = summarize(rows, progress["all_class_acc"].get(spec.name))
                 summary["wall_time_s"] = progress["train_time"].get(spec.stream, 0.0) + progress["method_time"].get(
                     spec.name, 0.0
                 )
@@ -272,14 +293,11 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds (std when there are several); the matrix is the mean of the common rows."""
     summaries = list(per_seed.values())
     out: dict[str, Any] = {}
-    rows = min(len(s["accuracy_matrix"]) for s in summaries)
-    out["accuracy_matrix"] = [
-        [
-            statistics.fmean(s["accuracy_matrix"][t][i] for s in summaries)
-            for i in range(len(summaries[0]["accuracy_matrix"][t]))
-        ]
-        for t in range(rows)
-    ]
+    key = "final_row" if "final_row" in summaries[0] else "accuracy_matrix"
+    matrices = [[s[key]] if key == "final_row" else s[key] for s in summaries]
+    rows = min(len(m) for m in matrices)
+    mean = [[statistics.fmean(m[t][i] for m in matrices) for i in range(len(matrices[0][t]))] for t in range(rows)]
+    out[key] = mean[0] if key == "final_row" else mean
     std = {}
     for metric in METRICS:
         values = [s[metric] for s in summaries if s.get(metric) is not None]

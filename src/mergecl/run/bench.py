@@ -1,0 +1,41 @@
+"""Benchmark suites: packaged configs run by name, with a --quick flavour for smoke tests.
+
+mergecl bench clinc150-cil            # the full suite (3 seeds, <= 30 min on a 2-core CPU)
+mergecl bench banking77-cil --quick   # <= 3 min: one seed, tiny data, five methods
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergecl.errors import MergeclError
+from mergecl.run.config import RunConfig, load_config, parse_config
+
+SUITES = ("clinc150-cil", "clinc150-cil-random", "banking77-cil")
+
+# The --quick flavour: the same pipeline (pretrained encoder, zero-shot head, every step evaluated,
+# merges over Seq-FT and Ind-FT vectors, lam chosen on validation) on a sliver of the data.
+QUICK_METHODS = ["zero_shot", "seq_ft", "magmax", "ind_ft+magmax", "magmax@auto"]
+
+
+def suite_config(name: str, quick: bool = False, seeds: list[int] | None = None) -> RunConfig:
+    if name not in SUITES:
+        raise MergeclError(f"unknown suite '{name}' (choose from {', '.join(SUITES)})")
+    data: dict[str, Any] = load_config(name).model_dump()
+    if quick:
+        data["name"] = f"{name}-quick"
+        data["seeds"] = [0]
+        data["data"].update(train_per_class=2, eval_per_class=1)
+        data["train"].update(epochs=1)
+        data["methods"] = QUICK_METHODS
+        data["method_options"] = {"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}}
+    if seeds is not None:
+        data["seeds"] = seeds
+    return parse_config(data, f"suite {name}")
+
+
+def bench(name: str, quick: bool = False, seeds: list[int] | None = None, out: str | Path | None = None, **kwargs):
+    from mergecl.run.runner import run
+
+    return run(suite_config(name, quick, seeds), out=out, **kwargs)

@@ -1,0 +1,107 @@
+"""Benchmark suites (--quick, as CI runs them) and the paper presets (one tiny step each)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from mergecl.run.bench import SUITES, bench, suite_config
+from mergecl.run.config import load_config, packaged_configs, parse_config
+from mergecl.run.runner import run
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("suite, num_classes", [("clinc150-cil", 150), ("banking77-cil", 77)])
+def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes):
+    results, out = bench(suite, quick=True, out=tmp_path / suite, echo=lambda m: None, report=False)
+    chance = 100.0 / num_classes
+    methods = results["methods"]
+    assert set(methods) == {"zero_shot", "seq_ft", "magmax", "ind_ft+magmax", "magmax@auto"}
+    for name, entry in methods.items():
+        assert entry["all_class_acc"] > 3 * chance, name
+    assert methods["magmax@auto"]["step_info"]["lam"]  # lam chosen on validation at every step
+
+
+def test_suites_are_valid_configs():
+    for suite in SUITES:
+        full = suite_config(suite)
+        assert len(full.seeds) >= 3 and full.model["name"] == "hf_text"
+        assert {"zero_shot", "joint", "seq_ft", "ind_ft", "lwf", "ewc"} <= set(full.methods)
+        for rule in ("magmax", "average", "task_arithmetic", "random_mix", "ties"):
+            assert rule in full.methods and f"ind_ft+{rule}" in full.methods and f"{rule}@auto" in full.methods
+
+
+PRESETS = sorted(name for name in packaged_configs() if name.startswith("magmax-clip-"))
+FAMILIES = [
+    "magmax-clip-cifar100-cil10",
+    "magmax-clip-imagenet-r-cil5",
+    "magmax-clip-cub200-cil20",
+    "magmax-clip-cars-cil5",
+    "magmax-clip-domainnet-dil",
+]
+
+
+def test_every_paper_preset_is_there_and_valid():
+    expected = {f"magmax-clip-{d}-cil{n}" for d in ("cifar100", "imagenet-r") for n in (5, 10, 20, 50)}
+    expected |= {f"magmax-clip-{d}-cil{n}" for d in ("cub200", "cars") for n in (5, 10, 20)}
+    expected |= {"magmax-clip-imagenet-r-dil", "magmax-clip-domainnet-dil"}
+    assert set(PRESETS) == expected
+    for name in PRESETS:
+        config = load_config(name)
+        assert config.train.lr == 1e-5 and config.train.batch_size == 128 and config.train.warmup_steps == 500
+        assert config.model["pretrained"] == "openai/clip-vit-base-patch16" and config.model["head"] == "zero_shot"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A real CLIP tokenizer over a tiny vocabulary and a tiny random CLIP config of the same structure."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789.,-'":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    path = tmp_path_factory.mktemp("tok")
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
+    layers = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32}
+    text = {
+        **layers,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 64,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    config = {"text_config": text, "vision_config": {**layers, "image_size": 32, "patch_size": 8}, "projection_dim": 16}
+    return {"config": config, "tokenizer": str(path)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for c, name in enumerate(["cat", "dog", "car", "bird"]):
+        (root / name).mkdir()
+        for i in range(6):
+            colour = torch.full((24, 24, 3), 60 * c, dtype=torch.uint8) + torch.randint(
+                0, 20, (24, 24, 3), dtype=torch.uint8
+            )
+            Image.fromarray(colour.numpy()).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_paper_preset_runs_a_step_on_a_tiny_clip(tmp_path, preset, tiny_clip, image_folder):
+    data = load_config(preset).model_dump()
+    # the preset's model, training settings and methods; a tiny random CLIP of the same structure and a tiny
+    # image folder instead of the download (the real loaders are tested on fake layouts in tests/data)
+    data["model"].update(pretrained=None, **tiny_clip)
+    data["data"] = {
+        "source": "image_folder",
+        "root": str(image_folder),
+        "scenario": "class",
+        "n_tasks": 2,
+        "order": "seeded",
+    }
+    data["train"].update(epochs=0.01)
+    data["device"] = "cpu"
+    results, _ = run(parse_config(data), out=tmp_path / "r", echo=lambda m: None, report=False)
+    assert set(results["methods"]) == set(load_config(preset).methods)
+    assert all(len(m["accuracy_matrix"]) == 2 for m in results["methods"].values())
