@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mergecl.errors import MergeclError
+from mergecl.merging.checkpoints import load_torch_state_dict
 from mergecl.models._util import one_line
 
 
@@ -22,11 +23,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise MergeclError(f"weights file not found: {path}")
-    raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise MergeclError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    if path.suffix == ".safetensors":
+        raw = _read_safetensors(path)
+    else:
+        try:
+            raw = load_torch_state_dict(path)  # the one torch.load(weights_only=True) of the project
+        except MergeclError as err:
+            if "does not hold a flat dict of tensors" in str(err):
+                raise MergeclError(f"{path}: not a state dict (expected a mapping of names to tensors)") from None
+            raise
     return {_strip_prefix(str(k)): v for k, v in raw.items()}
 
 
@@ -68,16 +73,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise MergeclError(f"{path}: cannot read as safetensors ({one_line(exc)})") from None
-
-
-def _read_torch(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise MergeclError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) - "
-            f"it is not a plain tensor checkpoint or it carries code ({one_line(exc)})"
-        ) from None
 
 
 def _strip_prefix(key: str) -> str:
