@@ -2,14 +2,15 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from mergecl import MergeclError
 from mergecl.methods.became import became_merge, next_prior, one_over_t_merge, read_options
-from mergecl.methods.registry import resolve_method
-from mergecl.run.config import parse_config
+from mergecl.methods.registry import resolve_method, resolve_methods
+from mergecl.run.config import load_config, parse_config
 from mergecl.run.rundir import RunDir
 from mergecl.run.runner import run
 
@@ -123,3 +124,11 @@ def strip(results):
     for name, entry in results["methods"].items():
         out[name] = {k: v for k, v in entry.items() if k not in ("wall_time_s", "std")}
     return out
+
+
+def test_the_evidence_configs_parse():
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("became-*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        config = load_config(path)
+        assert {spec.stream for spec in resolve_methods(config.methods)} >= {"gpm", "became", "gpm_one_over_t"}

@@ -75,6 +75,7 @@ class Step:
             self.seed,
             hooks,
             self.desc,
+            val=self.task.val if data is None else None,  # the plateau schedule watches it
         )
 
 
