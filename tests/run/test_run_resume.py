@@ -176,3 +176,18 @@ def test_joint_final_only_reports_final_and_all_class_accuracy(tmp_path):
     assert len(joint["final_row"]) == 3 and "accuracy_matrix" not in joint
     assert not (out / "seed0" / "joint" / "task0.safetensors").exists()  # trained once, at the end
     assert (out / "seed0" / "joint" / "task2.safetensors").exists() and (out / "report.md").exists()
+
+
+def test_eval_future_off_keeps_the_metrics_and_drops_the_upper_triangle(tmp_path):
+    config = dict(SMALL, seeds=[0, 1], methods=["seq_ft", "magmax", "magmax@auto"],
+                  method_options={"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}})
+    full, _ = run(parse_config(config), out=tmp_path / "full", echo=lambda m: None, report=False)
+    seen, out = run(parse_config(dict(config, eval_future=False)), out=tmp_path / "seen", echo=lambda m: None)
+    for name, entry in seen["methods"].items():
+        matrix = entry["accuracy_matrix"]
+        assert all(v is None for t, row in enumerate(matrix) for v in row[t + 1 :]), name
+        reference = full["methods"][name]
+        for key in ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc"):
+            assert entry[key] == pytest.approx(reference[key]), (name, key)
+        assert all(row[: t + 1] == reference["accuracy_matrix"][t][: t + 1] for t, row in enumerate(matrix)), name
+    assert (out / "heatmap_magmax.png").exists() and (out / "report.md").exists()

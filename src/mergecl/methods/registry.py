@@ -7,7 +7,9 @@ stream, so asking for seq_ft, magmax, average and ties trains once.
 Names: ``seq_ft``, ``ind_ft``, ``joint``, ``zero_shot``, ``lwf``, ``ewc``; a merge rule alone
 (``magmax``) means that rule over Seq-FT task vectors; ``seq_ft+RULE`` and ``ind_ft+RULE`` say
 which task vectors explicitly. Any name may carry a tag, ``magmax@auto``, to run it again with
-other method_options (keyed by the full name).
+other method_options (keyed by the full name). A tagged plain method (``pam@zero``) is a stream of
+its own, ``pam@zero``, trained with its own options; a tagged merge (``magmax@auto``) reuses its
+untagged stream.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ PLAIN_METHODS = {
     "became": "became",
     "gpm_one_over_t": "gpm_one_over_t",
     "seq_became": "seq_became",
+    "pam": "pam",
 }
 CL_RULES = ("average", "task_arithmetic", "random_mix", "magmax", "ties", "one_over_t")
 
@@ -35,8 +38,17 @@ CL_RULES = ("average", "task_arithmetic", "random_mix", "magmax", "ties", "one_o
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    stream: str
+    stream: str  # the trained stream's name: a ``STREAMS`` key, with ``@TAG`` for a variant
     rule: str | None = None  # None: evaluate the stream's own model
+
+    @property
+    def kind(self) -> str:
+        return stream_kind(self.stream)
+
+
+def stream_kind(stream: str) -> str:
+    """``pam@zero`` -> ``pam``: the registered stream a (possibly tagged) stream runs."""
+    return stream.partition("@")[0]
 
 
 def resolve_method(name: str) -> MethodSpec:
@@ -45,7 +57,7 @@ def resolve_method(name: str) -> MethodSpec:
     if tag and not tag.replace("_", "").replace(".", "").isalnum():
         raise MergeclError(f"method '{name}': the tag after '@' must be letters, digits, '_' or '.'")
     if base in PLAIN_METHODS:
-        return MethodSpec(name, PLAIN_METHODS[base])
+        return MethodSpec(name, PLAIN_METHODS[base] + (f"@{tag}" if tag else ""))
     prefix, _, rule = base.rpartition("+")
     stream = {"": "seq", "seq_ft": "seq", "ind_ft": "ind"}.get(prefix)
     if stream is None or rule not in CL_RULES:

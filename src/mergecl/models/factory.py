@@ -10,6 +10,8 @@ Spec keys shared by every backbone:
 - ``templates``: prompt templates for a zero-shot head, each with one ``{}`` (default: the
   backbone's, ``TEXT_TEMPLATES`` or ``CLIP_TEMPLATES``). Class names are made readable ('_' -> ' ').
 - ``head_scale``: zero-shot logit scale, default 100 (CLIP's exp(logit_scale)).
+- ``lora``: train peft LoRA adapters instead of the encoder's weights, e.g. ``{rank: 32}``
+  (``models/lora.py``: rank, alpha, dropout, target_modules); null (default) = full fine-tuning.
 
 Per backbone (default in brackets):
 
@@ -51,6 +53,7 @@ from mergecl.models.clip import (
     random_hf_clip,
 )
 from mergecl.models.heads import ZERO_SHOT_SCALE, LinearHead, ZeroShotHead
+from mergecl.models.lora import add_lora, lora_options
 from mergecl.models.open_clip import load_open_clip, open_clip_class_embeddings, open_clip_image_parts
 from mergecl.models.resnet_cifar import ResNetCifar, resnet_cifar_preparer
 from mergecl.models.small import MLP, SmallCNN
@@ -64,7 +67,7 @@ from mergecl.models.text import (
 )
 from mergecl.models.weights import load_weights
 
-COMMON_KEYS = ("name", "head", "pretrained", "templates", "head_scale")
+COMMON_KEYS = ("name", "head", "pretrained", "templates", "head_scale", "lora")
 OPTIONS: dict[str, dict[str, Any]] = {
     "mlp": {"in_dim": None, "hidden": [256, 256], "dropout": 0.0},
     "cnn": {"in_channels": 1, "image_size": 28, "channels": [32, 64], "feature_dim": 128, "dropout": 0.0},
@@ -93,6 +96,8 @@ def build_learner(spec: dict[str, Any], class_names: Sequence[str], device: str 
         head_module: nn.Module = ZeroShotHead(class_embeddings, scale=_float(options, "head_scale"))
     else:
         head_module = LinearHead(int(encoder.out_dim), len(class_names))
+    if options["lora"] is not None:  # after the zero-shot head: it is built from the plain encoder
+        add_lora(encoder, options["lora"], name)
     return Learner(encoder, head_module, prepare_fn).to(device)
 
 
@@ -114,11 +119,13 @@ def _resolve(spec: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     for key in spec:
         if key not in allowed:
             raise MergeclError(f"model.{key}: unknown option for {name} (allowed: {', '.join(sorted(allowed))})")
-    options = {"pretrained": None, "templates": None, "head_scale": ZERO_SHOT_SCALE, **OPTIONS[name]}
+    options = {"pretrained": None, "templates": None, "head_scale": ZERO_SHOT_SCALE, "lora": None, **OPTIONS[name]}
     options.update({k: v for k, v in spec.items() if k not in ("name", "head")})
     if name == "open_clip" and "pretrained" not in spec:
         options["pretrained"] = "openai"
     _float(options, "head_scale")  # fail fast, before loading any weights
+    if options["lora"] is not None:
+        lora_options(options["lora"], name)
     _templates(options, ())
     return name, head, options
 

@@ -23,10 +23,11 @@ from mergecl.data.types import Scenario, Split
 from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.merging.engine import merge
-from mergecl.methods.registry import MethodSpec, resolve_methods
+from mergecl.methods.registry import MethodSpec, resolve_methods, stream_kind
 from mergecl.methods.streams import STREAMS, Step, eval_classes
 from mergecl.models.base import Learner
 from mergecl.models.factory import build_learner
+from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense, lora_pairs
 from mergecl.run.config import RunConfig, dump_config, load_config
 from mergecl.run.rundir import RunDir
 from mergecl.training.loop import TrainSettings, accuracy
@@ -48,8 +49,11 @@ def pick_device(name: str) -> torch.device:
         raise MergeclError(f"config: device: '{name}' is not a device (auto, cpu, cuda, cuda:1, ...)") from None
 
 
-def float_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point()]
+def tuned_keys(learner: Learner) -> list[str]:
+    """The state entries training can change: floating-point ones, minus parameters frozen when the
+    model is built (LoRA's base weights). Task vectors, and so merges, cover exactly these."""
+    frozen = {name for name, p in learner.named_parameters() if not p.requires_grad}
+    return [k for k, v in learner.state_dict().items() if v.is_floating_point() and k not in frozen]
 
 
 class Runner:
@@ -62,6 +66,8 @@ class Runner:
         self.progress = rundir.read_json("progress.json", {"seeds": {}})
         self.echo = echo
         self.meta: dict[str, Any] = {}
+        self.tuned: list[str] = []
+        self.lora: list[LoraPair] = []
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -115,6 +121,7 @@ class Runner:
         else:
             self.rundir.save_tensors(base_path, learner.state_dict())
         base = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
+        self.tuned, self.lora = tuned_keys(learner), lora_pairs(learner)
         for stream in dict.fromkeys(spec.stream for spec in self.methods):
             self.run_stream(seed, stream, scenario, learner, base)
 
@@ -122,7 +129,7 @@ class Runner:
         methods = [spec for spec in self.methods if spec.stream == stream]
         progress = self.seed_progress(seed)
         carried = None
-        final_only = bool(self.config.method_options.get(stream, {}).get("final_only"))
+        final_only = bool(self.stream_options(stream).get("final_only"))
         last = len(scenario.tasks) - 1
         for t in range(len(scenario.tasks)):
             if final_only and t < last:  # e.g. joint trained once on everything: no rows before the end
@@ -130,7 +137,7 @@ class Runner:
                     rows = progress["rows"].setdefault(spec.name, [])
                     rows.extend([None] * (t + 1 - len(rows)))
                 continue
-            if STREAMS[stream].step is not None:
+            if STREAMS[stream_kind(stream)].step is not None:
                 carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
             for spec in methods:
                 rows = progress["rows"].setdefault(spec.name, [])
@@ -159,12 +166,11 @@ class Runner:
                     f"ACC {sum(rows[t][: t + 1]) / (t + 1):.2f}"
                 )
 
-    def evaluate_all(self, learner: Learner, scenario: Scenario, t: int, split: str) -> list[float]:
-        """Row t of the accuracy matrix: every task's ``split`` (also future tasks)."""
-        return [
-            self.evaluate(learner, getattr(task, split), eval_classes(scenario, t, i))
-            for i, task in enumerate(scenario.tasks)
-        ]
+    def evaluate_all(self, learner: Learner, scenario: Scenario, t: int, split: str, seen_only: bool = False):
+        """Row t of the accuracy matrix on ``split``: tasks 0..t, and the future tasks unless ``seen_only``
+        or the config's ``eval_future`` is off (their accuracy is zero-shot transfer, not in ACC/BWT)."""
+        tasks = scenario.tasks if self.config.eval_future and not seen_only else scenario.tasks[: t + 1]
+        return [self.evaluate(learner, getattr(task, split), eval_classes(scenario, t, i)) for i, task in enumerate(tasks)]
 
     def train_or_load(self, seed, stream, t, scenario, learner, base, carried):
         """Train step t of ``stream`` unless it is committed; return the stream's carried state."""
@@ -172,7 +178,7 @@ class Runner:
         state_path = self.rundir.state_path(seed, stream, t)
         if vector_path.exists():
             return self.rundir.load_tensors(state_path) if state_path.exists() else carried
-        spec = STREAMS[stream]
+        spec = STREAMS[stream_kind(stream)]
         start = base
         if t > 0 and spec.continues:
             start = self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, stream, t - 1)))
@@ -180,13 +186,13 @@ class Runner:
         if t > 0 and carried is None and previous_state.exists():
             carried = self.rundir.load_tensors(previous_state)
         learner.load_state_dict(start)
-        torch.manual_seed(step_seed(seed, stream, t))
+        # variants of a stream (pam@zero, pam@p25) share their seeds: they differ only in options
+        torch.manual_seed(step_seed(seed, spec.name, t))
         started = time.perf_counter()
-        options = self.config.method_options.get(stream, {})
-        step = Step(learner, scenario, t, self.settings, step_seed(seed, stream, t), options, carried)
+        step = Step(learner, scenario, t, self.settings, step_seed(seed, spec.name, t), self.stream_options(stream), carried)
         result = spec.step(step)
         trained = learner.state_dict()
-        tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in float_keys(base)}
+        tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in self.tuned}
         if result.carried is not None:
             self.rundir.save_tensors(state_path, result.carried)
         if result.info:  # recorded before the commit marker: a resumed run finds it with the vector
@@ -207,9 +213,14 @@ class Runner:
     def rebuild(base: dict, tau: dict) -> dict:
         return {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in base.items()}
 
+    def stream_options(self, stream: str) -> dict[str, Any]:
+        """method_options of a stream: under its own name (``seq``, ``pam@zero``) or its method's (``seq_ft@x``)."""
+        names = [stream] + [spec.name for spec in self.methods if spec.stream == stream and spec.rule is None]
+        return next((self.config.method_options[n] for n in names if n in self.config.method_options), {})
+
     def weights(self, seed, spec: MethodSpec, t: int, base: dict, learner: Learner, scenario: Scenario):
         """The model a method has after step t, and what was chosen on the way ({"lam": ...})."""
-        if spec.stream == "zero_shot":
+        if spec.kind == "zero_shot":
             return base, {}
         if spec.rule is None:
             return self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, spec.stream, t))), {}
@@ -217,20 +228,43 @@ class Runner:
         if spec.rule == "random_mix" or options.get("dare"):
             options.setdefault("seed", seed)
         grid = options.pop("lam_grid", LAM_GRID)
-        vectors = [self.rundir.vector_path(seed, spec.stream, i) for i in range(t + 1)]
+        vectors, merge_base, finish = self.merge_inputs(seed, spec, t, base, options.pop("space", "factors"))
         if options.get("lam") != "auto":
-            return merge(base, vectors, spec.rule, task_vectors=True, **options), {}
+            return finish(merge(merge_base, vectors, spec.rule, task_vectors=True, **options)), {}
         # lam: auto -- the lam of ``grid`` with the best validation accuracy on the tasks seen so far
         options.pop("lam")
-        unit = merge(base, vectors, spec.rule, task_vectors=True, lam=1.0, **options)
-        direction = {k: unit[k].float() - base[k].float() for k in float_keys(base)}
+        unit = merge(merge_base, vectors, spec.rule, task_vectors=True, lam=1.0, **options)
+        direction = {k: unit[k].float() - v.float() for k, v in merge_base.items() if v.is_floating_point()}
         scores = []
         for lam in grid:
-            learner.load_state_dict(self.rebuild(base, {k: lam * v for k, v in direction.items()}))
-            val = self.evaluate_all(learner, scenario, t, "val")[: t + 1]
+            learner.load_state_dict(finish(self.rebuild(merge_base, {k: lam * v for k, v in direction.items()})))
+            val = self.evaluate_all(learner, scenario, t, "val", seen_only=True)
             scores.append((sum(val) / len(val), -lam))  # ties: the smaller lam
         best = -max(scores)[1]
-        return merge(base, vectors, spec.rule, task_vectors=True, lam=best, **options), {"lam": best}
+        return finish(merge(merge_base, vectors, spec.rule, task_vectors=True, lam=best, **options)), {"lam": best}
+
+    def merge_inputs(self, seed: int, spec: MethodSpec, t: int, base: dict, space: str):
+        """(task vectors, the base they merge into, merged part -> full state) for a rule's merge.
+
+        space "factors": the stored task vectors over the tuned entries (LoRA: A and B separately).
+        space "dense": LoRA factors become weight changes s (B A - B_0 A_0); the merged change is
+        folded into the base weights and the adapters are switched off.
+        """
+        paths = [self.rundir.vector_path(seed, spec.stream, i) for i in range(t + 1)]
+        if space == "factors":
+            return paths, {k: base[k] for k in self.tuned}, lambda merged: {**base, **merged}
+        if space != "dense":
+            raise MergeclError(f"method_options.{spec.name}.space: expected factors or dense, got {space!r}")
+        if not self.lora:
+            raise MergeclError(f"method_options.{spec.name}.space: dense needs a LoRA model (model.lora)")
+        factors = {key for pair in self.lora for key in (pair.a, pair.b)}
+        vectors = []
+        for path in paths:
+            tau = self.rundir.load_tensors(path)
+            dense = {k: v for k, v in tau.items() if k not in factors}  # e.g. a trained linear head
+            vectors.append({**dense, **dense_task_vector(base, tau, self.lora)})
+        merge_base = {k: base[k] for k in vectors[0]}
+        return vectors, merge_base, lambda merged: fold_dense({**base, **merged}, merged, self.lora)
 
     def evaluate(self, learner: Learner, data: Split, classes: list[int]) -> float:
         return accuracy(learner, data, classes, self.settings.eval_batch_size)
@@ -289,6 +323,10 @@ def _mean_per_step(values: list[list[float]]) -> list[float]:
     return [statistics.fmean(v[t] for v in values) for t in range(steps)]
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)  # None: not evaluated
+
+
 def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds (std when there are several); the matrix is the mean of the common rows."""
     summaries = list(per_seed.values())
@@ -296,7 +334,9 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     key = "final_row" if "final_row" in summaries[0] else "accuracy_matrix"
     matrices = [[s[key]] if key == "final_row" else s[key] for s in summaries]
     rows = min(len(m) for m in matrices)
-    mean = [[statistics.fmean(m[t][i] for m in matrices) for i in range(len(matrices[0][t]))] for t in range(rows)]
+    width = max(len(m[t]) for m in matrices for t in range(rows)) if rows else 0
+    mean = [[_mean_or_none([m[t][i] if i < len(m[t]) else None for m in matrices]) for i in range(width)]
+            for t in range(rows)]
     out[key] = mean[0] if key == "final_row" else mean
     std = {}
     for metric in METRICS:

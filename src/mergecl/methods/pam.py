@@ -1,0 +1,161 @@
+"""PAM: continual training with weights kept sign-aligned to a global model, merged by averaging
+(Sokar et al. 2025; METHODS.md §3). The paper's code is not public: each unknown is an option.
+
+Stream ``pam`` (method ``pam``; variants ``pam@TAG`` with their own options). Its model after step
+t is the global G_t. With a LoRA model (``model.lora``) G is the global LoRA and only the adapters
+train; without one PAM works on every trainable weight.
+
+Task t starts a task model L_t as a copy of G_{t-1} (theta_0's adapter for t = 1) and fine-tunes it.
+From task 2 on, every ``align_every`` optimiser steps (and once after the last step when
+``align_at_end``), the entries of L_t whose sign disagrees with G's (L * G < 0: a zero has no
+sign), among G's top-``p`` fraction of entries by magnitude (``scope``: per tensor, or over all
+trained tensors at once), are reset -- to G's value (``reset: value``) or to zero (``reset: zero``).
+It is a hard reset of the weights, not a loss term; the optimiser state is kept. After the task,
+G_t = running mean of L_1..L_t (``merge: mean``) or (G_{t-1} + L_t) / 2 (``merge: half``).
+A and B of LoRA are aligned and averaged entry by entry, separately: G must stay a LoRA, which
+the product B A would not be. Buffers (BatchNorm statistics) are not averaged: G_t keeps L_t's.
+
+Options (defaults): ``p`` 0.5, ``align_every`` 10, ``align_at_end`` true, ``scope`` "tensor",
+``reset`` "value", ``merge`` "mean". ``p`` 0 never resets (continual LoRA averaging).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergecl.errors import MergeclError
+from mergecl.methods.streams import Step, StepResult, Stream, register
+from mergecl.models.base import Learner
+from mergecl.training.loop import Hook
+
+PAM_OPTIONS: dict[str, Any] = {
+    "p": 0.5,
+    "align_every": 10,
+    "align_at_end": True,
+    "scope": "tensor",
+    "reset": "value",
+    "merge": "mean",
+}
+CHOICES = {"scope": ("tensor", "global"), "reset": ("value", "zero"), "merge": ("mean", "half")}
+
+
+def pam_options(given: dict[str, Any], where: str = "method_options.pam") -> dict[str, Any]:
+    for key in given:
+        if key not in PAM_OPTIONS:
+            raise MergeclError(f"{where}: unknown option '{key}' (allowed: {', '.join(PAM_OPTIONS)})")
+    options = {**PAM_OPTIONS, **given}
+    p = options["p"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise MergeclError(f"{where}.p: expected a fraction in [0, 1], got {p!r}")
+    every = options["align_every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise MergeclError(f"{where}.align_every: expected a positive number of steps, got {every!r}")
+    if not isinstance(options["align_at_end"], bool):
+        raise MergeclError(f"{where}.align_at_end: expected true or false, got {options['align_at_end']!r}")
+    for key, allowed in CHOICES.items():
+        if options[key] not in allowed:
+            raise MergeclError(f"{where}.{key}: expected {' or '.join(allowed)}, got {options[key]!r}")
+    return options
+
+
+# --- the math: small pure functions --------------------------------------------------------------
+
+
+def top_fraction_masks(tensors: dict[str, Tensor], p: float, scope: str) -> dict[str, Tensor]:
+    """True at the top-``p`` fraction of entries by magnitude, per tensor or over all of them."""
+    if scope == "global":
+        flat = torch.cat([t.detach().abs().flatten().float() for t in tensors.values()])
+        threshold = _threshold(flat, p)
+        return {name: t.detach().abs().float() >= threshold for name, t in tensors.items()}
+    return {name: t.detach().abs().float() >= _threshold(t.detach().abs().flatten().float(), p) for name, t in tensors.items()}
+
+
+def _threshold(magnitudes: Tensor, p: float) -> float:
+    """The magnitude of the k-th largest entry, k = round(p n); +inf when k = 0 (nothing selected)."""
+    k = round(p * magnitudes.numel())
+    if k == 0:
+        return float("inf")
+    return float(torch.topk(magnitudes, k, sorted=False).values.min())
+
+
+def conflicts(task: Tensor, global_: Tensor, top: Tensor) -> Tensor:
+    """Entries among ``top`` whose signs disagree (a zero agrees with anything)."""
+    return top & (task * global_ < 0)
+
+
+def align_(task: Tensor, global_: Tensor, top: Tensor, reset: str) -> int:
+    """Reset the conflicting entries of ``task`` in place; return how many were reset."""
+    mask = conflicts(task, global_, top)
+    if reset == "value":
+        task.data[mask] = global_[mask].to(task.dtype)
+    else:
+        task.data[mask] = 0
+    return int(mask.sum())
+
+
+def running_mean(global_: Tensor, task: Tensor, count: int, merge: str) -> Tensor:
+    """G_t from G_{t-1} and L_t, t = ``count`` (1-based): mean of L_1..L_t, or the 50/50 average."""
+    weight = 1.0 / count if merge == "mean" else (1.0 if count == 1 else 0.5)
+    return torch.lerp(global_.float(), task.float(), weight)  # exact L_1 at weight 1
+
+
+# --- the stream ----------------------------------------------------------------------------------
+
+
+class Alignment(Hook):
+    """Every ``every`` optimiser steps, reset the trained weights that disagree with G's top entries."""
+
+    def __init__(self, global_: dict[str, Tensor], options: dict[str, Any]) -> None:
+        self.global_ = global_
+        self.top = top_fraction_masks(global_, options["p"], options["scope"])
+        self.every = options["align_every"]
+        self.reset = options["reset"]
+        self.resets = 0
+        self.checked = sum(int(m.sum()) for m in self.top.values())
+        self.rounds = 0
+
+    def after_step(self, learner: Learner, step: int) -> None:
+        if step % self.every == 0:
+            self.align(learner)
+
+    @torch.no_grad()
+    def align(self, learner: Learner) -> None:
+        params = dict(learner.named_parameters())
+        for name, g in self.global_.items():
+            self.resets += align_(params[name], g, self.top[name], self.reset)
+        self.rounds += 1
+
+
+def _pam(step: Step) -> StepResult:
+    options = pam_options(step.options)
+    learner = step.learner
+    trained = {name: p for name, p in learner.named_parameters() if p.requires_grad}
+    global_ = {name: p.detach().clone() for name, p in trained.items()}  # G_{t-1}: the start weights
+    hooks = []
+    if step.t > 0 and options["p"] > 0:
+        hooks.append(Alignment(global_, options))
+    stats = step.train(hooks=hooks)
+    info: dict[str, float] = {}
+    if hooks:
+        alignment = hooks[0]
+        if options["align_at_end"] and stats.steps % alignment.every != 0:
+            alignment.align(learner)
+        rounds = max(1, alignment.rounds)
+        info["reset_fraction"] = alignment.resets / rounds / max(1, sum(p.numel() for p in trained.values()))
+    with torch.no_grad():
+        for name, p in trained.items():  # the stream's model after the step is G_t
+            p.copy_(running_mean(global_[name], p, step.t + 1, options["merge"]).to(p.dtype))
+    return StepResult(stats, info=info)
+
+
+register(
+    Stream(
+        "pam",
+        "PAM: task model from G, sign-aligned to G's top-p entries while training, G <- running mean",
+        True,
+        _pam,
+    )
+)
