@@ -48,8 +48,12 @@ def test_alignment_hook_leaves_no_conflict_on_a_lora_learner():
     torch.manual_seed(0)
     learner = build_learner(LORA_MLP, ["a", "b", "c"])
     trained = {n: p for n, p in learner.named_parameters() if p.requires_grad}
-    assert set(trained) == {"encoder.layers.0.lora_A.default.weight", "encoder.layers.0.lora_B.default.weight",
-                            "head.weight", "head.bias"}
+    assert set(trained) == {
+        "encoder.layers.0.lora_A.default.weight",
+        "encoder.layers.0.lora_B.default.weight",
+        "head.weight",
+        "head.bias",
+    }
     g = {n: torch.randn_like(p) for n, p in trained.items()}
     with torch.no_grad():
         for p in trained.values():
@@ -110,8 +114,11 @@ LORA_RUN = {
     "model": LORA_MLP,
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.01},
     "methods": ["seq_ft", "pam", "pam@zero", "pam@p0", "ind_ft+average", "ind_ft+average@dense", "magmax", "ties"],
-    "method_options": {"pam@zero": {"reset": "zero", "align_every": 5}, "pam@p0": {"p": 0.0},
-                       "ind_ft+average@dense": {"space": "dense"}},
+    "method_options": {
+        "pam@zero": {"reset": "zero", "align_every": 5},
+        "pam@p0": {"p": 0.0},
+        "ind_ft+average@dense": {"space": "dense"},
+    },
 }
 
 
@@ -130,12 +137,18 @@ def test_a_lora_run_trains_only_adapters_and_every_method_reports(tmp_path):
     assert m["pam"]["step_info"]["reset_fraction"][1] > 0
     assert "step_info" not in m["pam@p0"]
     # one task: a merge of one LoRA is that LoRA, in factor space and in dense space alike
-    assert m["ind_ft+average@dense"]["accuracy_matrix"][0][0] == pytest.approx(m["ind_ft+average"]["accuracy_matrix"][0][0])
+    assert m["ind_ft+average@dense"]["accuracy_matrix"][0][0] == pytest.approx(
+        m["ind_ft+average"]["accuracy_matrix"][0][0]
+    )
     assert m["pam"]["accuracy_matrix"][0] == m["pam@p0"]["accuracy_matrix"][0]  # task 1 trains without alignment
 
 
 def test_dense_space_needs_a_lora_model(tmp_path):
-    config = dict(LORA_RUN, model={"name": "mlp", "in_dim": 64, "hidden": [32]}, methods=["magmax@d"],
-                  method_options={"magmax@d": {"space": "dense"}})
+    config = dict(
+        LORA_RUN,
+        model={"name": "mlp", "in_dim": 64, "hidden": [32]},
+        methods=["magmax@d"],
+        method_options={"magmax@d": {"space": "dense"}},
+    )
     with pytest.raises(MergeclError, match="dense needs a LoRA model"):
         run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)

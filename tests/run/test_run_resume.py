@@ -179,8 +179,12 @@ def test_joint_final_only_reports_final_and_all_class_accuracy(tmp_path):
 
 
 def test_eval_future_off_keeps_the_metrics_and_drops_the_upper_triangle(tmp_path):
-    config = dict(SMALL, seeds=[0, 1], methods=["seq_ft", "magmax", "magmax@auto"],
-                  method_options={"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}})
+    config = dict(
+        SMALL,
+        seeds=[0, 1],
+        methods=["seq_ft", "magmax", "magmax@auto"],
+        method_options={"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}},
+    )
     full, _ = run(parse_config(config), out=tmp_path / "full", echo=lambda m: None, report=False)
     seen, out = run(parse_config(dict(config, eval_future=False)), out=tmp_path / "seen", echo=lambda m: None)
     for name, entry in seen["methods"].items():

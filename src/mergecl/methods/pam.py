@@ -70,7 +70,10 @@ def top_fraction_masks(tensors: dict[str, Tensor], p: float, scope: str) -> dict
         flat = torch.cat([t.detach().abs().flatten().float() for t in tensors.values()])
         threshold = _threshold(flat, p)
         return {name: t.detach().abs().float() >= threshold for name, t in tensors.items()}
-    return {name: t.detach().abs().float() >= _threshold(t.detach().abs().flatten().float(), p) for name, t in tensors.items()}
+    return {
+        name: t.detach().abs().float() >= _threshold(t.detach().abs().flatten().float(), p)
+        for name, t in tensors.items()
+    }
 
 
 def _threshold(magnitudes: Tensor, p: float) -> float:

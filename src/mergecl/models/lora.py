@@ -51,7 +51,9 @@ def lora_options(spec: Any, backbone: str) -> dict[str, Any]:
     targets = options["target_modules"] if options["target_modules"] is not None else DEFAULT_TARGETS.get(backbone)
     if targets is None:
         raise MergeclError(f"model.lora.target_modules: required for {backbone} (names or a regex of Linear layers)")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
         raise MergeclError(f"model.lora.target_modules: expected a regex or a list of names, got {targets!r}")
     options["target_modules"] = targets
     return options
@@ -104,7 +106,9 @@ def lora_pairs(model: nn.Module, prefix: str = "") -> list[LoraPair]:
     return pairs
 
 
-def dense_task_vector(base: Mapping[str, Tensor], tau: Mapping[str, Tensor], pairs: list[LoraPair]) -> dict[str, Tensor]:
+def dense_task_vector(
+    base: Mapping[str, Tensor], tau: Mapping[str, Tensor], pairs: list[LoraPair]
+) -> dict[str, Tensor]:
     """delta W = s (B A - B_0 A_0) per adapted layer, keyed by its base weight, from a factor task vector."""
     out = {}
     for pair in pairs:
@@ -116,9 +120,7 @@ def dense_task_vector(base: Mapping[str, Tensor], tau: Mapping[str, Tensor], pai
     return out
 
 
-def fold_dense(
-    base: Mapping[str, Tensor], merged: Mapping[str, Tensor], pairs: list[LoraPair]
-) -> dict[str, Tensor]:
+def fold_dense(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], pairs: list[LoraPair]) -> dict[str, Tensor]:
     """A state equal to ``base`` whose base weights are ``merged`` (W_0 + merged delta W) and whose
     adapters are switched off (B = 0), so the model computes exactly the merged dense weights."""
     state = dict(base)
@@ -126,4 +128,3 @@ def fold_dense(
         state[pair.weight] = merged[pair.weight].to(base[pair.weight].dtype)
         state[pair.b] = base[pair.b].new_zeros(base[pair.b].shape)
     return state
-

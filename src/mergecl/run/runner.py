@@ -170,7 +170,9 @@ class Runner:
         """Row t of the accuracy matrix on ``split``: tasks 0..t, and the future tasks unless ``seen_only``
         or the config's ``eval_future`` is off (their accuracy is zero-shot transfer, not in ACC/BWT)."""
         tasks = scenario.tasks if self.config.eval_future and not seen_only else scenario.tasks[: t + 1]
-        return [self.evaluate(learner, getattr(task, split), eval_classes(scenario, t, i)) for i, task in enumerate(tasks)]
+        return [
+            self.evaluate(learner, getattr(task, split), eval_classes(scenario, t, i)) for i, task in enumerate(tasks)
+        ]
 
     def train_or_load(self, seed, stream, t, scenario, learner, base, carried):
         """Train step t of ``stream`` unless it is committed; return the stream's carried state."""
@@ -189,7 +191,9 @@ class Runner:
         # variants of a stream (pam@zero, pam@p25) share their seeds: they differ only in options
         torch.manual_seed(step_seed(seed, spec.name, t))
         started = time.perf_counter()
-        step = Step(learner, scenario, t, self.settings, step_seed(seed, spec.name, t), self.stream_options(stream), carried)
+        step = Step(
+            learner, scenario, t, self.settings, step_seed(seed, spec.name, t), self.stream_options(stream), carried
+        )
         result = spec.step(step)
         trained = learner.state_dict()
         tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in self.tuned}
@@ -335,8 +339,10 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     matrices = [[s[key]] if key == "final_row" else s[key] for s in summaries]
     rows = min(len(m) for m in matrices)
     width = max(len(m[t]) for m in matrices for t in range(rows)) if rows else 0
-    mean = [[_mean_or_none([m[t][i] if i < len(m[t]) else None for m in matrices]) for i in range(width)]
-            for t in range(rows)]
+    mean = [
+        [_mean_or_none([m[t][i] if i < len(m[t]) else None for m in matrices]) for i in range(width)]
+        for t in range(rows)
+    ]
     out[key] = mean[0] if key == "final_row" else mean
     std = {}
     for metric in METRICS:
