@@ -22,8 +22,28 @@ def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes):
     assert methods["magmax@auto"]["step_info"]["lam"]  # lam chosen on validation at every step
 
 
+@pytest.mark.parametrize("suite", ["clinc150-cil-pam"])
+def test_quick_pam_suite_trains_lora_and_beats_chance(tmp_path, suite):
+    results, out = bench(suite, quick=True, out=tmp_path / suite, echo=lambda m: None, report=False)
+    methods = results["methods"]
+    assert set(methods) == {"zero_shot", "seq_ft", "ind_ft+average", "pam", "pam@zero"}
+    for name, entry in methods.items():
+        assert entry["all_class_acc"] > 3 * 100.0 / 150, name
+    assert methods["pam@zero"]["step_info"]["reset_fraction"][-1] > 0  # alignment ran
+    assert methods["pam"]["final_acc"] != methods["zero_shot"]["final_acc"]  # the adapters learned
+
+
+def test_pam_suites_train_the_same_adapters_for_every_method():
+    for suite in ("clinc150-cil-pam", "banking77-cil-pam"):
+        full = suite_config(suite)
+        assert len(full.seeds) >= 3 and full.model["lora"]["rank"] == 32
+        assert {"seq_ft", "ind_ft+average", "magmax", "ties", "pam", "pam@zero", "pam@p0", "pam@p100"} <= set(
+            full.methods
+        )
+
+
 def test_suites_are_valid_configs():
-    for suite in SUITES:
+    for suite in (s for s in SUITES if not s.endswith("-pam")):
         full = suite_config(suite)
         assert len(full.seeds) >= 3 and full.model["name"] == "hf_text"
         assert {"zero_shot", "joint", "seq_ft", "ind_ft", "lwf", "ewc"} <= set(full.methods)

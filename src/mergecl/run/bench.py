@@ -12,11 +12,12 @@ from typing import Any
 from mergecl.errors import MergeclError
 from mergecl.run.config import RunConfig, load_config, parse_config
 
-SUITES = ("clinc150-cil", "clinc150-cil-random", "banking77-cil")
+SUITES = ("clinc150-cil", "clinc150-cil-random", "banking77-cil", "clinc150-cil-pam", "banking77-cil-pam")
 
 # The --quick flavour: the same pipeline (pretrained encoder, zero-shot head, every step evaluated,
 # merges over Seq-FT and Ind-FT vectors, lam chosen on validation) on a sliver of the data.
 QUICK_METHODS = ["zero_shot", "seq_ft", "magmax", "ind_ft+magmax", "magmax@auto"]
+QUICK_LORA_METHODS = ["zero_shot", "seq_ft", "ind_ft+average", "pam", "pam@zero"]  # LoRA suites: PAM
 
 
 def suite_config(name: str, quick: bool = False, seeds: list[int] | None = None) -> RunConfig:
@@ -28,8 +29,12 @@ def suite_config(name: str, quick: bool = False, seeds: list[int] | None = None)
         data["seeds"] = [0]
         data["data"].update(train_per_class=2, eval_per_class=1)
         data["train"].update(epochs=1)
-        data["methods"] = QUICK_METHODS
-        data["method_options"] = {"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}}
+        if data["model"].get("lora"):
+            data["methods"] = QUICK_LORA_METHODS
+            data["method_options"] = {"pam@zero": {"reset": "zero", "align_every": 2}}
+        else:
+            data["methods"] = QUICK_METHODS
+            data["method_options"] = {"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}}
     if seeds is not None:
         data["seeds"] = seeds
     return parse_config(data, f"suite {name}")
