@@ -58,6 +58,7 @@ FAMILIES = [
     "magmax-clip-cub200-cil20",
     "magmax-clip-cars-cil5",
     "magmax-clip-domainnet-dil",
+    "pam-clip-cifar100-cil10",
 ]
 
 
@@ -70,6 +71,15 @@ def test_every_paper_preset_is_there_and_valid():
         config = load_config(name)
         assert config.train.lr == 1e-5 and config.train.batch_size == 128 and config.train.warmup_steps == 500
         assert config.model["pretrained"] == "openai/clip-vit-base-patch16" and config.model["head"] == "zero_shot"
+
+
+def test_pam_clip_presets_follow_the_magmax_sequences_with_lora():
+    pam = sorted(name for name in packaged_configs() if name.startswith("pam-clip-"))
+    assert len(pam) == 6
+    for name in pam:
+        config, twin = load_config(name), load_config(name.replace("pam-clip-", "magmax-clip-"))
+        assert config.data == twin.data and config.model["lora"]["target_modules"] == ["q_proj", "v_proj"]
+        assert {"seq_ft", "ind_ft+average", "magmax", "ties", "pam", "pam@zero"} <= set(config.methods)
 
 
 @pytest.fixture(scope="module")
