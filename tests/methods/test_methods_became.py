@@ -128,7 +128,7 @@ def strip(results):
 
 def test_the_evidence_configs_parse():
     configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("became-*.yaml"))
-    assert len(configs) >= 5
+    assert len(configs) >= 4  # the cifar100 paper presets are packaged (tests/models/test_models_alexnet.py)
     for path in configs:
         config = load_config(path)
         assert {spec.stream for spec in resolve_methods(config.methods)} >= {"gpm", "became", "gpm_one_over_t"}

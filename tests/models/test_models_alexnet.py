@@ -1,6 +1,5 @@
 """AlexNet-5 of GPM: shape, BN without running statistics, a training step, GPM on it; the presets."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ from mergecl.models.factory import build_learner
 from mergecl.run.config import load_config
 from mergecl.training.gpm import GPMemory, projectable_layers
 from mergecl.training.loop import TrainSettings, train_task
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_alexnet5_is_the_gpm_network():
@@ -61,7 +58,7 @@ def test_one_training_step_and_a_gpm_memory_on_tiny_random_data():
 
 @pytest.mark.parametrize("n", [10, 20])
 def test_the_paper_presets_parse(n):
-    config = load_config(CONFIGS / f"became-cifar100-{n}.yaml")
+    config = load_config(f"became-cifar100-{n}")  # packaged: mergecl run became-cifar100-10
     assert (config.data.source, config.data.scenario, config.data.n_tasks) == ("cifar100", "task", n)
     assert config.model["name"] == "alexnet5"
     train = config.train

@@ -195,3 +195,13 @@ def test_eval_future_off_keeps_the_metrics_and_drops_the_upper_triangle(tmp_path
             assert entry[key] == pytest.approx(reference[key]), (name, key)
         assert all(row[: t + 1] == reference["accuracy_matrix"][t][: t + 1] for t, row in enumerate(matrix)), name
     assert (out / "heatmap_magmax.png").exists() and (out / "report.md").exists()
+
+
+def test_plateau_settings_reach_the_training_loop():
+    from mergecl.training.loop import TrainSettings
+
+    config = parse_config({"train": {"schedule": "plateau", "plateau_patience": 2, "plateau_min_factor": 0.01}})
+    settings = TrainSettings(**config.train.model_dump())
+    assert (settings.plateau_patience, settings.plateau_factor, settings.plateau_min_factor) == (2, 2.0, 0.01)
+    with pytest.raises(MergeclError, match="train.plateau_factor"):
+        parse_config({"train": {"plateau_factor": 1.0}})

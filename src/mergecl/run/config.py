@@ -69,6 +69,11 @@ class TrainConfig(_Strict):
     amp: bool = True
     eval_batch_size: int = Field(256, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # schedule: plateau (the GPM/BECAME releases): halve the lr after `plateau_patience` epochs without a
+    # new best validation loss, stop below lr * plateau_min_factor; see training/loop.py
+    plateau_patience: int = Field(6, ge=1)
+    plateau_factor: float = Field(2.0, gt=1)
+    plateau_min_factor: float = Field(1e-3, gt=0, le=1)
 
 
 class RunConfig(_Strict):
