@@ -96,19 +96,22 @@ def _add_run(sub) -> None:
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="processes on this machine (torchrun + DDP; one per GPU)"
+    )
 
 
 def _run_run(args) -> int:
-    from mergecl.evaluation.report import format_table
     from mergecl.run.runner import run
 
     if args.resume and args.config:
         raise MergeclError("give either a CONFIG or --resume RUN_DIR, not both")
     echo = _quiet(args.quiet)
     started = time.perf_counter()
+    if not _distributed(args):
+        return 0
     results, path = run(args.config, out=args.out, resume=args.resume, echo=echo)
-    print(format_table(results))
-    print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
+    _summary(results, path, started)
     return 0
 
 
@@ -121,18 +124,59 @@ def _add_bench(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="processes on this machine (torchrun + DDP; one per GPU)"
+    )
 
 
 def _run_bench(args) -> int:
-    from mergecl.evaluation.report import format_table
     from mergecl.run.bench import bench
 
     echo = _quiet(args.quiet)
     started = time.perf_counter()
+    if not _distributed(args):
+        return 0
     results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, echo=echo)
-    print(format_table(results))
-    print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
+    _summary(results, path, started)
     return 0
+
+
+def _distributed(args) -> bool:
+    """Under torchrun: join the process group. With --nproc N: start N processes of this very command
+    through torchrun, wait for them and return False (the processes did the work)."""
+    import os
+    import subprocess
+
+    from mergecl import distributed
+
+    if distributed.init_from_env():
+        return True
+    if args.nproc <= 1:
+        if args.nproc < 1:
+            raise MergeclError(f"--nproc: expected a positive number of processes, got {args.nproc}")
+        return True
+    argv, skip = [], False  # the children find WORLD_SIZE set; torchrun's own parser would choke on --nproc
+    for arg in args.argv:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        argv.append(arg)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)  # oversubscribed cores spin-wait: 5-10x slower
+    code = subprocess.call([*launch, "-m", "mergecl", *argv], env=env)
+    if code != 0:
+        raise MergeclError(f"torchrun with {args.nproc} processes exited with status {code}")
+    return False
+
+
+def _summary(results, path, started: float) -> None:
+    from mergecl import distributed
+    from mergecl.evaluation.report import format_table
+
+    if distributed.is_main():
+        print(format_table(results))
+        print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
 
 
 def _quiet(quiet: bool):
@@ -183,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --nproc: relaunched as is
     try:
         handlers = {"merge": _run_merge, "run": _run_run, "bench": _run_bench, "report": _run_report}
         return handlers[args.command](args)

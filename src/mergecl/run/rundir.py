@@ -9,6 +9,9 @@ RUN_DIR/
   seed<S>/<stream>/state<t>.safetensors  a stream's carried state after step t (EWC's Fisher)
   logs/run.log                        one line per step
   report.md, results.csv, *.png       the report (mergecl report)
+
+In a multi-process run only rank 0 writes; tensors are followed by a barrier, so the other
+processes read them back once written (multi-node: the run directory must be on a shared disk).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from mergecl import distributed
 from mergecl.atomic import atomic_write_bytes, atomic_write_text
 from mergecl.errors import MergeclError
 
@@ -51,8 +55,10 @@ class RunDir:
 
     @staticmethod
     def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write_bytes(path, save(data, metadata=metadata))
+        if distributed.is_main():  # one writer; the others wait, then read it back like a resumed run
+            data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            atomic_write_bytes(path, save(data, metadata=metadata))
+        distributed.barrier()
 
     @staticmethod
     def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -73,9 +79,12 @@ class RunDir:
             raise MergeclError(f"{path}: not valid JSON ({err})") from None
 
     def write_json(self, name: str, data: Any) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=1, allow_nan=False) + "\n")
+        if distributed.is_main():
+            atomic_write_text(self.path / name, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
     def log(self, message: str) -> None:
+        if not distributed.is_main():
+            return
         log = self.path / "logs" / "run.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as handle:  # append-only log: a torn last line is harmless

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mergecl import distributed
 from mergecl.data.scenarios import build_scenario
 from mergecl.data.types import Scenario, Split
 from mergecl.errors import MergeclError
@@ -42,9 +43,9 @@ def step_seed(seed: int, stream: str, t: int) -> int:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return torch.device(name)
+        return distributed.local_device(torch.device(name))
     except RuntimeError:
         raise MergeclError(f"config: device: '{name}' is not a device (auto, cpu, cuda, cuda:1, ...)") from None
 
@@ -64,7 +65,7 @@ class Runner:
         self.device = pick_device(config.device)
         self.settings = TrainSettings(**config.train.model_dump())
         self.progress = rundir.read_json("progress.json", {"seeds": {}})
-        self.echo = echo
+        self.echo = echo if distributed.is_main() else (lambda message: None)
         self.meta: dict[str, Any] = {}
         self.tuned: list[str] = []
         self.lora: list[LoraPair] = []
@@ -111,12 +112,12 @@ class Runner:
             "num_tasks": len(scenario.tasks),
             "seeds": list(self.config.seeds),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{self.device.type}, torch {torch.__version__}",
+            f"{self.device.type}, torch {torch.__version__}, {distributed.world_size()} process(es)",
         }
         torch.manual_seed(seed)
         learner = build_learner(self.config.model, scenario.class_names, self.device)
         base_path = self.rundir.base_path(seed)
-        if base_path.exists():
+        if distributed.broadcast_object(base_path.exists()):  # rank 0's view: it may be writing it now
             learner.load_state_dict(self.rundir.load_tensors(base_path))
         else:
             self.rundir.save_tensors(base_path, learner.state_dict())
@@ -380,15 +381,17 @@ def run(
     else:
         if not isinstance(config, RunConfig):
             config = load_config(config)
-        rundir = RunDir(out if out is not None else default_out(config))
+        rundir = RunDir(distributed.broadcast_object(out if out is not None else default_out(config)))
         if (rundir.path / "progress.json").exists():
             raise MergeclError(f"{rundir.path}: already holds a run; continue it with --resume {rundir.path}")
-        rundir.path.mkdir(parents=True, exist_ok=True)
-        from mergecl.atomic import atomic_write_text
+        distributed.barrier()  # every process has checked before rank 0 writes anything
+        if distributed.is_main():
+            rundir.path.mkdir(parents=True, exist_ok=True)
+            from mergecl.atomic import atomic_write_text
 
-        atomic_write_text(rundir.config_path, dump_config(config))
+            atomic_write_text(rundir.config_path, dump_config(config))
     results = Runner(config, rundir, echo).run()
-    if report:
+    if report and distributed.is_main():
         from mergecl.evaluation.report import write_report
 
         write_report(results, rundir.path)

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mergecl import distributed
 from mergecl.data.types import Split
 from mergecl.models.base import Learner
 from mergecl.training.loop import batches, label_map
@@ -34,18 +35,25 @@ def diagonal_fisher(
     was_training = learner.training
     learner.train()
     loss_fn = nn.CrossEntropyLoss()
+    world = distributed.world_size()
     for index in batches(len(data), batch_size, None):
-        batch = data.subset(index)
-        logits = learner(learner.prepare(batch.inputs, train=False))[:, columns].float()
-        if labels == "predicted":
-            target = logits.argmax(dim=1).detach()
-        else:
-            target = to_column[batch.labels].to(learner.device)
         learner.zero_grad(set_to_none=True)
-        loss_fn(logits, target).backward()
+        local = distributed.shard(index)  # multi-process: each its share, gradients summed below
+        if len(local):
+            batch = data.subset(local)
+            logits = learner(learner.prepare(batch.inputs, train=False))[:, columns].float()
+            if labels == "predicted":
+                target = logits.argmax(dim=1).detach()
+            else:
+                target = to_column[batch.labels].to(learner.device)
+            loss = loss_fn(logits, target)
+            (loss * (len(local) / len(index)) if world > 1 else loss).backward()
         for name, p in params.items():
-            if p.grad is not None:
-                fisher[name].add_(p.grad.detach().float().square(), alpha=len(index))
+            grad = p.grad
+            if world > 1:  # the whole batch's gradient, then squared: as one process computes it
+                grad = distributed.all_reduce_sum(grad.detach().clone() if grad is not None else torch.zeros_like(p))
+            if grad is not None:
+                fisher[name].add_(grad.detach().float().square(), alpha=len(index))
     learner.zero_grad(set_to_none=True)
     learner.train(was_training)
     n = max(1, len(data))

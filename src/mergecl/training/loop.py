@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mergecl import distributed
 from mergecl.data.types import Split
 from mergecl.models.base import Learner
 
@@ -189,6 +190,8 @@ def train_task(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     stats = TrainStats()
     learner.train()
+    model = distributed.wrap(learner)  # DDP under torchrun: gradients averaged over processes
+    world = distributed.world_size()
     bar = _progress(total, desc)
     plateau = Plateau(settings) if settings.schedule == "plateau" else None
     step = 0
@@ -197,21 +200,27 @@ def train_task(
         for index in batches(len(data), settings.batch_size, generator):
             if step >= total:
                 break
-            batch = data.subset(index)
+            # every process walks the same global batches and takes its share; weighting each share's
+            # mean loss by its size makes DDP's average the global batch's mean (exact for uneven shares)
+            local = distributed.shard(index)
+            weight = len(local) * world / len(index)
+            if len(local) == 0:  # a last batch smaller than the world: join the all-reduce with nothing
+                local, weight = index[:1], 0.0
+            batch = data.subset(local)
             scale = plateau.scale if plateau else 1.0
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * scale * lr_factor(step, total, settings.warmup_steps, settings.schedule)
             prepared = learner.prepare(batch.inputs, train=True)
             labels = to_column[batch.labels].to(learner.device)
             with autocast(learner, settings.amp):
-                outputs = learner(prepared)
+                outputs = model(prepared)
                 loss = loss_fn(outputs[:, columns].float(), labels)
                 for hook in hooks:
                     extra = hook.loss(learner, prepared, outputs, labels)
                     if extra is not None:
                         loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if world > 1 else loss).backward()
             for hook in hooks:
                 hook.after_backward(learner)
             if settings.grad_clip:
@@ -222,6 +231,8 @@ def train_task(
                 hook.after_step(learner, step)
             stats.steps = step
             stats.examples += len(index)
+            if world > 1:  # the global batch's loss, the same on every process (the plateau signal)
+                loss = distributed.all_reduce_sum(loss.detach() * weight) / world
             stats.losses.append(float(loss.detach()))
             bar.update(1)
             if step % 10 == 0:
@@ -250,12 +261,12 @@ def predict(learner: Learner, data: Split, classes: Sequence[int], batch_size: i
     order = torch.arange(len(data))
     if data.kind == "text":  # batch texts of similar length: less padding, ~1.5x faster
         order = torch.tensor(sorted(range(len(data)), key=lambda i: len(data.inputs[i])), dtype=torch.long)
-    out = torch.empty(len(data), dtype=torch.long)
-    for index in order.split(batch_size):
+    out = torch.zeros(len(data), dtype=torch.long)
+    for index in distributed.shard(order).split(batch_size):  # each process predicts its share
         batch = data.subset(index)
         logits = learner(learner.prepare(batch.inputs, train=False))[:, columns]
         out[index] = columns[logits.argmax(dim=1)].cpu()
-    return out
+    return distributed.all_reduce_sum(out)
 
 
 def accuracy(learner: Learner, data: Split, classes: Sequence[int], batch_size: int = 256) -> float:
