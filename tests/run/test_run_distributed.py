@@ -1,5 +1,6 @@
 """Multi-process runs (torchrun + DDP, gloo on CPU) give the results of one process with the same
-global batch; a killed multi-process run resumes to the same numbers.
+global batch, with the optimiser state sharded (ZeRO-1) or not; a killed multi-process run resumes
+to the same numbers.
 
 Tolerance: weights agree to 1e-4 (sums of gradient shares in another order) and accuracies exactly,
 except LwF: its distillation gradient at the start of a task is the difference of two nearly equal
@@ -93,3 +94,10 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(single):
     assert marker.exists() and not (run_dir / "seed0" / "became" / "task2.safetensors").exists()
     finished("run", "--resume", run_dir, "--quiet", "--nproc", 2)
     assert_same_run(single / "one", run_dir)
+
+
+def test_sharded_optimizer_state_gives_the_same_run(single):
+    config = dict(CONFIG, train={**CONFIG["train"], "shard_optimizer": True})
+    (single / "zero.yaml").write_text(yaml.safe_dump(config))
+    finished("run", single / "zero.yaml", "--out", single / "zero", "--quiet", "--nproc", 2)
+    assert_same_run(single / "one", single / "zero")

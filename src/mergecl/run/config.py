@@ -69,6 +69,7 @@ class TrainConfig(_Strict):
     amp: bool = True
     eval_batch_size: int = Field(256, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    shard_optimizer: bool = False  # under torchrun: ZeRO-1 (each process holds 1/N of the optimiser state)
     # schedule: plateau (the GPM/BECAME releases): halve the lr after `plateau_patience` epochs without a
     # new best validation loss, stop below lr * plateau_min_factor; see training/loop.py
     plateau_patience: int = Field(6, ge=1)

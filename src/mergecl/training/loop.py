@@ -45,6 +45,7 @@ class TrainSettings:
     amp: bool = True  # bf16 autocast, only on a GPU
     eval_batch_size: int = 256
     label_smoothing: float = 0.0
+    shard_optimizer: bool = False  # multi-process runs: ZeRO-1, optimiser state sharded over processes
     # schedule "plateau", as the GPM/BECAME releases: after `plateau_patience` epochs without a new best
     # validation loss divide the LR by `plateau_factor`; stop once it falls below lr * plateau_min_factor
     # (0.05 -> 5e-5, the release's lr_min); the best-validation weights are restored at the end.
@@ -96,8 +97,16 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[
 
 def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        kind, options = torch.optim.AdamW, {"weight_decay": settings.weight_decay}
+    else:
+        kind, options = torch.optim.SGD, {"momentum": settings.momentum, "weight_decay": settings.weight_decay}
+    if settings.shard_optimizer and distributed.world_size() > 1:
+        # ZeRO-1: each process keeps the optimiser state of 1/N of the parameters (Adam: 2/3 of the
+        # training memory beyond the weights and gradients) and broadcasts its updated share
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=kind, lr=settings.lr, **options)
+    return kind(params, lr=settings.lr, **options)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
