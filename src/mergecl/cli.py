@@ -49,6 +49,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--fisher", action="append", default=None, metavar="F", help="Fisher checkpoint (repeat per FT)")
     p.add_argument("--prior-precision", default=None, metavar="P", help="became: the prior precision Lambda")
     p.add_argument("--max-shard-size", default="5GB", help="directory output: shard size (default 5GB)")
+    p.add_argument("--workers", type=int, default=1, help="threads computing chunks ahead (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -72,6 +73,7 @@ def _run_merge(args) -> int:
         fisher=args.fisher,
         prior_precision=args.prior_precision,
         max_shard_size=args.max_shard_size,
+        workers=args.workers,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""

@@ -73,6 +73,34 @@ def test_streaming_from_files_equals_in_memory_bit_for_bit(tmp_path, method, dar
     assert_same(in_memory, load_file(str(out)))
 
 
+@pytest.mark.parametrize("method, options", [*((m, {}) for m in METHODS), ("ties", {"scope": "tensor"})])
+def test_threaded_merge_equals_the_sequential_one_bit_for_bit(tmp_path, method, options):
+    base, fts = make_models(t=4)
+    base["enc.big2"] = torch.randn(RNG_BLOCK * 3 + 5)
+    for i, ft in enumerate(fts):
+        ft["enc.big2"] = base["enc.big2"] + 0.1 * torch.randn(
+            RNG_BLOCK * 3 + 5, generator=torch.Generator().manual_seed(i)
+        )
+    base_path, ft_paths = save_all(tmp_path, base, fts)
+    sequential = merge(base_path, ft_paths, method, seed=3, chunk_size=RNG_BLOCK, dare=0.2, **options)
+    out = tmp_path / "threaded.safetensors"
+    merge(base_path, ft_paths, method, seed=3, chunk_size=RNG_BLOCK, dare=0.2, workers=3, out=out, **options)
+    assert_same(sequential, load_file(str(out)))
+    assert_same(sequential, merge(base, fts, method, seed=3, chunk_size=RNG_BLOCK, dare=0.2, workers=2, **options))
+
+
+def test_a_failing_chunk_in_a_threaded_merge_names_the_tensor_and_writes_nothing(tmp_path):
+    base, fts = make_models()
+    fts[1]["enc.big"][RNG_BLOCK + 7] = float("nan")
+    base_path, ft_paths = save_all(tmp_path, base, fts)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(MergeclError, match="enc.big"):
+        merge(base_path, ft_paths, "magmax", out=out, chunk_size=RNG_BLOCK, workers=2)
+    assert not out.exists()
+    with pytest.raises(MergeclError, match="workers"):
+        merge(base, fts, "magmax", workers=0)
+
+
 def test_ties_global_matches_the_released_algorithm(tmp_path):
     base, fts = make_models(t=4)
     keys = [k for k in base if base[k].is_floating_point()]

@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,7 @@ class MergeOptions:
     include: str | None = None
     exclude: str | None = None
     chunk_size: int = DEFAULT_CHUNK
+    workers: int = 1  # threads computing chunks ahead
 
     def __post_init__(self) -> None:
         if self.method not in RULES:
@@ -96,6 +100,8 @@ class MergeOptions:
             raise MergeclError(f"dare drop probability must be in [0, 1), got {self.dare}")
         if self.start < 1:
             raise MergeclError(f"start must be >= 1, got {self.start}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise MergeclError(f"workers must be a positive integer, got {self.workers!r}")
         if self.chunk_size < RNG_BLOCK or self.chunk_size % RNG_BLOCK:
             raise MergeclError(f"chunk_size must be a positive multiple of {RNG_BLOCK}")
         for name in ("include", "exclude"):
@@ -237,7 +243,9 @@ class _Merge:
         return self._buffer(("base",), n, _compute_dtype(entry.dtype)).copy_(raw)
 
     def _buffer(self, slot: tuple, n: int, dtype: torch.dtype) -> Tensor:
-        """A reusable flat buffer: fresh allocations of chunk-sized tensors cost page faults."""
+        """A reusable flat buffer: fresh allocations of chunk-sized tensors cost page faults.
+        One set per thread (``workers`` > 1 computes chunks in a pool)."""
+        slot = (threading.get_ident(), *slot)
         buffer = self._buffers.get(slot)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
             buffer = self._buffers[slot] = torch.empty(max(n, self.chunk), dtype=dtype)
@@ -359,23 +367,49 @@ class _Merge:
     # --- the merge pass -------------------------------------------------------------------------
 
     def output(self, rule: Callable[[_Entry, int, int, Tensor], Tensor], lam: float) -> Iterator[Tensor]:
-        """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype."""
-        for entry in self.entries:
-            if entry.merged:
-                self.before_entry(entry)
-            for start, stop in self.chunks(entry):
-                if not entry.merged:
-                    base = self.base.read(entry.key, start, stop)
-                    self.progress.update(base.numel() * entry.dtype.itemsize)
-                    yield base
-                    continue
-                base = self.read_base(entry, start, stop)
-                merged = rule(entry, start, stop, base)
-                merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
-                out = merged.to(entry.dtype)
-                if not (_all_finite(merged) and (entry.dtype != torch.float16 or _all_finite(out.float()))):
-                    raise MergeclError(f"tensor '{entry.key}': the merged values overflow {entry.dtype}")
-                yield out
+        """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order.
+
+        With ``workers`` > 1 a thread pool computes up to 2 x workers chunks ahead (torch and the
+        preadv reads release the GIL); each thread has its own buffers, and whole-tensor passes
+        (``before_entry``) run in this thread before the tensor's chunks are handed out."""
+
+        def compute(entry: _Entry, start: int, stop: int) -> Tensor:
+            if not entry.merged:
+                base = self.base.read(entry.key, start, stop)
+                self.progress.update(base.numel() * entry.dtype.itemsize)
+                return base
+            base = self.read_base(entry, start, stop)
+            merged = rule(entry, start, stop, base)
+            merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
+            out = merged.to(entry.dtype)
+            if not (_all_finite(merged) and (entry.dtype != torch.float16 or _all_finite(out.float()))):
+                raise MergeclError(f"tensor '{entry.key}': the merged values overflow {entry.dtype}")
+            return out
+
+        def jobs() -> Iterator[tuple[_Entry, int, int]]:
+            for entry in self.entries:
+                if entry.merged:
+                    self.before_entry(entry)
+                for start, stop in self.chunks(entry):
+                    yield entry, start, stop
+
+        workers = self.options.workers
+        if workers == 1:
+            for job in jobs():
+                yield compute(*job)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="mergecl-merge") as pool:
+            pending: deque[Future] = deque()
+            try:
+                for job in jobs():
+                    pending.append(pool.submit(compute, *job))
+                    while len(pending) > 2 * workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # an error or an abandoned generator: no chunk is left computing
+                for future in pending:
+                    future.cancel()
 
     def rule(self, lam_info: dict) -> Callable[[_Entry, int, int, Tensor], Tensor]:
         o = self.options
@@ -559,7 +593,7 @@ def merge(
     start, include, exclude (regexes on tensor names), fisher, prior_precision, task_vectors (the
     ``finetuned`` inputs already are task vectors tau_t: they need only the merged tensors), out (path: write a
     safetensors file, or a sharded directory when ``out`` has no .safetensors suffix),
-    max_shard_size, progress, chunk_size.
+    max_shard_size, progress, chunk_size, workers (threads computing chunks ahead; same result).
 
     Returns the merged state dict, or the output path when ``out`` is given.
     """
