@@ -36,14 +36,14 @@ def main() -> None:
     base = load_config(args.config).model_dump()
     fixed = base["method_options"].get(args.method, {})
     names = [f"{args.method}@v{i}" for i in range(len(args.values))]
-    options = {name: {**fixed, args.option: value} for name, value in zip(names, args.values)}
+    options = {name: {**fixed, args.option: value} for name, value in zip(names, args.values, strict=True)}
     config = dict(base, seeds=args.seeds, methods=names, method_options=options, eval_val=True)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         results, _ = run(parse_config(config), out=Path(tmp) / "r", echo=lambda m: None, report=False)
     scores = {name: results["methods"][name]["val"]["final_acc"] for name in names}
     print(f"{args.method}.{args.option:<12} {'val final ACC':>14}")
-    for name, value in zip(names, args.values):
+    for name, value in zip(names, args.values, strict=True):
         print(f"{value!s:<{len(args.method) + 13}} {scores[name]:>14.2f}")
     best = max(names, key=lambda n: scores[n] if scores[n] == scores[n] else float("-inf"))  # NaN: diverged
     print(f"chosen {args.option}: {args.values[names.index(best)]} ({time.perf_counter() - started:.0f}s)")
