@@ -7,6 +7,7 @@ merge is what the papers' code does: load every checkpoint whole, stack each ten
 
     python benchmarks/merge_speed.py --out /tmp/mergecl-bench      # full grid (~20 min here)
     python benchmarks/merge_speed.py --tasks 8 --dtypes fp32 --methods average magmax
+    python benchmarks/merge_speed.py --tasks 8 --dtypes fp32 --naive --workers 1 2 4   # the thread pool
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def child(args) -> None:
     else:
         from mergecl.merging import merge
 
-        merge(base, fts, args.method, out=args.output)
+        workers = int(args.engine.partition("-w")[2] or 1)  # "mergecl-w4": 4 threads
+        merge(base, fts, args.method, out=args.output, workers=workers)
     wall = time.perf_counter() - started
     print(json.dumps({"wall_s": wall, "peak_rss": peak_rss()}))
 
@@ -123,7 +125,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=["average", "magmax", "ties", "random_mix"])
-    parser.add_argument("--naive", nargs="+", default=["average", "magmax"], help="methods to run naively too")
+    parser.add_argument("--naive", nargs="*", default=["average", "magmax"], help="methods to run naively too")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="merge engine threads (mergecl-wN)")
     parser.add_argument("--naive-max-tasks", type=int, default=8, help="skip the naive merge above this T")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,7 +139,7 @@ def main() -> None:
     base_rss = interpreter_rss()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, interpreter+imports RSS {base_rss / 1e6:.0f} MB")
     header = (
-        f"{'dtype':<5} {'T':>3} {'method':<12} {'engine':<7} {'wall s':>7} {'GB/s':>6} "
+        f"{'dtype':<5} {'T':>3} {'method':<12} {'engine':<10} {'wall s':>7} {'GB/s':>6} "
         f"{'peak RSS MB':>11} {'RSS/model':>9}"
     )
     print(header)
@@ -149,21 +152,21 @@ def main() -> None:
             read_all(paths)  # warm the page cache
             raw = read_all(paths)
             rows.append((dtype_name, tasks, "raw read", "-", raw, read_bytes / raw / 1e9, 0, 0))
-            print(f"{dtype_name:<5} {tasks:>3} {'raw read':<12} {'-':<7} {raw:7.2f} {read_bytes / raw / 1e9:6.2f}")
+            print(f"{dtype_name:<5} {tasks:>3} {'raw read':<12} {'-':<10} {raw:7.2f} {read_bytes / raw / 1e9:6.2f}")
             for method in args.methods:
-                engines = ["mergecl"]
+                engines = ["mergecl" if w == 1 else f"mergecl-w{w}" for w in args.workers]
                 if method in args.naive and tasks <= args.naive_max_tasks:
                     engines.append("naive")
                 for engine in engines:
                     out = folder / f"out-{engine}.safetensors"
                     result = run_child(engine, method, paths, out)
-                    passes = 4 if (method == "ties" and engine == "mergecl") else 1
+                    passes = 4 if (method == "ties" and engine != "naive") else 1
                     gbs = passes * read_bytes / result["wall_s"] / 1e9
                     rss = result["peak_rss"]
                     ratio = (rss - base_rss) / model_bytes
                     rows.append((dtype_name, tasks, method, engine, result["wall_s"], gbs, rss, ratio))
                     print(
-                        f"{dtype_name:<5} {tasks:>3} {method:<12} {engine:<7} {result['wall_s']:7.2f} "
+                        f"{dtype_name:<5} {tasks:>3} {method:<12} {engine:<10} {result['wall_s']:7.2f} "
                         f"{gbs:6.2f} {rss / 1e6:11.0f} {ratio:9.2f}"
                     )
                     out.unlink(missing_ok=True)
