@@ -246,7 +246,8 @@ class Runner:
             val = self.evaluate_all(learner, scenario, t, "val", seen_only=True)
             scores.append((sum(val) / len(val), -lam))  # ties: the smaller lam
         best = -max(scores)[1]
-        return finish(merge(merge_base, vectors, spec.rule, task_vectors=True, lam=best, **options)), {"lam": best}
+        # theta_0 + best * (unit - theta_0): the merge at ``best`` up to rounding, without merging again
+        return finish(self.rebuild(merge_base, {k: best * v for k, v in direction.items()})), {"lam": best}
 
     def merge_inputs(self, seed: int, spec: MethodSpec, t: int, base: dict, space: str):
         """(task vectors, the base they merge into, merged part -> full state) for a rule's merge.
