@@ -340,13 +340,24 @@ class _Merge:
                 for t, tau in enumerate(self.taus(entry, start, stop, base)):
                     yield tau.float().abs_().view(torch.int32), t
 
+    def trim_all(self, taus: Iterator[Tensor], thresholds: Sequence[float]) -> Tensor:
+        """[T, n] trimmed task vectors (in a reused buffer) against thresholds found on fp32 bit
+        patterns (so fp64 tensors are ranked at fp32 precision)."""
+        rows = None
+        for t, (tau, threshold) in enumerate(zip(taus, thresholds, strict=True)):
+            if rows is None:
+                n = tau.numel()
+                rows = self._buffer(("trimmed",), len(thresholds) * n, tau.dtype).view(len(thresholds), n)
+            torch.mul(tau, rules.at_least(tau.float().abs(), threshold).to(tau.dtype), out=rows[t])
+        return rows
+
     def ties_majority_sign(self, entries: list[_Entry], thresholds: Sequence[float]) -> float:
         """Sign of the sum of elected signs over ``entries`` (given to zero-sum entries)."""
         total = 0
         for entry in entries:
             for start, stop in self.chunks(entry):
                 base = self.read_base(entry, start, stop)
-                trimmed = _trim_all(self.taus(entry, start, stop, base), thresholds)
+                trimmed = self.trim_all(self.taus(entry, start, stop, base), thresholds)
                 total += int(torch.sign(trimmed.sum(dim=0)).sum())
         return float((total > 0) - (total < 0))
 
@@ -465,22 +476,11 @@ class _Merge:
                     thresholds, majority = lam_info["thresholds"], lam_info["majority_sign"]
                 else:
                     thresholds, majority = scopes[e.key]
-                trimmed = _trim_all(self.taus(e, a, b, base), thresholds)
+                trimmed = self.trim_all(self.taus(e, a, b, base), thresholds)
                 return rules.ties_disjoint_mean(trimmed, rules.ties_elect(trimmed, majority))
 
             return ties
         raise AssertionError(o.method)
-
-
-def _trim_all(taus: Iterator[Tensor], thresholds: Sequence[float]) -> Tensor:
-    """[T, n] trimmed task vectors against thresholds found on fp32 bit patterns (so fp64
-    tensors are ranked at fp32 precision)."""
-    zero = None
-    trimmed = []
-    for tau, threshold in zip(taus, thresholds, strict=True):
-        zero = torch.zeros((), dtype=tau.dtype) if zero is None else zero
-        trimmed.append(torch.where(tau.float().abs() >= threshold, tau, zero))
-    return torch.stack(trimmed)
 
 
 class _NoProgress:
