@@ -17,6 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
+from mergecl.merging.engine import RULES as ENGINE_RULES
+
 RULES = ("magmax", "average", "task_arithmetic", "random_mix", "ties")
 
 
@@ -76,15 +80,18 @@ def main() -> None:
     for claim, detail, holds in claims(methods):
         print(f"| {claim} | {detail} | {'holds' if holds else 'does not hold'} |")
     rows = [(name, e) for name, e in methods.items() if name.endswith("@auto")]
+    options = (yaml.safe_load((args.run_dir / "config.yaml").read_text()) or {}).get("method_options") or {}
     if rows:
-        print("\n| rule | fixed lam: final ACC | BWT | lam auto: final ACC | BWT | chosen lam, last step |")
-        print("|---|---|---|---|---|---|")
+        print("\n| rule | fixed lam | final ACC | BWT | lam auto: final ACC | BWT | chosen lam, last step |")
+        print("|---|---|---|---|---|---|---|")
         for name, auto in rows:
-            fixed = methods.get(name.split("@")[0], {})
+            rule = name.split("@")[0]
+            fixed = methods.get(rule, {})
+            lam = (options.get(rule) or {}).get("lam", ENGINE_RULES[rule].lam)
             lams = auto.get("step_info", {}).get("lam", [None])
             last = f"{lams[-1]:.2f}" if lams[-1] is not None else "-"
             print(
-                f"| {name.split('@')[0]} | {cell(fixed, 'final_acc')} | {cell(fixed, 'bwt')} | "
+                f"| {rule} | {lam:g} | {cell(fixed, 'final_acc')} | {cell(fixed, 'bwt')} | "
                 f"{cell(auto, 'final_acc')} | {cell(auto, 'bwt')} | {last} |"
             )
 
