@@ -1,6 +1,5 @@
 """AlexNet-5 of GPM: shape, BN without running statistics, a training step, GPM on it; the presets."""
 
-
 import pytest
 import torch
 
