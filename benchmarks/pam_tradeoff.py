@@ -86,7 +86,8 @@ def main() -> None:
             f"{p['plasticity']:>7.2f} ({p['plasticity_std']:.2f}) {p['final_acc']:>10.2f} {p['forgetting']:>10.2f}"
         )
     if args.out:
-        plot(points, args.out, f"PAM: stability vs plasticity over p ({args.run_dir.name})")
+        name = json.loads((args.run_dir / "results.json").read_text())["run"]["config"]
+        plot(points, args.out, f"PAM over p, {name}")
         print(f"plot: {args.out}")
 
 
