@@ -25,12 +25,20 @@ from mergecl.run.config import load_config, parse_config  # noqa: E402
 from mergecl.run.runner import run  # noqa: E402
 
 
+def scalar(text: str):
+    """'1e3' -> 1000.0 (YAML 1.1 reads it as a string), 'zero' -> 'zero', 'true' -> True."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a config file or packaged config name")
     parser.add_argument("--method", required=True, help="a plain method: ewc, lwf, pam, became, ...")
     parser.add_argument("--option", required=True)
-    parser.add_argument("--values", nargs="+", required=True, type=yaml.safe_load, help="YAML scalars")
+    parser.add_argument("--values", nargs="+", required=True, type=scalar, help="numbers or YAML scalars")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     base = load_config(args.config).model_dump()

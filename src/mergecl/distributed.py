@@ -94,8 +94,10 @@ def wrap(module: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [module_device(module).index] if module_device(module).type == "cuda" else None
-    # buffers (BatchNorm statistics) stay per process: the zero-shot head's is constant anyway
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    # buffers (BatchNorm statistics) stay per process: the zero-shot head's is constant anyway.
+    # find_unused_parameters: HF encoders carry parameters the forward never uses (BERT's pooler
+    # under mean pooling), which DDP would otherwise wait for forever.
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True)
 
 
 def module_device(module: nn.Module) -> torch.device:

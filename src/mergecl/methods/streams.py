@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from mergecl.data.types import Scenario, Split
+from mergecl.errors import MergeclError
 from mergecl.models.base import Learner
 from mergecl.training.fisher import diagonal_fisher
 from mergecl.training.loop import TrainSettings, TrainStats, train_task
@@ -59,6 +60,13 @@ class Step:
     @property
     def task(self):
         return self.scenario.tasks[self.t]
+
+    def number(self, key: str, default: float) -> float:
+        """A numeric method option; a string or a list names the key instead of failing later."""
+        value = self.options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergeclError(f"method option '{key}': expected a number, got {value!r}")
+        return float(value)
 
     @property
     def desc(self) -> str:
@@ -118,8 +126,7 @@ def _lwf(step: Step) -> StepResult:
     if step.t > 0:
         scenario = step.scenario
         old = scenario.seen_classes(step.t - 1) if scenario.kind != "domain" else train_classes(scenario, step.t)
-        options = step.options
-        hooks.append(LwF(step.learner, old, lam=options.get("lam", 0.3), temperature=options.get("temperature", 2.0)))
+        hooks.append(LwF(step.learner, old, lam=step.number("lam", 0.3), temperature=step.number("temperature", 2.0)))
     return StepResult(step.train(hooks=hooks))
 
 
@@ -127,7 +134,7 @@ def _ewc(step: Step) -> StepResult:
     hooks = []
     if step.t > 0 and step.carried is not None:
         anchor = {n: p.detach().clone() for n, p in step.learner.named_parameters() if p.requires_grad}
-        hooks.append(EWC(anchor, step.carried, lam=step.options.get("lam", 1e6)))
+        hooks.append(EWC(anchor, step.carried, lam=step.number("lam", 1e6)))
     stats = step.train(hooks=hooks)
     fisher = diagonal_fisher(
         step.learner,
@@ -136,7 +143,7 @@ def _ewc(step: Step) -> StepResult:
         step.scenario.num_classes,
         labels=step.options.get("fisher_labels", "predicted"),
     )
-    return StepResult(stats, online_fisher(step.carried, fisher, decay=step.options.get("decay", 0.5)))
+    return StepResult(stats, online_fisher(step.carried, fisher, decay=step.number("decay", 0.5)))
 
 
 register(Stream("seq", "sequential fine-tuning: task t starts from the model after task t-1", True, _plain))
