@@ -205,3 +205,9 @@ def test_plateau_settings_reach_the_training_loop():
     assert (settings.plateau_patience, settings.plateau_factor, settings.plateau_min_factor) == (2, 2.0, 0.01)
     with pytest.raises(MergeclError, match="train.plateau_factor"):
         parse_config({"train": {"plateau_factor": 1.0}})
+
+
+def test_a_non_numeric_method_option_names_the_key(tmp_path):
+    config = dict(SMALL, methods=["ewc"], method_options={"ewc": {"lam": "1e3"}})  # YAML 1.1 reads 1e3 as text
+    with pytest.raises(MergeclError, match="method option 'lam': expected a number, got '1e3'"):
+        run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
