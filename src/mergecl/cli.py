@@ -176,7 +176,9 @@ def _summary(results, path, started: float) -> None:
     from mergecl import distributed
     from mergecl.evaluation.report import format_table
 
-    if distributed.is_main():
+    main = distributed.is_main()
+    distributed.shutdown()
+    if main:
         print(format_table(results))
         print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
 

@@ -46,6 +46,14 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (every process, at the end of a command): gloo's threads
+    torn down at interpreter exit can abort a process that has already done its work."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device: torch.device) -> torch.device:
     """``cuda`` -> this process's GPU (``cuda:LOCAL_RANK``) in a multi-process run."""
     if device.type == "cuda" and device.index is None and active():
