@@ -211,3 +211,14 @@ def test_a_non_numeric_method_option_names_the_key(tmp_path):
     config = dict(SMALL, methods=["ewc"], method_options={"ewc": {"lam": "1e3"}})  # YAML 1.1 reads 1e3 as text
     with pytest.raises(MergeclError, match="method option 'lam': expected a number, got '1e3'"):
         run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
+
+
+def test_resume_removes_the_temp_files_a_killed_run_left(tmp_path):
+    config = dict(SMALL, methods=["seq_ft"])
+    _, out = run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
+    stale = [out / ".results.json.k1ll3d.tmp", out / "seed0" / "seq" / ".task1.safetensors.x.tmp"]
+    for path in stale:
+        path.write_text("half a write")
+    keep = out / "seed0" / "seq" / "task1.safetensors"
+    run(resume=out, echo=lambda m: None, report=False)
+    assert not any(path.exists() for path in stale) and keep.exists()

@@ -17,6 +17,7 @@ processes read them back once written (multi-node: the run directory must be on 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,24 @@ import torch
 from safetensors.torch import load_file, save
 
 from mergecl import distributed
-from mergecl.atomic import atomic_write_bytes, atomic_write_text
+from mergecl.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text
 from mergecl.errors import MergeclError
 
 
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    def remove_stale_temps(self) -> None:
+        """Delete the temp files of writes a killed run left behind (``.NAME.XXXX.tmp``: the
+        atomic writer's names; a write is only ever visible under its final name once complete)."""
+        if not distributed.is_main():
+            return
+        for path in self.path.rglob(f".*{TEMP_SUFFIX}"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # --- files ---------------------------------------------------------------------------------
 

@@ -379,6 +379,8 @@ def run(
         if not rundir.config_path.exists():
             raise MergeclError(f"{rundir.path}: not a run directory (no config.yaml)")
         config = load_config(rundir.config_path)
+        rundir.remove_stale_temps()
+        distributed.barrier()
     else:
         if not isinstance(config, RunConfig):
             config = load_config(config)
