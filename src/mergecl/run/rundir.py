@@ -35,7 +35,7 @@ class RunDir:
         self.path = Path(path)
 
     def remove_stale_temps(self) -> None:
-        """Delete the temp files of writes a killed run left behind (``.NAME.XXXX.tmp``: the
+        """Delete the temp files of writes a killed run left behind (``.NAME.<random>.tmp``: the
         atomic writer's names; a write is only ever visible under its final name once complete)."""
         if not distributed.is_main():
             return
