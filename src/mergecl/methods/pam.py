@@ -117,7 +117,6 @@ class Alignment(Hook):
         self.every = options["align_every"]
         self.reset = options["reset"]
         self.resets = 0
-        self.checked = sum(int(m.sum()) for m in self.top.values())
         self.rounds = 0
 
     def after_step(self, learner: Learner, step: int) -> None:
