@@ -101,7 +101,8 @@ def wrap(module: nn.Module) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [module_device(module).index] if module_device(module).type == "cuda" else None
+    device = module_device(module)
+    device_ids = [device.index] if device.type == "cuda" else None
     # buffers (BatchNorm statistics) stay per process: the zero-shot head's is constant anyway.
     # find_unused_parameters: HF encoders carry parameters the forward never uses (BERT's pooler
     # under mean pooling), which DDP would otherwise wait for forever.
