@@ -97,6 +97,9 @@ def _add_run(sub) -> None:
     )
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="with --resume: add seeds to the run (keep its own)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
     p.add_argument(
         "--nproc", type=int, default=1, metavar="N", help="processes on this machine (torchrun + DDP; one per GPU)"
@@ -108,11 +111,13 @@ def _run_run(args) -> int:
 
     if args.resume and args.config:
         raise MergeclError("give either a CONFIG or --resume RUN_DIR, not both")
+    if args.seeds is not None and not args.resume:
+        raise MergeclError("--seeds goes with --resume RUN_DIR (a config sets its seeds in `seeds:`)")
     echo = _quiet(args.quiet)
     started = time.perf_counter()
     if not _distributed(args):
         return 0
-    results, path = run(args.config, out=args.out, resume=args.resume, echo=echo)
+    results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
     _summary(results, path, started)
     return 0
 

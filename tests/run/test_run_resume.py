@@ -222,3 +222,18 @@ def test_resume_removes_the_temp_files_a_killed_run_left(tmp_path):
     keep = out / "seed0" / "seq" / "task1.safetensors"
     run(resume=out, echo=lambda m: None, report=False)
     assert not any(path.exists() for path in stale) and keep.exists()
+
+
+def test_seeds_added_to_a_finished_run_whose_tensors_were_deleted(tmp_path):
+    quiet = lambda m: None  # noqa: E731
+    small = {**SMALL, "methods": ["seq_ft", "magmax", "ind_ft+average", "joint"]}
+    both, _ = run(parse_config({**small, "seeds": [0, 1]}), out=tmp_path / "both", echo=quiet, report=False)
+    _, out = run(parse_config(small), out=tmp_path / "one", echo=quiet, report=False)
+    for tensors in out.rglob("*.safetensors"):  # a finished seed needs none of them to be extended
+        tensors.unlink()
+    with pytest.raises(MergeclError, match=r"missing \[0\]"):
+        run(resume=out, seeds=[1], echo=quiet, report=False)
+    extended, _ = run(resume=out, seeds=[0, 1], echo=quiet, report=False)
+    assert strip_times(extended) == strip_times(both)
+    assert load_config(out / "config.yaml").seeds == [0, 1]
+    assert not (out / "seed0" / "seq" / "task0.safetensors").exists()  # seed 0 was not retrained

@@ -129,6 +129,8 @@ class Runner:
     def run_stream(self, seed: int, stream: str, scenario: Scenario, learner: Learner, base: dict) -> None:
         methods = [spec for spec in self.methods if spec.stream == stream]
         progress = self.seed_progress(seed)
+        if all(len(progress["rows"].get(spec.name, [])) == len(scenario.tasks) for spec in methods):
+            return  # finished: nothing to train, even when its tensors were deleted to save disk
         carried = None
         final_only = bool(self.stream_options(stream).get("final_only"))
         last = len(scenario.tasks) - 1
@@ -366,20 +368,38 @@ def default_out(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def extend_seeds(config: RunConfig, seeds: list[int], rundir: RunDir) -> RunConfig:
+    """The run's config with ``seeds``, which must keep every seed the run has; rewrites config.yaml."""
+    dropped = [seed for seed in config.seeds if seed not in seeds]
+    if dropped:
+        raise MergeclError(f"--seeds must keep the run's seeds {config.seeds}; missing {dropped}")
+    config = config.model_copy(update={"seeds": list(dict.fromkeys(seeds))})
+    distributed.barrier()  # every process has read the old config before rank 0 rewrites it
+    if distributed.is_main():
+        from mergecl.atomic import atomic_write_text
+
+        atomic_write_text(rundir.config_path, dump_config(config))
+    return config
+
+
 def run(
     config: RunConfig | str | Path | None = None,
     out: str | Path | None = None,
     resume: str | Path | None = None,
     echo=print,
     report: bool = True,
+    seeds: list[int] | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Run a config (None: the embedded default) into ``out``, or continue the run in ``resume``."""
+    """Run a config (None: the embedded default) into ``out``, or continue the run in ``resume``;
+    ``seeds`` with ``resume``: run these seeds, a superset of the run's own (adds seeds to a run)."""
     if resume is not None:
         rundir = RunDir(resume)
         if not rundir.config_path.exists():
             raise MergeclError(f"{rundir.path}: not a run directory (no config.yaml)")
         config = load_config(rundir.config_path)
         rundir.remove_stale_temps()
+        if seeds is not None:
+            config = extend_seeds(config, seeds, rundir)
         distributed.barrier()
     else:
         if not isinstance(config, RunConfig):
