@@ -343,11 +343,16 @@ def acc_over_tasks_png(curves: Mapping[str, list[float]], num_tasks: int | None 
     """PNG bytes of ``ACC_t`` against the number of tasks trained, one line per method."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.8), dpi=100, layout="constrained")
+    fig = Figure(figsize=(9.5, 4.8), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     longest = max([len(c) for c in curves.values()] + [num_tasks or 0, 1])
-    for method, accs in curves.items():
-        ax.plot(range(1, len(accs) + 1), accs, marker="o", label=method)
+    styles = [("-", "o"), ("--", "s"), (":", "^")]  # the 10 colours repeat: a new line style per round
+    lines = []
+    for i, (method, accs) in enumerate(curves.items()):
+        linestyle, marker = styles[i // 10 % len(styles)]
+        label = f"{method} ({accs[-1]:.1f})" if accs else method
+        (line,) = ax.plot(range(1, len(accs) + 1), accs, f"C{i % 10}", ls=linestyle, marker=marker, ms=4, label=label)
+        lines.append((accs[-1] if accs else float("-inf"), line))
     top = max([max(c) for c in curves.values() if c] + [100.0])
     ax.set_ylim(0.0, top * 1.02)
     ax.set_xlim(0.75, longest + 0.25)
@@ -356,8 +361,9 @@ def acc_over_tasks_png(curves: Mapping[str, list[float]], num_tasks: int | None 
     ax.set_ylabel("ACC_t: mean accuracy on tasks seen (%)")
     ax.set_title("Accuracy over tasks")
     ax.grid(True, alpha=0.3)
-    if curves:
-        ax.legend(loc="best", fontsize=9)
+    if curves:  # outside the axes, best final ACC first
+        ranked = [line for _, line in sorted(lines, key=lambda pair: -pair[0])]
+        ax.legend(handles=ranked, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="final ACC")
     return _figure_png(fig)
 
 
