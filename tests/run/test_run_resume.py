@@ -27,10 +27,14 @@ SMALL = {
 
 
 def strip_times(results):
-    for entry in results["methods"].values():
-        entry.pop("wall_time_s", None)
-    results.pop("run", None)
-    return results
+    """results without the run's metadata and every wall time (also per seed and their std)."""
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "wall_time_s"}
+        return node
+
+    return strip({k: v for k, v in results.items() if k != "run"})
 
 
 def write_config(tmp_path, data):
