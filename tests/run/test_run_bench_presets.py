@@ -20,11 +20,13 @@ def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes):
     for name, entry in methods.items():
         assert entry["all_class_acc"] > 3 * chance, name
     assert methods["magmax@auto"]["step_info"]["lam"]  # lam chosen on validation at every step
+    assert not list(out.rglob("*.safetensors"))  # suites keep numbers, not a finished seed's tensors
 
 
 @pytest.mark.parametrize("suite", ["clinc150-cil-pam"])
 def test_quick_pam_suite_trains_lora_and_beats_chance(tmp_path, suite):
-    results, out = bench(suite, quick=True, out=tmp_path / suite, echo=lambda m: None, report=False)
+    config = suite_config(suite, quick=True).model_copy(update={"keep_vectors": True})  # read a task vector below
+    results, out = run(config, out=tmp_path / suite, echo=lambda m: None, report=False)
     methods = results["methods"]
     assert set(methods) == {"zero_shot", "seq_ft", "ind_ft+average", "pam", "pam@zero"}
     for name, entry in methods.items():

@@ -241,3 +241,14 @@ def test_seeds_added_to_a_finished_run_whose_tensors_were_deleted(tmp_path):
     assert strip_times(extended) == strip_times(both)
     assert load_config(out / "config.yaml").seeds == [0, 1]
     assert not (out / "seed0" / "seq" / "task0.safetensors").exists()  # seed 0 was not retrained
+
+
+def test_keep_vectors_false_deletes_each_finished_seed_and_changes_no_number(tmp_path):
+    quiet = lambda m: None  # noqa: E731
+    small = {**SMALL, "seeds": [0, 1], "methods": ["seq_ft", "magmax", "ewc"]}
+    kept, _ = run(parse_config(small), out=tmp_path / "kept", echo=quiet, report=False)
+    lean, out = run(parse_config({**small, "keep_vectors": False}), out=tmp_path / "lean", echo=quiet, report=False)
+    assert strip_times(lean) == strip_times(kept)
+    assert not list(out.rglob("*.safetensors")) and (out / "results.json").exists()
+    again, _ = run(resume=out, echo=quiet, report=False)  # finished seeds: nothing to redo
+    assert strip_times(again) == strip_times(kept)

@@ -87,6 +87,7 @@ class RunConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["seq_ft", "magmax"], min_length=1)
     eval_val: bool = False  # also evaluate every step on the validation splits (for model selection)
     eval_future: bool = True  # full accuracy matrix; False: tasks seen so far only (about half the evaluation)
+    keep_vectors: bool = True  # False: delete a seed's tensors once it has finished (its numbers stay)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

@@ -45,6 +45,13 @@ class RunDir:
             else:
                 path.unlink(missing_ok=True)
 
+    def remove_seed_tensors(self, seed: int) -> None:
+        """Delete a finished seed's checkpoints (task vectors, carried states, theta_0): its rows
+        are committed, so a resumed run skips it; a suite then needs disk for one seed, not all."""
+        distributed.barrier()  # no process still reads them
+        if distributed.is_main():
+            shutil.rmtree(self.seed_dir(seed), ignore_errors=True)
+
     # --- files ---------------------------------------------------------------------------------
 
     @property

@@ -86,6 +86,8 @@ class Runner:
     def run(self) -> dict[str, Any]:
         for seed in self.config.seeds:
             self.run_seed(seed)
+            if not self.config.keep_vectors:
+                self.rundir.remove_seed_tensors(seed)
         self.commit_progress()
         return self.results()
 
