@@ -235,6 +235,8 @@ def test_seeds_added_to_a_finished_run_whose_tensors_were_deleted(tmp_path):
     _, out = run(parse_config(small), out=tmp_path / "one", echo=quiet, report=False)
     for tensors in out.rglob("*.safetensors"):  # a finished seed needs none of them to be extended
         tensors.unlink()
+    with pytest.raises(MergeclError, match="extends a resumed run"):
+        run(parse_config(small), out=tmp_path / "new", seeds=[0, 1], echo=quiet, report=False)
     with pytest.raises(MergeclError, match=r"missing \[0\]"):
         run(resume=out, seeds=[1], echo=quiet, report=False)
     extended, _ = run(resume=out, seeds=[0, 1], echo=quiet, report=False)

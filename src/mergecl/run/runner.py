@@ -404,6 +404,8 @@ def run(
             config = extend_seeds(config, seeds, rundir)
         distributed.barrier()
     else:
+        if seeds is not None:
+            raise MergeclError("seeds= extends a resumed run; a new run takes its seeds from the config")
         if not isinstance(config, RunConfig):
             config = load_config(config)
         rundir = RunDir(distributed.broadcast_object(out if out is not None else default_out(config)))
