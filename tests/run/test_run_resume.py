@@ -243,6 +243,7 @@ def test_seeds_added_to_a_finished_run_whose_tensors_were_deleted(tmp_path):
     assert strip_times(extended) == strip_times(both)
     assert load_config(out / "config.yaml").seeds == [0, 1]
     assert not (out / "seed0" / "seq" / "task0.safetensors").exists()  # seed 0 was not retrained
+    assert not (out / "seed0" / "base.safetensors").exists()  # nor its model built and written again
 
 
 def test_keep_vectors_false_deletes_each_finished_seed_and_changes_no_number(tmp_path):

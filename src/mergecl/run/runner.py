@@ -116,6 +116,9 @@ class Runner:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"{self.device.type}, torch {torch.__version__}, {distributed.world_size()} process(es)",
         }
+        rows = self.seed_progress(seed)["rows"]
+        if all(len(rows.get(spec.name, [])) == len(scenario.tasks) for spec in self.methods):
+            return  # finished (a resume, or seeds added): no model to build, no theta_0 to write
         torch.manual_seed(seed)
         learner = build_learner(self.config.model, scenario.class_names, self.device)
         base_path = self.rundir.base_path(seed)
