@@ -1,6 +1,7 @@
 """Multi-process runs (torchrun + DDP, gloo on CPU) give the results of one process with the same
 global batch, with the optimiser state sharded (ZeRO-1) or not; a killed multi-process run resumes
-to the same numbers.
+to the same numbers; bf16 autocast (the GPU path, forced on the CPU) trains every method under DDP
+with sharded optimiser state.
 
 Tolerance: weights agree to 1e-4 (sums of gradient shares in another order) and accuracies exactly,
 except LwF: its distillation gradient at the start of a task is the difference of two nearly equal
@@ -16,6 +17,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -101,3 +103,19 @@ def test_sharded_optimizer_state_gives_the_same_run(single):
     (single / "zero.yaml").write_text(yaml.safe_dump(config))
     finished("run", single / "zero.yaml", "--out", single / "zero", "--quiet", "--nproc", 2)
     assert_same_run(single / "one", single / "zero")
+
+
+def test_bf16_autocast_with_sharded_optimizer_state_trains_every_method(single):
+    """The GPU recipe (bf16 autocast, ZeRO-1) run on CPUs: bf16 rounds each process's share on its
+    own, so the numbers are not those of fp32; they must stay close, and tensors stay fp32."""
+    methods = [*CONFIG["methods"], "gpm", "ind_ft"]
+    config = dict(CONFIG, methods=methods, train={**CONFIG["train"], "shard_optimizer": True, "amp": "bf16"})
+    (single / "bf16.yaml").write_text(yaml.safe_dump(config))
+    finished("run", single / "bf16.yaml", "--out", single / "bf16", "--quiet", "--nproc", 2)
+    fp32, bf16 = metrics(single / "one"), metrics(single / "bf16")
+    for name in CONFIG["methods"]:
+        assert bf16[name]["final_acc"] == pytest.approx(fp32[name]["final_acc"], abs=5), name
+    assert bf16["gpm"]["final_acc"] > 50 and bf16["ind_ft"]["final_acc"] > 20
+    for stream in ("seq", "ind", "ewc", "lwf", "became", "gpm"):
+        vector = load_file(single / "bf16" / "seed0" / stream / "task2.safetensors")
+        assert all(v.dtype == torch.float32 and bool(v.isfinite().all()) for v in vector.values()), stream

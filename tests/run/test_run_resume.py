@@ -61,6 +61,14 @@ def test_results_json_has_every_method_and_metric(tmp_path):
     assert (out / "seed0" / "seq" / "task2.safetensors").exists()
 
 
+def test_amp_reads_old_booleans_and_names_a_bad_value(tmp_path):
+    assert parse_config(dict(SMALL, train={"amp": True})).train.amp == "auto"
+    assert parse_config(dict(SMALL, train={"amp": False})).train.amp == "off"
+    assert load_config(write_config(tmp_path, dict(SMALL, train={"amp": "bf16"}))).train.amp == "bf16"
+    with pytest.raises(MergeclError, match=r"train.amp: Input should be 'auto', 'bf16' or 'off'"):
+        parse_config(dict(SMALL, train={"amp": "fp16"}))
+
+
 def test_config_errors_name_the_key(tmp_path):
     bad = dict(SMALL, data={"source": "digits", "n_taks": 3})
     with pytest.raises(MergeclError, match=r"unknown key 'data.n_taks'"):

@@ -86,6 +86,27 @@ def test_fractional_epochs():
     assert stats.steps == 5 and stats.examples == 160
 
 
+@pytest.mark.parametrize(("amp", "dtype"), [("bf16", torch.bfloat16), ("auto", torch.float32), ("off", torch.float32)])
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights(amp, dtype):
+    """amp: bf16 autocasts the forward on any device (here the CPU, as on a GPU); auto does so on
+    GPUs only. Weights, gradients and the loss stay fp32 either way."""
+    outputs_dtypes, grad_dtypes = set(), set()
+
+    class Record(Hook):
+        def loss(self, learner, inputs, outputs, labels):
+            outputs_dtypes.add(outputs.dtype)
+
+        def after_backward(self, learner):
+            grad_dtypes.update(p.grad.dtype for p in learner.parameters())
+
+    model = learner()
+    train_task(model, toy(), [0, 1, 2, 3], 10, TrainSettings(lr=0.01, epochs=5, amp=amp), 0, [Record()])
+    assert outputs_dtypes == {dtype}
+    assert grad_dtypes == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert accuracy(model, toy(seed=0), [0, 1, 2, 3]) > 95
+
+
 def test_diagonal_fisher_matches_the_papers_estimator():
     data = toy(n=6)
     model = learner()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergecl.errors import MergeclError
 
@@ -57,6 +57,11 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, value: Any) -> Any:
+        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -66,7 +71,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant", "plateau"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
-    amp: bool = True
+    # bf16 autocast: auto = on GPUs only; bf16 = on any device (CPUs with bf16 units, or to test the
+    # GPU path on a CPU); off. true / false are read as auto / off.
+    amp: Literal["auto", "bf16", "off"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     shard_optimizer: bool = False  # under torchrun: ZeRO-1 (each process holds 1/N of the optimiser state)

@@ -42,7 +42,7 @@ class TrainSettings:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant", "plateau"] = "cosine"
     grad_clip: float | None = 1.0
-    amp: bool = True  # bf16 autocast, only on a GPU
+    amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast: on GPUs only, on any device, never
     eval_batch_size: int = 256
     label_smoothing: float = 0.0
     shard_optimizer: bool = False  # multi-process runs: ZeRO-1, optimiser state sharded over processes
@@ -166,10 +166,11 @@ def mean_loss(learner: Learner, data: Split, classes: Sequence[int], num_classes
     return total / max(1, len(data))
 
 
-def autocast(learner: Learner, enabled: bool):
+def autocast(learner: Learner, amp: str):
+    """The forward pass's bf16 autocast; weights, gradients and optimiser state stay fp32."""
     device = learner.device
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
