@@ -23,31 +23,8 @@ CLASSES = ["cat", "dog", "sports_car"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A real CLIP BPE tokenizer over a tiny character vocabulary, saved like a hub checkpoint."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz.,-'":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    path = tmp_path_factory.mktemp("tiny_clip_tokenizer")
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
-    return path
-
-
-def tiny_config(vocab_size: int) -> dict:
-    layers = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32}
-    text = {**layers, "vocab_size": vocab_size, "max_position_embeddings": 64}
-    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return {
-        "text_config": text,
-        "vision_config": {**layers, "image_size": 32, "patch_size": 8},
-        "projection_dim": 16,
-    }
-
-
-@pytest.fixture(scope="module")
-def spec(tokenizer_dir):
-    return {"name": "hf_clip", "config": tiny_config(62), "tokenizer": str(tokenizer_dir)}
+def spec(tiny_clip):
+    return {"name": "hf_clip", **tiny_clip}
 
 
 @pytest.fixture()
@@ -66,13 +43,13 @@ def projected(out):
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def test_head_is_the_text_tower_zero_shot_rule(spec, tokenizer_dir):
+def test_head_is_the_text_tower_zero_shot_rule(spec):
     torch.manual_seed(0)
     learner = build_learner(spec, CLASSES)
     # Same seed, same model: recompute the head by hand with CLIPModel's own text features.
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(**spec["config"])).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = transformers.AutoTokenizer.from_pretrained(spec["tokenizer"])
     rows = []
     for name in ["cat", "dog", "sports car"]:
         batch = tok([t.format(name) for t in CLIP_TEMPLATES], padding=True, return_tensors="pt")

@@ -89,28 +89,6 @@ def test_pam_clip_presets_follow_the_magmax_sequences_with_lora():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A real CLIP tokenizer over a tiny vocabulary and a tiny random CLIP config of the same structure."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz0123456789.,-'":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    path = tmp_path_factory.mktemp("tok")
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
-    layers = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32}
-    text = {
-        **layers,
-        "vocab_size": len(vocab),
-        "max_position_embeddings": 64,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-    }
-    config = {"text_config": text, "vision_config": {**layers, "image_size": 32, "patch_size": 8}, "projection_dim": 16}
-    return {"config": config, "tokenizer": str(path)}
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     for c, name in enumerate(["cat", "dog", "car", "bird"]):
