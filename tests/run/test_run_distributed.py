@@ -28,10 +28,10 @@ CONFIG = {
     "data": {"source": "digits", "scenario": "class", "n_tasks": 3},
     "model": {"name": "mlp", "in_dim": 64, "hidden": [32]},
     "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
-    "methods": ["seq_ft", "magmax", "ties", "ind_ft+average", "ewc", "lwf", "became"],
-    "method_options": {"ewc": {"lam": 100.0}},
+    "methods": ["seq_ft", "magmax", "ties", "ind_ft+average", "ewc", "lwf", "became", "pam", "joint"],
+    "method_options": {"ewc": {"lam": 100.0}, "pam": {"align_every": 2}},
 }
-EXACT = ["seq_ft", "magmax", "ties", "ind_ft+average", "ewc", "became"]
+EXACT = ["seq_ft", "magmax", "ties", "ind_ft+average", "ewc", "became", "pam", "joint"]
 
 
 def mergecl(*args, **kwargs):
@@ -66,7 +66,7 @@ def assert_same_run(one, two):
     for key in ("final_acc", "all_class_acc"):
         assert a["lwf"][key] == pytest.approx(b["lwf"][key], abs=1.5)
     assert a["became"]["step_info"]["lambda"] == pytest.approx(b["became"]["step_info"]["lambda"], abs=1e-4)
-    for stream in ("seq", "ind", "ewc", "became"):
+    for stream in ("seq", "ind", "ewc", "became", "pam"):
         for t in range(3):
             x = load_file(one / "seed0" / stream / f"task{t}.safetensors")
             y = load_file(two / "seed0" / stream / f"task{t}.safetensors")
