@@ -220,6 +220,27 @@ def _run_report(args) -> int:
     return 0
 
 
+def _add_combine(sub) -> None:
+    p = sub.add_parser(
+        "combine",
+        help="one run from runs of the same config made side by side with different seeds",
+        description="Gather the seeds of runs of one config (e.g. one process or machine per seed) into a "
+        "new run directory, with results and report. The inputs are left as they are.",
+    )
+    p.add_argument("out", metavar="OUT", help="the new run directory")
+    p.add_argument("runs", metavar="RUN_DIR", nargs="+", help="the runs to gather (disjoint seeds)")
+
+
+def _run_combine(args) -> int:
+    from mergecl.evaluation.report import format_table
+    from mergecl.run.combine import combine
+
+    results, path = combine(args.runs, args.out)
+    print(format_table(results))
+    print(f"\nrun directory: {path} (seeds {results['run']['seeds']}); report: {path / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mergecl import __version__
 
@@ -230,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_bench(sub)
     _add_report(sub)
+    _add_combine(sub)
     return parser
 
 
@@ -238,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --nproc: relaunched as is
     try:
-        handlers = {"merge": _run_merge, "run": _run_run, "bench": _run_bench, "report": _run_report}
+        handlers = {
+            "merge": _run_merge,
+            "run": _run_run,
+            "bench": _run_bench,
+            "report": _run_report,
+            "combine": _run_combine,
+        }
         return handlers[args.command](args)
     except MergeclError as err:
         print(f"mergecl: error: {err}", file=sys.stderr)

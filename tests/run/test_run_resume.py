@@ -263,3 +263,39 @@ def test_keep_vectors_false_deletes_each_finished_seed_and_changes_no_number(tmp
     assert not list(out.rglob("*.safetensors")) and (out / "results.json").exists()
     again, _ = run(resume=out, echo=quiet, report=False)  # finished seeds: nothing to redo
     assert strip_times(again) == strip_times(kept)
+
+
+def test_combine_gathers_seeds_run_side_by_side_into_the_run_of_all_seeds(tmp_path):
+    from mergecl.run.combine import combine
+
+    config = dict(SMALL, seeds=[0, 1], methods=["seq_ft", "magmax", "ewc", "zero_shot"])
+    reference, _ = run(parse_config(config), out=tmp_path / "both", echo=lambda m: None)
+    run(parse_config(dict(config, seeds=[1])), out=tmp_path / "s1", echo=lambda m: None)
+    run(parse_config(dict(config, seeds=[0], keep_vectors=False)), out=tmp_path / "s0", echo=lambda m: None)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "s1").rglob("*")) if p.is_file()}
+
+    results, out = combine([tmp_path / "s1", tmp_path / "s0"], tmp_path / "all")
+    assert strip_times(results) == strip_times(reference)
+    assert load_config(out / "config.yaml").seeds == [1, 0]
+    assert json.loads((out / "results.json").read_text()) == results and (out / "report.md").exists()
+    assert (out / "seed1" / "seq" / "task2.safetensors").exists() and not (out / "seed0").exists()
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "s1").rglob("*")) if p.is_file()} == before
+    # a combined run is a run: resuming it finds every seed finished and changes no number
+    again, _ = run(resume=out, echo=lambda m: None)
+    assert strip_times(again) == strip_times(reference)
+
+    with pytest.raises(MergeclError, match="seed 1 is also in an earlier run"):
+        combine([tmp_path / "s1", tmp_path / "both"], tmp_path / "x")
+    run(parse_config(dict(config, seeds=[2], train={**config["train"], "lr": 0.02})), out=tmp_path / "s2", echo=print)
+    with pytest.raises(MergeclError, match="differs from .* in more than seeds and keep_vectors"):
+        combine([tmp_path / "s1", tmp_path / "s2"], tmp_path / "x")
+    with pytest.raises(MergeclError, match="already exists"):
+        combine([tmp_path / "s1", tmp_path / "s0"], tmp_path / "all")
+    with pytest.raises(MergeclError, match="not a run directory"):
+        combine([tmp_path / "s1", tmp_path / "nothing"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    from mergecl.cli import main
+
+    assert main(["combine", str(tmp_path / "cli"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    assert load_config(tmp_path / "cli" / "config.yaml").seeds == [0, 1]
+    assert main(["combine", str(tmp_path / "cli2"), str(tmp_path / "s0")]) == 2  # one run: nothing to combine

@@ -1,0 +1,82 @@
+"""One run from runs of the same config made side by side with different seeds.
+
+Seeds are independent, so a suite can run as one process per seed (one per machine, or
+single-threaded processes on one machine: ``mergecl run CONFIG --out runs/s1`` with ``seeds: [1]``,
+...). ``mergecl combine OUT RUN RUN...`` then gathers their seeds into a new run directory: the
+config with every seed, the seeds' progress and tensors, results.json and the report. The inputs
+are left as they are. An unfinished seed stays unfinished: ``mergecl run --resume OUT`` continues it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mergecl.atomic import atomic_directory, atomic_write_text
+from mergecl.errors import MergeclError
+from mergecl.run.config import RunConfig, dump_config, load_config
+from mergecl.run.rundir import RunDir
+
+FREE = ("seeds", "keep_vectors")  # the config keys the runs may differ in: they change no number
+
+
+def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Path]:
+    """Gather ``runs`` (same config but for ``seeds``, disjoint seeds) into the new run ``out``."""
+    from mergecl.evaluation.report import write_report
+    from mergecl.run.runner import Runner
+
+    if len(runs) < 2:
+        raise MergeclError("combine needs at least two run directories")
+    dirs = [RunDir(path) for path in runs]
+    configs = [_read_run(rundir) for rundir in dirs]
+    first = configs[0]
+    seeds: list[int] = []
+    for rundir, config in zip(dirs, configs, strict=True):
+        if config.model_copy(update={key: getattr(first, key) for key in FREE}) != first:
+            raise MergeclError(
+                f"{rundir.path}: its config differs from {dirs[0].path}'s in more than {' and '.join(FREE)}"
+            )
+        shared = sorted(set(seeds) & set(config.seeds))
+        if shared:
+            raise MergeclError(f"{rundir.path}: seed {shared[0]} is also in an earlier run; each seed may come once")
+        seeds += config.seeds
+    target = RunDir(out)
+    if target.path.exists():
+        raise MergeclError(f"{target.path}: already exists; combine writes a new run directory")
+
+    combined = first.model_copy(update={"seeds": seeds})
+    progress: dict[str, Any] = {"seeds": {}}
+    for rundir, config in zip(dirs, configs, strict=True):
+        own = rundir.read_json("progress.json", {"seeds": {}})["seeds"]
+        progress["seeds"].update({str(seed): own[str(seed)] for seed in config.seeds if str(seed) in own})
+
+    with atomic_directory(target.path) as staging:  # a failure leaves no half-combined run
+        for rundir, config in zip(dirs, configs, strict=True):
+            for seed in config.seeds:
+                if rundir.seed_dir(seed).is_dir():  # absent when the run kept no tensors
+                    shutil.copytree(rundir.seed_dir(seed), staging / rundir.seed_dir(seed).name, copy_function=_link)
+        atomic_write_text(staging / "config.yaml", dump_config(combined))
+        RunDir(staging).write_json("progress.json", progress)
+        runner = Runner(combined, RunDir(staging), echo=lambda message: None)
+        runner.meta = {**(dirs[0].read_json("results.json") or {}).get("run", {}), "seeds": seeds}
+        results = runner.results()
+        RunDir(staging).write_json("results.json", results)
+    write_report(results, target.path)
+    return results, target.path
+
+
+def _read_run(rundir: RunDir) -> RunConfig:
+    if not rundir.config_path.exists() or not (rundir.path / "progress.json").exists():
+        raise MergeclError(f"{rundir.path}: not a run directory (no config.yaml or progress.json)")
+    return load_config(rundir.config_path)
+
+
+def _link(source: str, destination: str) -> None:
+    """Hard-link a tensor file (no copy of gigabytes; safetensors files are never rewritten in
+    place, only replaced), or copy it across file systems."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
