@@ -276,7 +276,7 @@ def test_combine_gathers_seeds_run_side_by_side_into_the_run_of_all_seeds(tmp_pa
 
     results, out = combine([tmp_path / "s1", tmp_path / "s0"], tmp_path / "all")
     assert strip_times(results) == strip_times(reference)
-    assert load_config(out / "config.yaml").seeds == [1, 0]
+    assert load_config(out / "config.yaml").seeds == [1, 0] and len(results["run"]["combined_from"]) == 2
     assert json.loads((out / "results.json").read_text()) == results and (out / "report.md").exists()
     assert (out / "seed1" / "seq" / "task2.safetensors").exists() and not (out / "seed0").exists()
     assert {p: p.read_bytes() for p in sorted((tmp_path / "s1").rglob("*")) if p.is_file()} == before

@@ -60,7 +60,8 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
         atomic_write_text(staging / "config.yaml", dump_config(combined))
         RunDir(staging).write_json("progress.json", progress)
         runner = Runner(combined, RunDir(staging), echo=lambda message: None)
-        runner.meta = {**(dirs[0].read_json("results.json") or {}).get("run", {}), "seeds": seeds}
+        meta = (dirs[0].read_json("results.json") or {}).get("run", {})
+        runner.meta = {**meta, "seeds": seeds, "combined_from": [str(rundir.path) for rundir in dirs]}
         results = runner.results()
         RunDir(staging).write_json("results.json", results)
     write_report(results, target.path)
