@@ -152,3 +152,22 @@ def test_dense_space_needs_a_lora_model(tmp_path):
     )
     with pytest.raises(MergeclError, match="dense needs a LoRA model"):
         run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
+
+
+def test_the_dense_evidence_config_is_the_pam_suite_with_each_rule_in_both_spaces():
+    from pathlib import Path
+
+    from mergecl.run.bench import suite_config
+    from mergecl.run.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "pam-clinc150-dense.yaml")
+    suite = suite_config("clinc150-cil-pam")
+    assert (config.data, config.model, config.train, config.seeds) == (
+        suite.data,
+        suite.model,
+        suite.train,
+        suite.seeds,
+    )
+    merges = [m for m in config.methods if m not in ("seq_ft", "ind_ft")]
+    assert sorted(f"{m}@dense" for m in merges if "@" not in m) == sorted(m for m in merges if "@" in m)
+    assert all(config.method_options[m] == {"space": "dense"} for m in merges if "@" in m)
