@@ -77,6 +77,11 @@ class Runner:
             str(seed), {"rows": {}, "all_class_acc": {}, "train_time": {}, "method_time": {}}
         )
 
+    def finished(self, seed: int, methods: list[MethodSpec], num_tasks: int) -> bool:
+        """Every row of these methods committed for this seed."""
+        rows = self.seed_progress(seed)["rows"]
+        return all(len(rows.get(spec.name, [])) == num_tasks for spec in methods)
+
     def commit_progress(self) -> None:
         self.rundir.write_json("progress.json", self.progress)
         self.rundir.write_json("results.json", self.results())
@@ -116,9 +121,8 @@ class Runner:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"{self.device.type}, torch {torch.__version__}, {distributed.world_size()} process(es)",
         }
-        rows = self.seed_progress(seed)["rows"]
-        if all(len(rows.get(spec.name, [])) == len(scenario.tasks) for spec in self.methods):
-            return  # finished (a resume, or seeds added): no model to build, no theta_0 to write
+        if self.finished(seed, self.methods, len(scenario.tasks)):
+            return  # a resume, or seeds added: no model to build, no theta_0 to write
         torch.manual_seed(seed)
         learner = build_learner(self.config.model, scenario.class_names, self.device)
         base_path = self.rundir.base_path(seed)
@@ -133,9 +137,9 @@ class Runner:
 
     def run_stream(self, seed: int, stream: str, scenario: Scenario, learner: Learner, base: dict) -> None:
         methods = [spec for spec in self.methods if spec.stream == stream]
+        if self.finished(seed, methods, len(scenario.tasks)):
+            return  # nothing to train, even when its tensors were deleted to save disk
         progress = self.seed_progress(seed)
-        if all(len(progress["rows"].get(spec.name, [])) == len(scenario.tasks) for spec in methods):
-            return  # finished: nothing to train, even when its tensors were deleted to save disk
         carried = None
         final_only = bool(self.stream_options(stream).get("final_only"))
         last = len(scenario.tasks) - 1
