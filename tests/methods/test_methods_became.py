@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mergecl import MergeclError
-from mergecl.methods.became import became_merge, next_prior, one_over_t_merge, read_options
+from mergecl.methods.became import GPMOptions, became_merge, next_prior, one_over_t_merge
+from mergecl.methods.options import read_options
 from mergecl.methods.registry import resolve_method, resolve_methods
 from mergecl.run.config import load_config, parse_config
 from mergecl.run.rundir import RunDir
@@ -74,14 +75,15 @@ def test_one_over_t_merge():
 
 
 def test_options_are_checked_and_errors_name_the_key():
-    defaults = {"eps": 0.97, "eps_step": 0.003, "samples": 125, "project_head": "auto"}
-    assert read_options("gpm", {"eps": 0.9}, defaults)["eps"] == 0.9
+    assert read_options(GPMOptions, {"eps": 0.9}, "method_options.gpm").eps == 0.9
     with pytest.raises(MergeclError, match=r"method_options.gpm: unknown option 'epz'"):
-        read_options("gpm", {"epz": 0.9}, defaults)
-    with pytest.raises(MergeclError, match=r"method_options.gpm.eps: must be in \(0, 1\]"):
-        read_options("gpm", {"eps": 1.5}, defaults)
+        read_options(GPMOptions, {"epz": 0.9}, "method_options.gpm")
+    with pytest.raises(MergeclError, match=r"method_options.gpm.eps: Input should be less than or equal to 1, got 1.5"):
+        read_options(GPMOptions, {"eps": 1.5}, "method_options.gpm")
     with pytest.raises(MergeclError, match=r"method_options.gpm.samples"):
-        read_options("gpm", {"samples": 0}, defaults)
+        read_options(GPMOptions, {"samples": 0}, "method_options.gpm")
+    with pytest.raises(MergeclError, match=r"config: method_options.became.stage2_lr: Input should be greater than 0"):
+        parse_config({**TINY, "method_options": {"became": {"stage2_lr": 0}}})
 
 
 def test_streams_log_lambda_and_resume_from_their_carried_state(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mergecl import MergeclError
-from mergecl.methods.pam import Alignment, align_, conflicts, pam_options, running_mean, top_fraction_masks
+from mergecl.methods.options import read_options
+from mergecl.methods.pam import Alignment, PamOptions, align_, conflicts, running_mean, top_fraction_masks
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import dense_task_vector, fold_dense, lora_pairs
 from mergecl.run.config import parse_config
@@ -59,7 +60,7 @@ def test_alignment_hook_leaves_no_conflict_on_a_lora_learner():
         for p in trained.values():
             p.copy_(torch.randn_like(p))
     before = {n: p.detach().clone() for n, p in trained.items()}
-    hook = Alignment(g, pam_options({"p": 0.5, "reset": "value"}))
+    hook = Alignment(g, PamOptions(p=0.5, reset="value"))
     hook.after_step(learner, 9)  # not an alignment step (every 10)
     assert all(torch.equal(before[n], p) for n, p in trained.items())
     hook.after_step(learner, 10)
@@ -102,9 +103,9 @@ def test_lora_options_are_checked():
     with pytest.raises(MergeclError, match="not found"):
         build_learner({**LORA_MLP, "lora": {"target_modules": ["missing"]}}, ["a"])
     with pytest.raises(MergeclError, match=r"method_options.pam.p"):
-        pam_options({"p": 1.5})
+        read_options(PamOptions, {"p": 1.5}, "method_options.pam")
     with pytest.raises(MergeclError, match="unknown option 'period'"):
-        pam_options({"period": 3})
+        read_options(PamOptions, {"period": 3}, "method_options.pam")
 
 
 LORA_RUN = {

@@ -82,7 +82,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):
-    small = dict(SMALL, methods=["seq_ft"], data=dict(SMALL["data"], n_tasks=2))
+    small = dict(SMALL, methods=["seq_ft"], data=dict(SMALL["data"], n_tasks=2), method_options={})
     run(parse_config(small), out=tmp_path / "r", echo=lambda m: None)
     with pytest.raises(MergeclError, match="already holds a run; continue it with --resume"):
         run(parse_config(small), out=tmp_path / "r", echo=lambda m: None)
@@ -124,7 +124,7 @@ def test_resume_after_kills_gives_the_same_numbers(tmp_path):
 
 
 def test_cli_run_and_report(tmp_path):
-    small = dict(SMALL, methods=["seq_ft", "magmax"], data=dict(SMALL["data"], n_tasks=2))
+    small = dict(SMALL, methods=["seq_ft", "magmax"], data=dict(SMALL["data"], n_tasks=2), method_options={})
     config = write_config(tmp_path, small)
     env = dict(os.environ, MERGECL_QUIET="1")
     done = subprocess.run(
@@ -221,12 +221,12 @@ def test_plateau_settings_reach_the_training_loop():
 
 def test_a_non_numeric_method_option_names_the_key(tmp_path):
     config = dict(SMALL, methods=["ewc"], method_options={"ewc": {"lam": "1e3"}})  # YAML 1.1 reads 1e3 as text
-    with pytest.raises(MergeclError, match="method option 'lam': expected a number, got '1e3'"):
+    with pytest.raises(MergeclError, match="method_options.ewc.lam: Input should be a valid number, got '1e3'"):
         run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
 
 
 def test_resume_removes_the_temp_files_a_killed_run_left(tmp_path):
-    config = dict(SMALL, methods=["seq_ft"])
+    config = dict(SMALL, methods=["seq_ft"], method_options={})
     _, out = run(parse_config(config), out=tmp_path / "r", echo=lambda m: None, report=False)
     stale = [out / ".results.json.k1ll3d.tmp", out / "seed0" / "seq" / ".task1.safetensors.x.tmp"]
     for path in stale:
@@ -238,7 +238,7 @@ def test_resume_removes_the_temp_files_a_killed_run_left(tmp_path):
 
 def test_seeds_added_to_a_finished_run_whose_tensors_were_deleted(tmp_path):
     quiet = lambda m: None  # noqa: E731
-    small = {**SMALL, "methods": ["seq_ft", "magmax", "ind_ft+average", "joint"]}
+    small = {**SMALL, "methods": ["seq_ft", "magmax", "ind_ft+average", "joint"], "method_options": {}}
     both, _ = run(parse_config({**small, "seeds": [0, 1]}), out=tmp_path / "both", echo=quiet, report=False)
     _, out = run(parse_config(small), out=tmp_path / "one", echo=quiet, report=False)
     for tensors in out.rglob("*.safetensors"):  # a finished seed needs none of them to be extended

@@ -31,13 +31,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge_checkpoints
+from mergecl.methods.options import Options
 from mergecl.methods.streams import Step, StepResult, Stream, register, train_classes
 from mergecl.models.base import Learner
 from mergecl.training.fisher import diagonal_fisher
@@ -52,43 +54,40 @@ from mergecl.training.gpm import (
 from mergecl.training.loop import TrainStats, train_task
 
 PRIOR_PREFIX = "prior/"
-GPM_OPTIONS: dict[str, Any] = {"eps": 0.97, "eps_step": 0.003, "samples": 125, "project_head": "auto"}
-STAGE2_OPTIONS: dict[str, Any] = {"stage2_epochs": None, "stage2_lr": None}
-FISHER_OPTIONS: dict[str, Any] = {"gamma": 1.0, "fisher_labels": "predicted"}
 
 
-# --- options -----------------------------------------------------------------------------------
+# --- options: one schema per stream, built from the three groups -------------------------------
 
 
-def read_options(stream: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with ``given``; an unknown key or a bad value names the key."""
-    where = f"method_options.{stream}"
-    for key in given:
-        if key not in defaults:
-            raise MergeclError(f"{where}: unknown option '{key}' (allowed: {', '.join(sorted(defaults))})")
-    options = {**defaults, **given}
-    for key in ("eps", "eps_step", "gamma", "stage2_epochs", "stage2_lr"):
-        value = options.get(key)
-        if key in options and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise MergeclError(f"{where}.{key}: expected a number, got {value!r}")
-    if "eps" in options and not 0.0 < options["eps"] <= 1.0:
-        raise MergeclError(f"{where}.eps: must be in (0, 1], got {options['eps']}")
-    if "samples" in options and (not isinstance(options["samples"], int) or options["samples"] < 1):
-        raise MergeclError(f"{where}.samples: expected a positive integer, got {options['samples']!r}")
-    if "project_head" in options and options["project_head"] not in ("auto", True, False):
-        raise MergeclError(f"{where}.project_head: expected auto, true or false, got {options['project_head']!r}")
-    if "fisher_labels" in options and options["fisher_labels"] not in ("predicted", "true"):
-        raise MergeclError(f"{where}.fisher_labels: expected predicted or true, got {options['fisher_labels']!r}")
-    for key in ("stage2_epochs", "stage2_lr"):
-        if options.get(key) is not None and options[key] <= 0:
-            raise MergeclError(f"{where}.{key}: must be > 0, got {options[key]}")
-    return options
+class GPMOptions(Options):
+    eps: float = Field(0.97, gt=0, le=1)  # the energy threshold after task 1
+    eps_step: float = Field(0.003, ge=0)  # added per task (the threshold is at most 1)
+    samples: int = Field(125, ge=1)  # examples for the representations
+    project_head: Literal["auto"] | bool = "auto"
 
 
-def project_head(step: Step, options: dict[str, Any]) -> bool:
-    if options["project_head"] == "auto":
+class Stage2Options(Options):
+    stage2_epochs: float | None = Field(None, gt=0)  # None: the train section's
+    stage2_lr: float | None = Field(None, gt=0)
+
+
+class FisherOptions(Options):
+    gamma: float = Field(1.0, ge=0)  # Lambda_t = F_t + gamma Lambda_{t-1}
+    fisher_labels: Literal["predicted", "true"] = "predicted"
+
+
+class BecameOptions(GPMOptions, Stage2Options, FisherOptions):
+    pass
+
+
+class GPMOneOverTOptions(GPMOptions, Stage2Options):
+    pass
+
+
+def project_head(step: Step, options: GPMOptions) -> bool:
+    if options.project_head == "auto":
         return step.scenario.kind == "domain"  # one head shared by every task (permuted too)
-    return bool(options["project_head"])
+    return options.project_head
 
 
 # --- pieces of a step --------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def project_head(step: Step, options: dict[str, Any]) -> bool:
 def train_stage(
     step: Step,
     memory: GPMemory | None,
-    options: dict[str, Any],
+    options: Any,
     epochs: float | None = None,
     lr: float | None = None,
     seed_offset: int = 0,
@@ -128,20 +127,20 @@ def train_stage(
         )
 
 
-def update_memory(step: Step, memory: GPMemory, options: dict[str, Any]) -> None:
+def update_memory(step: Step, memory: GPMemory, options: GPMOptions) -> None:
     layers = projectable_layers(step.learner, project_head(step, options))
-    eps = eps_at(step.t, options["eps"], options["eps_step"])
-    memory.update(step.learner, step.task.train, layers, eps, options["samples"], step.seed)
+    eps = eps_at(step.t, options.eps, options.eps_step)
+    memory.update(step.learner, step.task.train, layers, eps, options.samples, step.seed)
 
 
-def fisher_at(step: Step, options: dict[str, Any]) -> dict[str, Tensor]:
+def fisher_at(step: Step, options: FisherOptions) -> dict[str, Tensor]:
     """Diagonal Fisher of the learner's current weights on the task (the release's batch size)."""
     fisher = diagonal_fisher(
         step.learner,
         step.task.train,
         train_classes(step.scenario, step.t),
         step.scenario.num_classes,
-        labels=options["fisher_labels"],
+        labels=options.fisher_labels,
         batch_size=step.settings.batch_size,
     )
     return {k: v.cpu() for k, v in fisher.items()}
@@ -212,23 +211,23 @@ def joined(first: TrainStats, second: TrainStats) -> TrainStats:
 
 
 def gpm_step(step: Step) -> StepResult:
-    options = read_options("gpm", step.options, GPM_OPTIONS)
+    options = step.options
     memory = GPMemory.from_carried(step.carried)
     stats = train_stage(step, memory if step.t > 0 else None, options)
     update_memory(step, memory, options)
     return StepResult(stats, memory.carried(), {"basis_fill": memory.fill()})
 
 
-def two_stage(step: Step, options: dict[str, Any], memory: GPMemory) -> tuple[TrainStats, dict, dict]:
+def two_stage(step: Step, options: Any, memory: GPMemory) -> tuple[TrainStats, dict, dict]:
     """Stage 1 projected -> theta_gp; stage 2 unprojected, fresh optimiser -> theta_hat (in the learner)."""
     first = train_stage(step, memory, options)
     theta_gp = snapshot(step.learner)
-    second = train_stage(step, None, options, options["stage2_epochs"], options["stage2_lr"], seed_offset=1)
+    second = train_stage(step, None, options, options.stage2_epochs, options.stage2_lr, seed_offset=1)
     return joined(first, second), theta_gp, snapshot(step.learner)
 
 
 def became_step(step: Step) -> StepResult:
-    options = read_options("became", step.options, {**GPM_OPTIONS, **STAGE2_OPTIONS, **FISHER_OPTIONS})
+    options = step.options
     memory = GPMemory.from_carried(step.carried)
     prior = read_prior(step.carried)
     info = {"lambda": 1.0}  # task 1: theta*_1 is the trained model
@@ -239,14 +238,14 @@ def became_step(step: Step) -> StepResult:
         stats, theta_gp, theta_hat = two_stage(step, options, memory)
         merged, info["lambda"] = became_merge(theta_gp, theta_hat, fisher_at(step, options), prior)
         step.learner.load_state_dict(merged)
-    prior = next_prior(fisher_at(step, options), prior, options["gamma"])  # second pass, at theta*_t
+    prior = next_prior(fisher_at(step, options), prior, options.gamma)  # second pass, at theta*_t
     update_memory(step, memory, options)
     info["basis_fill"] = memory.fill()
     return StepResult(stats, carried_state(memory, prior), info)
 
 
 def gpm_one_over_t_step(step: Step) -> StepResult:
-    options = read_options("gpm_one_over_t", step.options, {**GPM_OPTIONS, **STAGE2_OPTIONS})
+    options = step.options
     memory = GPMemory.from_carried(step.carried)
     info = {"lambda": 1.0}
     if step.t == 0:
@@ -261,7 +260,7 @@ def gpm_one_over_t_step(step: Step) -> StepResult:
 
 
 def seq_became_step(step: Step) -> StepResult:
-    options = read_options("seq_became", step.options, FISHER_OPTIONS)
+    options = step.options
     prior = read_prior(step.carried)
     info = {"lambda": 1.0}
     previous = snapshot(step.learner)  # theta*_{t-1}: the theta_gp of this variant
@@ -270,15 +269,23 @@ def seq_became_step(step: Step) -> StepResult:
         prior = require(prior, "seq_became", step.t)
         merged, info["lambda"] = became_merge(previous, snapshot(step.learner), fisher_at(step, options), prior)
         step.learner.load_state_dict(merged)
-    prior = next_prior(fisher_at(step, options), prior, options["gamma"])
+    prior = next_prior(fisher_at(step, options), prior, options.gamma)
     return StepResult(stats, carried_state(None, prior), info)
 
 
-STREAMS: dict[str, tuple[str, Callable[[Step], StepResult]]] = {
-    "gpm": ("GPM: projected training after task 1, memory update after every task", gpm_step),
-    "became": ("GPM stage + unprojected stage, merged with BECAME's Bayesian lam*", became_step),
-    "gpm_one_over_t": ("GPM stage + unprojected stage, merged with lam = 1/t", gpm_one_over_t_step),
-    "seq_became": ("sequential fine-tuning merged with the previous model by BECAME's lam*", seq_became_step),
+STREAMS: dict[str, tuple[str, Callable[[Step], StepResult], type[Options]]] = {
+    "gpm": ("GPM: projected training after task 1, memory update after every task", gpm_step, GPMOptions),
+    "became": ("GPM stage + unprojected stage, merged with BECAME's Bayesian lam*", became_step, BecameOptions),
+    "gpm_one_over_t": (
+        "GPM stage + unprojected stage, merged with lam = 1/t",
+        gpm_one_over_t_step,
+        GPMOneOverTOptions,
+    ),
+    "seq_became": (
+        "sequential fine-tuning merged with the previous model by BECAME's lam*",
+        seq_became_step,
+        FisherOptions,
+    ),
 }
-for _name, (_summary, _fn) in STREAMS.items():
-    register(Stream(_name, _summary, True, _fn))
+for _name, (_summary, _fn, _options) in STREAMS.items():
+    register(Stream(_name, _summary, True, _fn, _options))

@@ -21,44 +21,26 @@ Options (defaults): ``p`` 0.5, ``align_every`` 10, ``align_at_end`` true, ``scop
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from mergecl.errors import MergeclError
+from mergecl.methods.options import Options
 from mergecl.methods.streams import Step, StepResult, Stream, register
 from mergecl.models.base import Learner
 from mergecl.training.loop import Hook
 
-PAM_OPTIONS: dict[str, Any] = {
-    "p": 0.5,
-    "align_every": 10,
-    "align_at_end": True,
-    "scope": "tensor",
-    "reset": "value",
-    "merge": "mean",
-}
-CHOICES = {"scope": ("tensor", "global"), "reset": ("value", "zero"), "merge": ("mean", "half")}
 
 
-def pam_options(given: dict[str, Any], where: str = "method_options.pam") -> dict[str, Any]:
-    for key in given:
-        if key not in PAM_OPTIONS:
-            raise MergeclError(f"{where}: unknown option '{key}' (allowed: {', '.join(PAM_OPTIONS)})")
-    options = {**PAM_OPTIONS, **given}
-    p = options["p"]
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise MergeclError(f"{where}.p: expected a fraction in [0, 1], got {p!r}")
-    every = options["align_every"]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise MergeclError(f"{where}.align_every: expected a positive number of steps, got {every!r}")
-    if not isinstance(options["align_at_end"], bool):
-        raise MergeclError(f"{where}.align_at_end: expected true or false, got {options['align_at_end']!r}")
-    for key, allowed in CHOICES.items():
-        if options[key] not in allowed:
-            raise MergeclError(f"{where}.{key}: expected {' or '.join(allowed)}, got {options[key]!r}")
-    return options
+class PamOptions(Options):
+    p: float = Field(0.5, ge=0, le=1)  # the fraction of G's entries (by magnitude) kept aligned
+    align_every: int = Field(10, ge=1)  # optimiser steps between alignments
+    align_at_end: bool = True
+    scope: Literal["tensor", "global"] = "tensor"
+    reset: Literal["value", "zero"] = "value"
+    merge: Literal["mean", "half"] = "mean"
 
 
 # --- the math: small pure functions --------------------------------------------------------------
@@ -111,11 +93,11 @@ def running_mean(global_: Tensor, task: Tensor, count: int, merge: str) -> Tenso
 class Alignment(Hook):
     """Every ``every`` optimiser steps, reset the trained weights that disagree with G's top entries."""
 
-    def __init__(self, global_: dict[str, Tensor], options: dict[str, Any]) -> None:
+    def __init__(self, global_: dict[str, Tensor], options: PamOptions) -> None:
         self.global_ = global_
-        self.top = top_fraction_masks(global_, options["p"], options["scope"])
-        self.every = options["align_every"]
-        self.reset = options["reset"]
+        self.top = top_fraction_masks(global_, options.p, options.scope)
+        self.every = options.align_every
+        self.reset = options.reset
         self.resets = 0
         self.rounds = 0
 
@@ -132,24 +114,24 @@ class Alignment(Hook):
 
 
 def _pam(step: Step) -> StepResult:
-    options = pam_options(step.options)
+    options = step.options
     learner = step.learner
     trained = {name: p for name, p in learner.named_parameters() if p.requires_grad}
     global_ = {name: p.detach().clone() for name, p in trained.items()}  # G_{t-1}: the start weights
     hooks = []
-    if step.t > 0 and options["p"] > 0:
+    if step.t > 0 and options.p > 0:
         hooks.append(Alignment(global_, options))
     stats = step.train(hooks=hooks)
     info: dict[str, float] = {}
     if hooks:
         alignment = hooks[0]
-        if options["align_at_end"] and stats.steps % alignment.every != 0:
+        if options.align_at_end and stats.steps % alignment.every != 0:
             alignment.align(learner)
         rounds = max(1, alignment.rounds)
         info["reset_fraction"] = alignment.resets / rounds / max(1, sum(p.numel() for p in trained.values()))
     with torch.no_grad():
         for name, p in trained.items():  # the stream's model after the step is G_t
-            p.copy_(running_mean(global_[name], p, step.t + 1, options["merge"]).to(p.dtype))
+            p.copy_(running_mean(global_[name], p, step.t + 1, options.merge).to(p.dtype))
     return StepResult(stats, info=info)
 
 
@@ -159,5 +141,6 @@ register(
         "PAM: task model from G, sign-aligned to G's top-p entries while training, G <- running mean",
         True,
         _pam,
+        PamOptions,
     )
 )

@@ -4,19 +4,22 @@ A stream is a name, whether it continues from its own previous model, and a step
 recipe over the training loop and its hooks, no trainer hierarchy. A step starts from weights the
 runner gives (theta_0, or theta_0 + tau_{t-1} rebuilt from the run directory, the same way whether
 the run was resumed or not) and returns the stream's carried state (EWC's running Fisher) and
-per-step info to log (BECAME's lambda*). New methods register a Stream from their own module.
+per-step info to log (BECAME's lambda*). New methods register a Stream from their own module,
+with the schema of their options (``methods/options.py``): the config is checked against it when it
+is read, and the step gets the typed options.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
+from pydantic import Field
 from torch import Tensor
 
 from mergecl.data.types import Scenario, Split
-from mergecl.errors import MergeclError
+from mergecl.methods.options import Options
 from mergecl.models.base import Learner
 from mergecl.training.fisher import diagonal_fisher
 from mergecl.training.loop import TrainSettings, TrainStats, train_task
@@ -54,19 +57,12 @@ class Step:
     t: int
     settings: TrainSettings
     seed: int
-    options: dict[str, Any]  # method_options[stream]
+    options: Options  # method_options[stream], checked against the stream's schema
     carried: dict[str, Tensor] | None  # the stream's state after step t-1 (None at t = 0)
 
     @property
     def task(self):
         return self.scenario.tasks[self.t]
-
-    def number(self, key: str, default: float) -> float:
-        """A numeric method option; a string or a list names the key instead of failing later."""
-        value = self.options.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MergeclError(f"method option '{key}': expected a number, got {value!r}")
-        return float(value)
 
     @property
     def desc(self) -> str:
@@ -100,6 +96,7 @@ class Stream:
     summary: str
     continues: bool  # True: step t starts from the stream's model after t-1; False: from theta_0
     step: Callable[[Step], StepResult] | None  # None: no training (zero-shot)
+    options: type[Options] = Options  # the schema of method_options.<method>; default: none
 
 
 STREAMS: dict[str, Stream] = {}
@@ -108,6 +105,21 @@ STREAMS: dict[str, Stream] = {}
 def register(stream: Stream) -> Stream:
     STREAMS[stream.name] = stream
     return stream
+
+
+class JointOptions(Options):
+    final_only: bool = False  # train once, on every task, at the last step (no rows before it)
+
+
+class LwFOptions(Options):
+    lam: float = Field(0.3, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class EWCOptions(Options):
+    lam: float = Field(1e6, ge=0)
+    decay: float = Field(0.5, ge=0, le=1)  # F <- decay F + (1 - decay) F_t
+    fisher_labels: Literal["predicted", "true"] = "predicted"
 
 
 def _plain(step: Step) -> StepResult:
@@ -126,7 +138,7 @@ def _lwf(step: Step) -> StepResult:
     if step.t > 0:
         scenario = step.scenario
         old = scenario.seen_classes(step.t - 1) if scenario.kind != "domain" else train_classes(scenario, step.t)
-        hooks.append(LwF(step.learner, old, lam=step.number("lam", 0.3), temperature=step.number("temperature", 2.0)))
+        hooks.append(LwF(step.learner, old, lam=step.options.lam, temperature=step.options.temperature))
     return StepResult(step.train(hooks=hooks))
 
 
@@ -134,21 +146,25 @@ def _ewc(step: Step) -> StepResult:
     hooks = []
     if step.t > 0 and step.carried is not None:
         anchor = {n: p.detach().clone() for n, p in step.learner.named_parameters() if p.requires_grad}
-        hooks.append(EWC(anchor, step.carried, lam=step.number("lam", 1e6)))
+        hooks.append(EWC(anchor, step.carried, lam=step.options.lam))
     stats = step.train(hooks=hooks)
     fisher = diagonal_fisher(
         step.learner,
         step.task.train,
         train_classes(step.scenario, step.t),
         step.scenario.num_classes,
-        labels=step.options.get("fisher_labels", "predicted"),
+        labels=step.options.fisher_labels,
     )
-    return StepResult(stats, online_fisher(step.carried, fisher, decay=step.number("decay", 0.5)))
+    return StepResult(stats, online_fisher(step.carried, fisher, decay=step.options.decay))
 
 
 register(Stream("seq", "sequential fine-tuning: task t starts from the model after task t-1", True, _plain))
 register(Stream("ind", "independent fine-tuning: every task starts from theta_0", False, _plain))
-register(Stream("joint", "joint training on all tasks seen so far, from theta_0 (upper bound)", False, _joint))
+register(
+    Stream("joint", "joint training on all tasks seen so far, from theta_0 (upper bound)", False, _joint, JointOptions)
+)
 register(Stream("zero_shot", "no training: theta_0 (lower bound)", False, None))
-register(Stream("lwf", "sequential fine-tuning + distillation of the previous model on old classes", True, _lwf))
-register(Stream("ewc", "sequential fine-tuning + EWC penalty (online Fisher)", True, _ewc))
+register(
+    Stream("lwf", "sequential fine-tuning + distillation of the previous model on old classes", True, _lwf, LwFOptions)
+)
+register(Stream("ewc", "sequential fine-tuning + EWC penalty (online Fisher)", True, _ewc, EWCOptions))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergecl.errors import MergeclError
 
@@ -40,7 +40,7 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf names train.lr here
 
 
 class DataConfig(_Strict):
@@ -65,7 +65,7 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # 1 and above: the step grows without bound
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(32, ge=1)
     warmup_steps: int = Field(0, ge=0)
@@ -97,6 +97,14 @@ class RunConfig(_Strict):
     keep_vectors: bool = True  # False: delete a seed's tensors once it has finished (its numbers stay)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_method_options(self) -> RunConfig:
+        """Each method option against its method's schema, before any work (a MergeclError)."""
+        from mergecl.methods.registry import check_method_options  # imports torch: only when needed
+
+        check_method_options(self.methods, self.method_options, lora=bool(self.model.get("lora")))
+        return self
+
 
 def _error_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -113,6 +121,8 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise MergeclError(_error_line(err, source)) from None
+    except MergeclError as err:  # the method options' own check
+        raise MergeclError(f"{source}: {err}") from None
 
 
 def load_config(path: str | Path | None = None) -> RunConfig:

@@ -24,6 +24,7 @@ from mergecl.data.types import Scenario, Split
 from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.merging.engine import merge
+from mergecl.methods.options import Options, read_options
 from mergecl.methods.registry import MethodSpec, resolve_methods, stream_kind
 from mergecl.methods.streams import STREAMS, Step, eval_classes
 from mergecl.models.base import Learner
@@ -141,7 +142,7 @@ class Runner:
             return  # nothing to train, even when its tensors were deleted to save disk
         progress = self.seed_progress(seed)
         carried = None
-        final_only = bool(self.stream_options(stream).get("final_only"))
+        final_only = getattr(self.stream_options(stream), "final_only", False)
         last = len(scenario.tasks) - 1
         for t in range(len(scenario.tasks)):
             if final_only and t < last:  # e.g. joint trained once on everything: no rows before the end
@@ -229,10 +230,13 @@ class Runner:
     def rebuild(base: dict, tau: dict) -> dict:
         return {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in base.items()}
 
-    def stream_options(self, stream: str) -> dict[str, Any]:
-        """method_options of a stream: under its own name (``seq``, ``pam@zero``) or its method's (``seq_ft@x``)."""
+    def stream_options(self, stream: str) -> Options:
+        """method_options of a stream: under its own name (``seq``, ``pam@zero``) or its method's
+        (``seq_ft@x``), read by the stream's schema (checked already when the config was read)."""
         names = [stream] + [spec.name for spec in self.methods if spec.stream == stream and spec.rule is None]
-        return next((self.config.method_options[n] for n in names if n in self.config.method_options), {})
+        name = next((n for n in names if n in self.config.method_options), stream)
+        schema = STREAMS[stream_kind(stream)].options
+        return read_options(schema, self.config.method_options.get(name, {}), f"method_options.{name}")
 
     def weights(self, seed, spec: MethodSpec, t: int, base: dict, learner: Learner, scenario: Scenario):
         """The model a method has after step t, and what was chosen on the way ({"lam": ...})."""
