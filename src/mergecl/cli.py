@@ -38,6 +38,9 @@ def _add_merge(sub) -> None:
     p.add_argument("--method", required=True, help="merge rule (see below)")
     p.add_argument("--base", required=True, help="the base (pretrained) checkpoint theta_0")
     p.add_argument("-o", "--out", required=True, help="output: X.safetensors, or a directory (HF layout, sharded)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing OUT (only an earlier mergecl output, never an input)"
+    )
     p.add_argument("--lam", type=float, default=None, help="scaling coefficient (default: the rule's own)")
     p.add_argument("--keep", type=float, default=0.2, help="ties: fraction of entries kept (default 0.2)")
     p.add_argument("--scope", choices=["global", "tensor"], default="global", help="ties: top-k scope")
@@ -57,31 +60,42 @@ def _run_merge(args) -> int:
     from mergecl.merging.engine import merge_checkpoints
 
     started = time.perf_counter()
-    result = merge_checkpoints(
-        args.base,
-        args.finetuned,
-        args.method,
-        out=args.out,
-        lam=args.lam,
-        keep=args.keep,
-        scope=args.scope,
-        seed=args.seed,
-        dare=args.dare,
-        start=args.start,
-        include=args.include,
-        exclude=args.exclude,
-        fisher=args.fisher,
-        prior_precision=args.prior_precision,
-        max_shard_size=args.max_shard_size,
-        workers=args.workers,
-        progress=not args.quiet and sys.stderr.isatty(),
-    )
+    try:
+        result = merge_checkpoints(
+            args.base,
+            args.finetuned,
+            args.method,
+            out=args.out,
+            force=args.force,
+            lam=args.lam,
+            keep=args.keep,
+            scope=args.scope,
+            seed=args.seed,
+            dare=args.dare,
+            start=args.start,
+            include=args.include,
+            exclude=args.exclude,
+            fisher=args.fisher,
+            prior_precision=args.prior_precision,
+            max_shard_size=args.max_shard_size,
+            workers=args.workers,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except OSError as err:  # a full disk, a read-only or forbidden place: the system's words, one line
+        where = f"{err.filename}: " if err.filename else ""
+        raise MergeclError(_one_line(f"{where}{err.strerror or err}")) from None
+    except MergeclError as err:  # names from a file's header may hold line breaks
+        raise MergeclError(_one_line(str(err))) from None
     extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
     print(
         f"wrote {result.path} ({args.method}, {len(args.finetuned)} checkpoints, "
         f"{time.perf_counter() - started:.1f}s{extra})"
     )
     return 0
+
+
+def _one_line(message: str) -> str:
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _add_run(sub) -> None:
@@ -117,9 +131,16 @@ def _run_run(args) -> int:
     started = time.perf_counter()
     if not _distributed(args):
         return 0
-    results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
-    _summary(results, path, started)
-    return 0
+    try:
+        results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
+    except OSError as err:  # a disk that fills up or turns read-only mid-run: every write is atomic
+        raise MergeclError(_os_error(err)) from None
+    return _summary(results, path, started)
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an operating-system failure: the file and the reason."""
+    return f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
 
 
 def _add_bench(sub) -> None:
@@ -144,8 +165,7 @@ def _run_bench(args) -> int:
     if not _distributed(args):
         return 0
     results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, echo=echo)
-    _summary(results, path, started)
-    return 0
+    return _summary(results, path, started)
 
 
 def _distributed(args) -> bool:
@@ -177,15 +197,21 @@ def _distributed(args) -> bool:
     return False
 
 
-def _summary(results, path, started: float) -> None:
+def _summary(results, path, started: float) -> int:
+    """Print the table; the exit status: 1 when a method failed (its model broke), else 0."""
     from mergecl import distributed
     from mergecl.evaluation.report import format_table
 
     main = distributed.is_main()
     distributed.shutdown()
+    failed = [entry["failed"] for entry in results["methods"].values() if "failed" in entry]
+    clean = f", not clean: {len(failed)} of {len(results['methods'])} methods failed" if failed else ""
     if main:
         print(format_table(results))
-        print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s); report: {path / 'report.md'}")
+        for message in failed:
+            print(f"failed: {message}", file=sys.stderr)
+        print(f"\nrun directory: {path} ({time.perf_counter() - started:.0f}s{clean}); report: {path / 'report.md'}")
+    return 1 if failed else 0
 
 
 def _quiet(quiet: bool):
@@ -214,7 +240,11 @@ def _run_report(args) -> int:
     results = rundir.read_json("results.json")
     if results is None:
         raise MergeclError(f"{Path(args.run_dir) / 'results.json'}: no such file (is this a run directory?)")
-    written = write_report(results, rundir.path)
+    try:
+        written = write_report(results, rundir.path)
+    except OSError as err:  # e.g. a read-only run directory: the tables still print
+        print(format_table(results))
+        raise MergeclError(f"the report could not be written ({_os_error(err)})") from None
     print(format_table(results))
     print(f"\nwrote {', '.join(p.name for p in written)} in {rundir.path}")
     return 0
@@ -256,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch (the merge rules' help): seconds in which Ctrl-C may come
+    except KeyboardInterrupt:
+        print("mergecl: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --nproc: relaunched as is
     try:

@@ -314,7 +314,7 @@ def test_missing_and_corrupt_files(tmp_path):
     save_file(fts[0], str(tmp_path / "short.safetensors"))
     data = (tmp_path / "short.safetensors").read_bytes()
     (tmp_path / "short.safetensors").write_bytes(data[:-100])
-    with pytest.raises(MergeclError, match="short.safetensors: tensor '.*' has a truncated"):
+    with pytest.raises(MergeclError, match="short.safetensors: tensor '.*' is truncated"):
         merge(base, [tmp_path / "short.safetensors"], "average")
 
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from mergecl.atomic import atomic_directory, atomic_open
+from mergecl import __version__
+from mergecl.atomic import atomic_directory, atomic_open, recover, remove_stale_temps
 from mergecl.errors import MergeclError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -36,6 +36,9 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
@@ -44,6 +47,9 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 SHARD_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+# What marks an output as mergecl's own (only those may be replaced, and only with force):
+MARKER_KEY = "mergecl"  # a .safetensors output: this metadata key, holding the version
+MARKER_FILE = ".mergecl-output"  # a directory output: this file, {"mergecl": version, "files": [...]}
 
 
 class CheckpointReader(Protocol):
@@ -74,7 +80,11 @@ class StateDictReader:
         self._state = state
         for key, value in state.items():
             if not isinstance(value, Tensor):
-                raise MergeclError(f"{name}: entry '{key}' is a {type(value).__name__}, not a tensor")
+                raise MergeclError(f"{name}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            if not isinstance(key, str):
+                raise MergeclError(f"{name}: tensor name {key!r} is not a string")
+            if value.dtype not in DTYPE_NAMES or value.layout != torch.strided:
+                raise MergeclError(f"{name}: tensor {key!r} is a {value.layout} {value.dtype} tensor, not supported")
 
     def keys(self) -> list[str]:
         return list(self._state)
@@ -88,34 +98,21 @@ class StateDictReader:
 
 
 class SafetensorsReader:
-    """One .safetensors file, read by byte ranges."""
+    """One .safetensors file, read by byte ranges. The header is checked as strictly as the
+    safetensors library checks it (see ``_parse_header``), and duplicate JSON keys are refused."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.name = str(path)
         try:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for ranged reads
-            (header_len,) = struct.unpack("<Q", self._file.read(8))
-            if header_len > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(self._file.read(header_len))
         except FileNotFoundError:
             raise MergeclError(f"{self.name}: no such file") from None
-        except (struct.error, ValueError, UnicodeDecodeError) as err:
-            raise MergeclError(f"{self.name}: not a valid safetensors file ({err})") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._data_start = 8 + header_len
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-        size = os.path.getsize(self.path)
-        for key, entry in header.items():
-            dtype = DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise MergeclError(f"{self.name}: tensor '{key}' has unsupported dtype {entry.get('dtype')}")
-            shape = tuple(entry["shape"])
-            begin, end = entry["data_offsets"]
-            if end - begin != numel(shape) * dtype.itemsize or self._data_start + end > size:
-                raise MergeclError(f"{self.name}: tensor '{key}' has a truncated or inconsistent byte range")
-            self._entries[key] = (dtype, shape, self._data_start + begin)
+        try:
+            self.metadata, self._entries = _parse_header(self.name, self._file)
+        except BaseException:
+            self._file.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -131,13 +128,133 @@ class SafetensorsReader:
         if out.numel() == 0:
             return out
         view = memoryview(out.view(torch.uint8).numpy())
-        got = os.preadv(self._file.fileno(), [view], offset + start * dtype.itemsize)
+        try:
+            got = os.preadv(self._file.fileno(), [view], offset + start * dtype.itemsize)
+        except OSError as err:  # e.g. EIO: say which file
+            raise OSError(err.errno, err.strerror, self.name) from err
         if got != len(view):
-            raise MergeclError(f"{self.name}: tensor '{key}' is truncated")
+            raise MergeclError(f"{self.name}: tensor {key!r} is truncated")
         return out
 
     def close(self) -> None:
         self._file.close()
+
+
+# --- strict parsing ------------------------------------------------------------------------------
+
+MAX_HEADER = 100_000_000  # the safetensors library's limit
+MAX_DIM = 2**63 - 1  # torch sizes are int64
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is an error (json keeps the last one silently)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(text: str) -> Any:
+    """Strict JSON: duplicate keys and NaN/Infinity are errors."""
+    return json.loads(text, object_pairs_hook=_unique, parse_constant=_not_json)
+
+
+def _is_text(value: Any) -> bool:
+    """A str the safetensors format can hold: valid Unicode (JSON escapes allow lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _naturals(value: Any, length: int | None = None) -> bool:
+    """A list of non-negative integers (not bools, not floats) that torch can hold."""
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(type(v) is int and 0 <= v <= MAX_DIM for v in value)
+    )
+
+
+def _parse_header(name: str, handle) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int]]]:
+    """(metadata, {key: (dtype, shape, absolute byte offset)}) of an open .safetensors file.
+
+    Checked: the header length is within the file and at most MAX_HEADER; the header is UTF-8 JSON,
+    an object of objects with a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` [begin, end]; each byte range holds exactly shape x dtype size bytes; the ranges,
+    sorted, start at 0, are contiguous (no overlap, no gap) and end exactly at the end of the file;
+    ``__metadata__`` maps strings to strings; no key appears twice. Any failure: one MergeclError.
+    """
+
+    def invalid(reason: str) -> MergeclError:
+        return MergeclError(f"{name}: not a valid safetensors file ({reason})")
+
+    size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise invalid(f"{size} bytes, shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER:
+        raise invalid(f"header length {header_len} is over the limit of {MAX_HEADER} bytes")
+    if 8 + header_len > size:
+        raise invalid(f"header length {header_len} runs past the end of the file ({size} bytes)")
+    try:
+        header = parse_json(handle.read(header_len).decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise invalid(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise invalid(f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict) and all(_is_text(k) and _is_text(v) for k, v in metadata.items())):
+        raise invalid("__metadata__ is not a mapping of strings to strings")
+
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    ranges, entries = [], {}
+    for key, entry in header.items():
+        if not _is_text(key):
+            raise invalid(f"tensor name {key!r} is not valid Unicode")
+        if not isinstance(entry, dict):
+            raise invalid(f"tensor {key!r} is a JSON {type(entry).__name__}, not an object")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype_name, str):
+            raise invalid(f"tensor {key!r} has no dtype string")
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise MergeclError(f"{name}: tensor {key!r} has unsupported dtype {dtype_name!r}")
+        if not _naturals(shape):
+            raise invalid(f"tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
+        if not _naturals(offsets, 2) or offsets[0] > offsets[1]:
+            raise invalid(f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end] with begin <= end")
+        nbytes = numel(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise invalid(
+                f"tensor {key!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype_name} ({nbytes} bytes)"
+            )
+        ranges.append((offsets[0], offsets[1], key))
+        entries[key] = (dtype, tuple(shape), data_start + offsets[0])
+
+    end = 0
+    for begin, stop, key in sorted(ranges):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap after the tensor before it"
+            raise invalid(f"tensor {key!r} at bytes [{begin}, {stop}) {what}")
+        if stop > data_len:
+            raise MergeclError(f"{name}: tensor {key!r} is truncated (bytes [{begin}, {stop}) of {data_len})")
+        end = stop
+    if end != data_len:
+        raise invalid(f"{data_len - end} bytes after the last tensor are not described by the header")
+    return metadata, entries
 
 
 class ShardedReader:
@@ -146,17 +263,14 @@ class ShardedReader:
     def __init__(self, directory: Path, index_name: str) -> None:
         self.name = str(directory)
         index_path = directory / index_name
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise MergeclError(f"{index_path}: not a valid shard index ({err})") from None
+        weight_map = _read_index(index_path)
         shards: dict[str, CheckpointReader] = {}
         self._owner: dict[str, CheckpointReader] = {}
         for key, shard in weight_map.items():
             if shard not in shards:
-                shards[shard] = open_checkpoint(directory / shard)
+                shards[shard] = open_checkpoint(_shard_path(directory, shard, index_path))
             if key not in shards[shard].keys():
-                raise MergeclError(f"{directory / shard}: tensor '{key}' listed in {index_name} is missing")
+                raise MergeclError(f"{directory / shard}: tensor {key!r} listed in {index_name} is missing")
             self._owner[key] = shards[shard]
 
     def keys(self) -> list[str]:
@@ -169,6 +283,30 @@ class ShardedReader:
         return self._owner[key].read(key, start, stop, out)
 
 
+def _read_index(index_path: Path) -> dict[str, str]:
+    """The weight_map of a shard index: a JSON object whose "weight_map" maps tensor names to files."""
+    try:
+        index = parse_json(index_path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise MergeclError(f"{index_path}: not a valid shard index ({err})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and all(_is_text(k) and _is_text(v) for k, v in weight_map.items())):
+        raise MergeclError(f"{index_path}: not a valid shard index (no 'weight_map' mapping tensor names to files)")
+    return weight_map
+
+
+def _shard_path(directory: Path, shard: str, index_path: Path) -> Path:
+    """A shard file named by an index, confined to the index's directory (no absolute paths, no
+    '..', no symbolic link leading out)."""
+    path = directory / shard
+    root, real = directory.resolve(), path.resolve()
+    if Path(shard).is_absolute() or ".." in Path(shard).parts or real == root or not real.is_relative_to(root):
+        raise MergeclError(f"{index_path}: shard file {shard!r} is outside the index's directory")
+    if path.is_dir():
+        raise MergeclError(f"{index_path}: shard file {shard!r} is a directory")
+    return path
+
+
 def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
     """A .pt/.bin file loaded with weights_only=True: a pickle that would run code is refused.
 
@@ -178,8 +316,11 @@ def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except FileNotFoundError:
         raise MergeclError(f"{path}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except OSError:
+        raise  # the system's failure (permissions, I/O), not the file's
+    except Exception as err:  # noqa: BLE001 - a malformed file fails torch.load in many ways
+        text = str(err).strip()
+        first = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
         raise MergeclError(
             f"{path}: refused to load: not a plain tensor checkpoint loadable with weights_only=True "
             f"({first[:160]}); convert it to safetensors from a trusted environment"
@@ -188,7 +329,7 @@ def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise MergeclError(f"{path}: does not hold a flat dict of tensors")
     return obj
 
@@ -213,6 +354,8 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], name: str 
         raise MergeclError(f"{path}: directory holds no {SHARD_INDEX}, model.safetensors or pytorch_model.bin")
     if not path.exists():
         raise MergeclError(f"{path}: no such file")
+    if not path.is_file():
+        raise MergeclError(f"{path}: not a regular file")  # a FIFO or device would block or never end
     if path.suffix == ".safetensors":
         return SafetensorsReader(path)
     if path.suffix in (".pt", ".pth", ".bin", ".th", ".ckpt"):
@@ -294,8 +437,17 @@ def write_checkpoint(
     ``model.safetensors`` or, above ``max_shard_size``, ``model-0000i-of-0000N.safetensors`` plus
     ``model.safetensors.index.json``. If ``chunks`` raises, nothing is left at ``out``.
     """
-    out = Path(out)
-    chunks = iter(chunks)
+    try:
+        return _write_checkpoint(Path(out), specs, iter(chunks), metadata, max_shard_size)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(out)) from err  # e.g. ENOSPC: say what was being written
+
+
+def _write_checkpoint(out: Path, specs, chunks: Iterator[Tensor], metadata: dict, max_shard_size) -> Path:
+    metadata = {MARKER_KEY: __version__, **metadata}
+    remove_stale_temps(out)  # what earlier killed writes of this output left
     if out.suffix == ".safetensors":
         with atomic_open(out) as handle:
             _write_stream(handle, specs, metadata, chunks)
@@ -313,5 +465,84 @@ def write_checkpoint(
             total = sum(numel(shape) * dtype.itemsize for _, dtype, shape in specs)
             weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key, _, _ in shard}
             index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-            (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+            _write_synced(directory / SHARD_INDEX, json.dumps(index, indent=2))
+            names.append(SHARD_INDEX)
+        _write_synced(directory / MARKER_FILE, json.dumps({MARKER_KEY: __version__, "files": names}))
     return out
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# --- output checks -------------------------------------------------------------------------------
+
+
+def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], force: bool = False) -> None:
+    """Refuse an output that would destroy what mergecl did not write.
+
+    ``out`` may not be, lie inside or contain an input or the current directory, nor be a symbolic
+    link; an existing non-empty ``out`` is replaced only with ``force`` and only if it is an earlier
+    mergecl output (its marker, and in a directory no file the marker does not list). A directory
+    output that a kill left under its backup name is put back first (mergecl.atomic.recover).
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise MergeclError(f"{out}: the output is a symbolic link; give the path it points to, or another")
+    real = Path(os.path.realpath(out))
+    for source in inputs:
+        other = Path(os.path.realpath(source))
+        if real == other or real.is_relative_to(other) or other.is_relative_to(real) or _same_file(out, source):
+            raise MergeclError(f"{out}: the output would be, lie inside or contain the input {source}")
+    if Path.cwd().resolve().is_relative_to(real):
+        raise MergeclError(f"{out}: the output would be or contain the current directory")
+    if out.suffix != ".safetensors":
+        recover(out)
+    if not os.path.lexists(out):
+        return
+    if out.suffix == ".safetensors":
+        if not out.is_file():
+            raise MergeclError(f"{out}: exists and is not a file (a .safetensors output is one file)")
+        ours = _is_output_file(out)
+    else:
+        if not out.is_dir():
+            raise MergeclError(f"{out}: exists and is not a directory (an output without .safetensors is one)")
+        if not os.listdir(out):
+            return  # an empty directory: nothing to lose
+        ours = not _foreign_files(out)
+    if not ours:
+        raise MergeclError(f"{out}: exists and is not an output of mergecl (no marker); refusing to replace it")
+    if not force:
+        raise MergeclError(f"{out}: exists (an earlier mergecl output); pass --force (force=True) to replace it")
+
+
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist
+
+
+def _is_output_file(path: Path) -> bool:
+    try:
+        reader = SafetensorsReader(path)
+    except (MergeclError, OSError):
+        return False
+    reader.close()
+    return MARKER_KEY in reader.metadata
+
+
+def _foreign_files(directory: Path) -> list[str]:
+    """Names in ``directory`` that its mergecl marker does not list as regular files (all of them
+    when there is no readable marker)."""
+    names = sorted(os.listdir(directory))
+    try:
+        marker = parse_json((directory / MARKER_FILE).read_text(encoding="utf-8"))
+        listed = set(marker["files"]) if isinstance(marker, dict) and isinstance(marker.get("files"), list) else set()
+    except (OSError, ValueError, TypeError):
+        return names
+    listed.add(MARKER_FILE)
+    return [n for n in names if n not in listed or (directory / n).is_symlink() or not (directory / n).is_file()]

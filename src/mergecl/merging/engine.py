@@ -19,6 +19,7 @@ tensor names, sizes and the seed, so streaming and in-memory merges agree bit fo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -35,11 +36,12 @@ from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging import rules
-from mergecl.merging.checkpoints import numel, open_checkpoint, write_checkpoint
+from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
 
 RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: chunking-independent
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements TIES may hold per chunk position, over all T inputs
+LAM_LIMIT = torch.finfo(torch.float32).max
 
 Source = str | os.PathLike | Mapping[str, Tensor]
 
@@ -90,8 +92,9 @@ class MergeOptions:
             self.lam = spec.lam
         elif spec.lam is None:
             raise MergeclError(f"method '{self.method}' computes its own coefficient: do not pass lam")
-        if self.lam is not None and not (isinstance(self.lam, int | float) and abs(self.lam) < float("inf")):
-            raise MergeclError(f"lam must be a finite number, got {self.lam!r}")
+        if self.lam is not None and not (isinstance(self.lam, int | float) and abs(self.lam) <= LAM_LIMIT):
+            # lam scales fp32 tensors: a larger one overflows every non-zero entry
+            raise MergeclError(f"lam must be a finite number of at most {LAM_LIMIT:.4g} in size, got {self.lam!r}")
         if not 0.0 < self.keep <= 1.0:
             raise MergeclError(f"keep must be in (0, 1], got {self.keep}")
         if self.scope not in ("global", "tensor"):
@@ -147,6 +150,24 @@ def _all_finite(x: Tensor) -> bool:
     """A finite sum implies finite entries (inf and nan propagate); only a non-finite sum, which
     finite values can also give by overflow, needs the exact check."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _overflow_limit(dtype: torch.dtype) -> float | None:
+    """The smallest magnitude that does not round to a finite ``dtype`` value (IEEE round to
+    nearest: max + half an ulp at max); None for fp32/fp64, whose overflow is already inf.
+    Checked before converting: torch saturates fp8 e4m3fn (1e6 becomes 448) without a word."""
+    if dtype in (torch.float32, torch.float64):
+        return None
+    info = torch.finfo(dtype)
+    return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+
+
+def _overflows(merged: Tensor, dtype: torch.dtype) -> bool:
+    limit = _overflow_limit(dtype)
+    if limit is None:
+        return False
+    low, high = torch.aminmax(merged)
+    return max(-float(low), float(high)) >= limit
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,8 +232,8 @@ class _Merge:
         for reader, role in others:
             keys = set(reader.keys())
             for entry in entries:
-                if role != "fine-tuned" and not entry.merged:
-                    continue  # Fishers only need the merged tensors
+                if role != "fine-tuned" and not entry.merged and entry.key not in keys:
+                    continue  # task vectors and Fishers only need the merged tensors
                 if entry.key not in keys:
                     raise MergeclError(
                         f"{reader.name}: missing tensor '{entry.key}' (present in the base {self.base.name})"
@@ -392,10 +413,9 @@ class _Merge:
             base = self.read_base(entry, start, stop)
             merged = rule(entry, start, stop, base)
             merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
-            out = merged.to(entry.dtype)
-            if not (_all_finite(merged) and (entry.dtype != torch.float16 or _all_finite(out.float()))):
-                raise MergeclError(f"tensor '{entry.key}': the merged values overflow {entry.dtype}")
-            return out
+            if not _all_finite(merged) or _overflows(merged, entry.dtype):
+                raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
+            return merged.to(entry.dtype)
 
         def jobs() -> Iterator[tuple[_Entry, int, int]]:
             for entry in self.entries:
@@ -510,6 +530,7 @@ def merge_checkpoints(
     task_vectors: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
+    force: bool = False,
     **options: Any,
 ) -> MergeResult:
     """Merge ``finetuned`` checkpoints into ``base`` by ``method``; see ``merge`` for the arguments."""
@@ -531,6 +552,9 @@ def merge_checkpoints(
     elif fisher and method != "fisher":
         raise MergeclError(f"fisher is only used by methods 'fisher' and 'became', not '{method}'")
 
+    if out is not None:
+        sources = [base, *finetuned, *fisher, *([prior_precision] if prior_precision is not None else [])]
+        check_output(out, [src for src in sources if not isinstance(src, Mapping)], force)
     base_reader = open_checkpoint(base, "base")
     ft_readers = [open_checkpoint(src, f"finetuned[{i}]") for i, src in enumerate(finetuned)]
     fisher_readers = [open_checkpoint(src, f"fisher[{i}]") for i, src in enumerate(fisher)]
@@ -592,8 +616,9 @@ def merge(
     with weights_only=True). method: one of ``RULES``. Options: lam, keep, scope, seed, dare,
     start, include, exclude (regexes on tensor names), fisher, prior_precision, task_vectors (the
     ``finetuned`` inputs already are task vectors tau_t: they need only the merged tensors), out (path: write a
-    safetensors file, or a sharded directory when ``out`` has no .safetensors suffix),
-    max_shard_size, progress, chunk_size, workers (threads computing chunks ahead; same result).
+    safetensors file, or a sharded directory when ``out`` has no .safetensors suffix), force (replace an
+    existing ``out``, only if it is an earlier mergecl output), max_shard_size, progress, chunk_size,
+    workers (threads computing chunks ahead; same result).
 
     Returns the merged state dict, or the output path when ``out`` is given.
     """
