@@ -42,7 +42,10 @@ CASES = [
     (options(magmax={"lam": float("inf")}), r"method_options\.magmax\.lam: .*finite number"),
     (options(magmax={"lam": "aut"}), r"method_options\.magmax\.lam: Input should be a valid number or 'auto'"),
     (options(magmax={"lam": "auto", "lam_grid": []}), r"method_options\.magmax\.lam_grid: List should have at least 1"),
-    (options(magmax={"lam": "auto", "lam_grid": [0.5, -1]}), r"method_options\.magmax\.lam_grid\[1\]: .*greater than 0"),
+    (
+        options(magmax={"lam": "auto", "lam_grid": [0.5, -1]}),
+        r"method_options\.magmax\.lam_grid\[1\]: .*greater than 0",
+    ),
     (options(magmax={"lam_grid": [0.5]}), r"method_options\.magmax: lam_grid is only used with lam: auto$"),
     (options(magmax={"space": "dense"}), r"method_options\.magmax\.space: dense needs a LoRA model"),
     (options(ties={"keep": 0}), r"method_options\.ties: keep must be in \(0, 1\], got 0"),

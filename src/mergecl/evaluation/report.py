@@ -15,6 +15,9 @@ The results dict::
       }
     }
 
+A method whose model broke (a non-finite loss, weight or output) has only ``{"failed": "<message>"}``:
+every output shows "failed" for it, never a number, and report.md lists the messages.
+
 A metric that is absent from a method's entry but derivable from its accuracy matrix is computed from
 the matrix (so a run that has only stored its matrix so far still gets a full table); a metric that is
 present but ``None`` is shown as "-". The number of tasks of the run is ``run.num_tasks``, else the
@@ -69,6 +72,7 @@ _DERIVED = {
     "forgetting": metrics.forgetting,
 }
 MISSING = "-"
+FAILED = "failed"  # in every metric cell of a failed method
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +88,8 @@ class _Row:
     values: dict[str, float | None]
     stds: dict[str, float | None]
     n_seeds: int | None
+
+    failed: str | None = None  # the method's model broke: this message, and no number
 
     @property
     def steps(self) -> int | None:
@@ -127,6 +133,9 @@ def _rows(results: Mapping[str, Any]) -> list[_Row]:
     for name, entry in _methods(results).items():
         if not isinstance(entry, Mapping):
             raise MergeclError(f"results: method {name!r} must map to a dict of metrics")
+        if "failed" in entry:  # never a number, whatever else the entry holds
+            rows.append(_failed_row(name, entry["failed"]))
+            continue
         matrix = None
         if entry.get("accuracy_matrix") is not None:
             try:
@@ -149,6 +158,18 @@ def _rows(results: Mapping[str, Any]) -> list[_Row]:
         n_seeds = len(seeds) if isinstance(seeds, Mapping | list | tuple) else None
         rows.append(_Row(str(name), matrix, values, stds, n_seeds))
     return rows
+
+
+def _failed_row(name: Any, message: Any) -> _Row:
+    if not isinstance(message, str):
+        raise MergeclError(f"results: methods.{name}.failed must be the failure's message")
+    nothing = {key: None for key, _ in METRIC_COLUMNS}
+    return _Row(str(name), None, nothing, dict(nothing), None, failed=message)
+
+
+def failures(results: Mapping[str, Any]) -> list[str]:
+    """The message of every failed method (a model that broke: non-finite loss, weights or outputs)."""
+    return [row.failed for row in _rows(results) if row.failed]
 
 
 def _num_tasks(results: Mapping[str, Any], rows: list[_Row]) -> int | None:
@@ -187,6 +208,8 @@ def _format_value(key: str, value: float | None, std: float | None) -> str:
 
 
 def _cells(row: _Row, num_tasks: int | None) -> list[str]:
+    if row.failed:
+        return [row.method, MISSING] + [FAILED] * len(METRIC_COLUMNS)
     tasks = MISSING if row.steps is None else f"{row.steps}/{num_tasks or row.steps}"
     return [row.method, tasks] + [_format_value(k, row.values[k], row.stds[k]) for k, _ in METRIC_COLUMNS]
 
@@ -243,6 +266,7 @@ def _csv_text(results: Mapping[str, Any]) -> str:
     header = ["method", "steps_done", "num_tasks", "n_seeds"]
     for key, _ in METRIC_COLUMNS:
         header += [key, f"{key}_std"]
+    header.append("failed")  # the failure's message; empty for a method with numbers
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -250,6 +274,7 @@ def _csv_text(results: Mapping[str, Any]) -> str:
         line: list[Any] = [row.method, row.steps, num_tasks if row.steps is not None else None, row.n_seeds]
         for key, _ in METRIC_COLUMNS:
             line += [row.values[key], row.stds[key]]
+        line.append(row.failed)
         # Full precision (repr) for numbers, empty cells for missing values.
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
@@ -401,6 +426,10 @@ def _matrix_markdown(matrix: np.ndarray, names: list[str] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _failure_list(messages: list[str]) -> str:
+    return "".join(f"- {_md_escape(message)}\n" for message in messages)
+
+
 def _report_markdown(results: Mapping[str, Any], heatmaps: list[tuple[_Row, str]], has_curves: bool) -> str:
     run = _run_meta(results)
     title = run.get("config") or run.get("name")
@@ -409,9 +438,11 @@ def _report_markdown(results: Mapping[str, Any], heatmaps: list[tuple[_Row, str]
         meta = [f"- **{_md_escape(str(k))}**: {_md_escape(_format_meta(v))}" for k, v in run.items()]
         parts.append("\n".join(meta))
         parts.append("")
+    failed = failures(results)
     parts += [
         "## Results\n",
         markdown_table(results),
+        *([f"**Failed** (the model broke; no number is reported):\n\n{_failure_list(failed)}"] if failed else []),
         "Percent. final ACC = mean accuracy of the last model on the tasks seen; avg inc ACC = mean of "
         "ACC_t over steps; BWT = mean(A[last][i] - A[i][i]) (negative = forgetting); forgetting = "
         "mean over old tasks of (best earlier accuracy - last accuracy); all-class ACC = final model on "

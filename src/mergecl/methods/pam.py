@@ -33,7 +33,6 @@ from mergecl.models.base import Learner
 from mergecl.training.loop import Hook
 
 
-
 class PamOptions(Options):
     p: float = Field(0.5, ge=0, le=1)  # the fraction of G's entries (by magnitude) kept aligned
     align_every: int = Field(10, ge=1)  # optimiser steps between alignments

@@ -32,7 +32,7 @@ from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense, lora_pairs
 from mergecl.run.config import RunConfig, dump_config, load_config
 from mergecl.run.rundir import RunDir
-from mergecl.training.loop import TrainSettings, accuracy
+from mergecl.training.loop import NonFiniteError, TrainSettings, accuracy, check_finite
 
 LAM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 METRICS = ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc", "wall_time_s")
@@ -79,9 +79,21 @@ class Runner:
         )
 
     def finished(self, seed: int, methods: list[MethodSpec], num_tasks: int) -> bool:
-        """Every row of these methods committed for this seed."""
-        rows = self.seed_progress(seed)["rows"]
-        return all(len(rows.get(spec.name, [])) == num_tasks for spec in methods)
+        """Every row of these methods committed for this seed, or the method failed (for good)."""
+        progress = self.seed_progress(seed)
+        failed, rows = progress.get("failed", {}), progress["rows"]
+        return all(spec.name in failed or len(rows.get(spec.name, [])) == num_tasks for spec in methods)
+
+    def fail(self, seed: int, methods: list[MethodSpec], t: int, err: Exception) -> None:
+        """Record that ``methods`` broke at step t, in progress.json: a resumed run keeps them failed
+        (it would only break them again the same way) and goes on with the others."""
+        failed = self.seed_progress(seed).setdefault("failed", {})
+        for spec in methods:
+            if spec.name not in failed:
+                failed[spec.name] = message = f"{spec.name}, seed {seed}, task {t + 1}: {err}"
+                self.rundir.log(message)
+                self.echo(message)
+        self.commit_progress()
 
     def commit_progress(self) -> None:
         self.rundir.write_json("progress.json", self.progress)
@@ -151,33 +163,49 @@ class Runner:
                     rows.extend([None] * (t + 1 - len(rows)))
                 continue
             if STREAMS[stream_kind(stream)].step is not None:
-                carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
+                try:
+                    carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
+                except NonFiniteError as err:  # every method of this training fails; other streams go on
+                    self.fail(seed, methods, t, err)
+                    return
             for spec in methods:
                 rows = progress["rows"].setdefault(spec.name, [])
-                if len(rows) > t:
+                if len(rows) > t or spec.name in progress.get("failed", {}):
                     continue
-                started = time.perf_counter()
-                weights, info = self.weights(seed, spec, t, base, learner, scenario)
-                learner.load_state_dict(weights)
-                if self.config.eval_val:
-                    val_rows = progress.setdefault("val_rows", {}).setdefault(spec.name, [])
-                    del val_rows[t:]
-                    val_rows.append(self.evaluate_all(learner, scenario, t, "val"))
-                if info:
-                    progress.setdefault("method_info", {}).setdefault(spec.name, {})[str(t)] = info
-                if t == len(scenario.tasks) - 1:
-                    union = Split.concat([task.test for task in scenario.tasks])
-                    progress["all_class_acc"][spec.name] = self.evaluate(
-                        learner, union, list(range(scenario.num_classes))
-                    )
-                rows.append(self.evaluate_all(learner, scenario, t, "test"))  # last: the row commits the step
-                spent = time.perf_counter() - started
-                progress["method_time"][spec.name] = progress["method_time"].get(spec.name, 0.0) + spent
-                self.commit_progress()
-                self.echo(
-                    f"seed {seed} step {t + 1}/{len(scenario.tasks)} {spec.name}: "
-                    f"ACC {sum(rows[t][: t + 1]) / (t + 1):.2f}"
-                )
+                try:
+                    self.evaluate_method(seed, spec, t, base, learner, scenario)
+                except NonFiniteError as err:  # this method only: the stream's others go on
+                    self.fail(seed, [spec], t, err)
+
+    def evaluate_method(self, seed, spec: MethodSpec, t: int, base: dict, learner: Learner, scenario: Scenario):
+        """Row t of a method's accuracy matrix (and what goes with it), committed to progress.json."""
+        progress = self.seed_progress(seed)
+        rows = progress["rows"][spec.name]
+        started = time.perf_counter()
+        try:
+            weights, info = self.weights(seed, spec, t, base, learner, scenario)
+        except MergeclError as err:
+            if spec.rule is None or isinstance(err, NonFiniteError):
+                raise
+            # the inputs are this run's own finite task vectors: the merge itself overflowed
+            raise NonFiniteError(f"the {spec.rule} merge failed ({err})") from None
+        check_finite(weights, "the model to evaluate")
+        learner.load_state_dict(weights)
+        if self.config.eval_val:
+            val_rows = progress.setdefault("val_rows", {}).setdefault(spec.name, [])
+            del val_rows[t:]
+            val_rows.append(self.evaluate_all(learner, scenario, t, "val"))
+        if info:
+            progress.setdefault("method_info", {}).setdefault(spec.name, {})[str(t)] = info
+        if t == len(scenario.tasks) - 1:
+            union = Split.concat([task.test for task in scenario.tasks])
+            progress["all_class_acc"][spec.name] = self.evaluate(learner, union, list(range(scenario.num_classes)))
+        rows.append(self.evaluate_all(learner, scenario, t, "test"))  # last: the row commits the step
+        spent = time.perf_counter() - started
+        progress["method_time"][spec.name] = progress["method_time"].get(spec.name, 0.0) + spent
+        self.commit_progress()
+        acc = sum(rows[t][: t + 1]) / (t + 1)
+        self.echo(f"seed {seed} step {t + 1}/{len(scenario.tasks)} {spec.name}: ACC {acc:.2f}")
 
     def evaluate_all(self, learner: Learner, scenario: Scenario, t: int, split: str, seen_only: bool = False):
         """Row t of the accuracy matrix on ``split``: tasks 0..t, and the future tasks unless ``seen_only``
@@ -210,6 +238,7 @@ class Runner:
         result = spec.step(step)
         trained = learner.state_dict()
         tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in self.tuned}
+        check_finite(tau, "the model after the step")  # never committed: a broken step is not a result
         if result.carried is not None:
             self.rundir.save_tensors(state_path, result.carried)
         if result.info:  # recorded before the commit marker: a resumed run finds it with the vector
@@ -258,7 +287,10 @@ class Runner:
         scores = []
         for lam in grid:
             learner.load_state_dict(finish(self.rebuild(merge_base, {k: lam * v for k, v in direction.items()})))
-            val = self.evaluate_all(learner, scenario, t, "val", seen_only=True)
+            try:
+                val = self.evaluate_all(learner, scenario, t, "val", seen_only=True)
+            except NonFiniteError:  # a lam that breaks the model is never chosen (unless all do)
+                val = [float("-inf")]
             scores.append((sum(val) / len(val), -lam))  # ties: the smaller lam
         best = -max(scores)[1]
         # theta_0 + best * (unit - theta_0): the merge at ``best`` up to rounding, without merging again
@@ -305,6 +337,12 @@ class Runner:
     def results(self) -> dict[str, Any]:
         methods: dict[str, Any] = {}
         for spec in self.methods:
+            seeds = [self.progress["seeds"].get(str(seed), {}) for seed in self.config.seeds]
+            failed = [progress["failed"][spec.name] for progress in seeds if spec.name in progress.get("failed", {})]
+            if failed:  # a broken model is never a number: the first failure, and how many seeds failed
+                more = f" (and {len(failed) - 1} more seed(s))" if len(failed) > 1 else ""
+                methods[spec.name] = {"failed": failed[0] + more}
+                continue
             per_seed = {}
             for seed in self.config.seeds:
                 progress = self.progress["seeds"].get(str(seed))

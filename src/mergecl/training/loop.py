@@ -12,6 +12,9 @@ Methods plug in through small hooks:
 - ``hook.after_step(learner, step)``: edit weights after the step (PAM alignment)
 
 Determinism: the batch order comes from a generator seeded by ``seed``; the caller seeds torch.
+
+A broken model is never trained on, nor evaluated: a non-finite training loss, a non-finite weight
+after training, or non-finite outputs raise ``NonFiniteError`` naming what and when.
 """
 
 from __future__ import annotations
@@ -28,7 +31,20 @@ from torch import Tensor, nn
 
 from mergecl import distributed
 from mergecl.data.types import Split
+from mergecl.errors import MergeclError
 from mergecl.models.base import Learner
+
+
+class NonFiniteError(MergeclError):
+    """A loss, a weight or a model's outputs became NaN or infinite: the model is broken (a run
+    marks the method failed and goes on with the others)."""
+
+
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """NonFiniteError naming the first tensor of ``tensors`` with a NaN or an infinity."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{what}: tensor '{name}' is not finite")
 
 
 @dataclass
@@ -244,6 +260,10 @@ def train_task(
             if world > 1:  # the global batch's loss, the same on every process (the plateau signal)
                 loss = distributed.all_reduce_sum(loss.detach() * weight) / world
             stats.losses.append(float(loss.detach()))
+            if not math.isfinite(stats.losses[-1]):  # the same value on every process: all stop here
+                bar.close()
+                hint = f"lr {settings.lr:g}; is the lr or a method option too large?"
+                raise NonFiniteError(f"training loss became {stats.losses[-1]} at step {step} ({hint})")
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{stats.final_loss:.3f}")
@@ -259,6 +279,8 @@ def train_task(
     bar.close()
     if plateau is not None:
         plateau.restore_best(learner)
+    trained = {name: p.detach() for name, p in learner.named_parameters() if p.requires_grad}
+    check_finite(trained, f"the weights after {step} training steps (lr {settings.lr:g})")
     learner.eval()
     return stats
 
@@ -271,12 +293,18 @@ def predict(learner: Learner, data: Split, classes: Sequence[int], batch_size: i
     order = torch.arange(len(data))
     if data.kind == "text":  # batch texts of similar length: less padding, ~1.5x faster
         order = torch.tensor(sorted(range(len(data)), key=lambda i: len(data.inputs[i])), dtype=torch.long)
-    out = torch.zeros(len(data), dtype=torch.long)
+    # the last entry counts non-finite outputs: summed with the predictions, so that every process
+    # learns of a broken model in the same all-reduce (and stops together)
+    out = torch.zeros(len(data) + 1, dtype=torch.long)
     for index in distributed.shard(order).split(batch_size):  # each process predicts its share
         batch = data.subset(index)
         logits = learner(learner.prepare(batch.inputs, train=False))[:, columns]
         out[index] = columns[logits.argmax(dim=1)].cpu()
-    return distributed.all_reduce_sum(out)
+        out[-1] += int((~torch.isfinite(logits)).any(dim=1).sum())
+    out = distributed.all_reduce_sum(out)
+    if out[-1]:
+        raise NonFiniteError(f"the model's outputs are not finite on {int(out[-1])} of {len(data)} examples")
+    return out[:-1]
 
 
 def accuracy(learner: Learner, data: Split, classes: Sequence[int], batch_size: int = 256) -> float:
