@@ -12,7 +12,7 @@ method_options: {magmax: {lam: 0.5}, lwf: {lam: 0.3, temperature: 2}, ewc: {lam:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,7 +86,8 @@ class TrainConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = "run"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # a seed seeds numpy too, whose seeds are 0 .. 2**32 - 1
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0], min_length=1)
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "mlp", "in_dim": 64})
@@ -125,15 +126,82 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise MergeclError(f"{source}: {err}") from None
 
 
-def load_config(path: str | Path | None = None) -> RunConfig:
-    """Read and validate a YAML config (a path or a packaged name); None = the embedded default."""
-    path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
+# A config is a page of settings (the packaged ones are under 20 KB): anything far larger is a
+# mistake or an attack, and PyYAML parses about 1 MB a second. Aliases are allowed (a user may
+# reuse a block) but their expansion is bounded: a "billion laughs" of nested aliases would
+# otherwise become billions of values once the config is validated or written back.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 200_000  # values after expanding every alias
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: 5x faster
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values ``node`` becomes once every alias in it is copied out; a shared node is
+    counted once per use but visited once (so a billion laughs costs microseconds to measure)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise MergeclError("an alias refers to a value that contains it (a recursive structure)")
+    open_nodes.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes)
+        if size > MAX_CONFIG_VALUES:
+            raise MergeclError(f"more than {MAX_CONFIG_VALUES} values once its aliases are expanded")
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
+def safe_load_bounded(text: str) -> Any:
+    """``yaml.safe_load`` with the expansion of aliases bounded (MergeclError beyond the bound)."""
+    loader = _Loader(text)
     try:
-        data = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _read_bounded(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)  # never more: /dev/zero or a 10 GB file cost nothing
     except FileNotFoundError:
         raise MergeclError(f"{path}: no such config file") from None
+    except OSError as err:
+        raise MergeclError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise MergeclError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MB; a config is a page of settings")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MergeclError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def load_config(path: str | Path | None = None) -> RunConfig:
+    """Read and validate a YAML config (a path or a packaged name); None = the embedded default.
+    Bounded: at most MAX_CONFIG_BYTES, and MAX_CONFIG_VALUES once aliases are expanded."""
+    path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
+    text = _read_bounded(path)
+    try:
+        data = safe_load_bounded(text)
+    except MergeclError as err:
+        raise MergeclError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise MergeclError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise MergeclError(f"{path}: nested too deeply to be a config") from None
     return parse_config(data or {}, str(path))
 
 
