@@ -10,7 +10,8 @@ The results dict::
                    "bwt": -3.1, "forgetting": 4.0, "all_class_acc": 79.9,   # any may be None/absent
                    "wall_time_s": 61.5,                                      # optional
                    "seeds": {...},                                           # optional, only counted
-                   "std": {"final_acc": 0.4, ...}},                          # optional, over seeds
+                   "std": {"final_acc": 0.4, ...},                           # optional, over seeds
+                   "coverage": {"0": 5, "1": 5, "2": 3}},                    # optional, steps per seed
         ...
       }
     }
@@ -22,6 +23,11 @@ A metric that is absent from a method's entry but derivable from its accuracy ma
 the matrix (so a run that has only stored its matrix so far still gets a full table); a metric that is
 present but ``None`` is shown as "-". The number of tasks of the run is ``run.num_tasks``, else the
 length of ``run.task_names``, else the width of the widest accuracy matrix.
+
+A half-finished run may have seeds at different steps. ``coverage`` gives the steps each seed has
+done; the numbers are those of the seeds that went furthest (the runner never averages seeds at
+different steps), and every output says which seeds and steps they cover whenever that is not
+simply every seed at the same step (a note under the tables, a ``coverage`` column in the CSV).
 
 Plots use matplotlib's object API (``Figure`` + Agg canvas), never pyplot: no display is needed and the
 caller's global backend is left alone. Every file is written atomically.
@@ -88,6 +94,8 @@ class _Row:
     values: dict[str, float | None]
     stds: dict[str, float | None]
     n_seeds: int | None
+    coverage: dict[str, int] | None = None  # steps done per seed
+    in_numbers: list[str] | None = None  # the seeds the numbers average
 
     failed: str | None = None  # the method's model broke: this message, and no number
 
@@ -156,8 +164,60 @@ def _rows(results: Mapping[str, Any]) -> list[_Row]:
         stds = {key: _number(std.get(key), f"methods.{name}.std.{key}") for key, _ in METRIC_COLUMNS}
         seeds = entry.get("seeds")
         n_seeds = len(seeds) if isinstance(seeds, Mapping | list | tuple) else None
-        rows.append(_Row(str(name), matrix, values, stds, n_seeds))
+        rows.append(_Row(str(name), matrix, values, stds, n_seeds, *_coverage(name, entry)))
     return rows
+
+
+def _coverage(name: Any, entry: Mapping[str, Any]) -> tuple[dict[str, int] | None, list[str] | None]:
+    """(steps done per seed, the seeds in the numbers). Without ``coverage`` (results written before
+    it), the per-seed matrices tell the steps, and every seed of them is in the numbers."""
+    coverage = entry.get("coverage")
+    if coverage is not None:
+        if not isinstance(coverage, Mapping) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in coverage.values()
+        ):
+            raise MergeclError(f"results: methods.{name}.coverage must map seeds to numbers of steps")
+        steps = {str(seed): int(v) for seed, v in coverage.items()}
+        furthest = max(steps.values(), default=0)
+        return steps, [seed for seed, v in steps.items() if v == furthest and v > 0]
+    seeds = entry.get("seeds")
+    if isinstance(seeds, Mapping) and all(
+        isinstance(s, Mapping) and isinstance(s.get("accuracy_matrix"), list) for s in seeds.values()
+    ):
+        steps = {str(seed): len(s["accuracy_matrix"]) for seed, s in seeds.items()}
+        return (steps, list(steps)) if steps else (None, None)
+    return None, None
+
+
+def _seed_list(seeds: list[str]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(seeds)
+
+
+def _coverage_note(row: _Row, num_tasks: int | None) -> str | None:
+    """Which seeds and steps a row's numbers cover, when not simply every seed at the same step."""
+    if not row.coverage or row.in_numbers is None:
+        return None
+
+    def at(seed: str) -> str:
+        steps = row.coverage[seed]
+        return f"{seed} (not started)" if steps == 0 else f"{seed} (step {steps}/{num_tasks or steps})"
+
+    steps_in = {row.coverage[seed] for seed in row.in_numbers}
+    left_out = [seed for seed in row.coverage if seed not in row.in_numbers]
+    if len(steps_in) > 1:  # results written before coverage: seeds at different steps averaged
+        return f"{row.method}: the numbers average seeds at different steps: {', '.join(map(at, row.in_numbers))}"
+    if not left_out:
+        return None
+    (steps,) = steps_in or {0}
+    covered = f"{_seed_list(row.in_numbers)} at step {steps}/{num_tasks or steps}" if row.in_numbers else "no seed"
+    return f"{row.method}: the numbers cover {covered}; not in them: {', '.join(map(at, left_out))}"
+
+
+def coverage_notes(results: Mapping[str, Any]) -> list[str]:
+    """One line per method whose numbers do not cover every seed of the run at the same step."""
+    rows = _rows(results)
+    num_tasks = _num_tasks(results, rows)
+    return [note for note in (_coverage_note(row, num_tasks) for row in rows) if note]
 
 
 def _failed_row(name: Any, message: Any) -> _Row:
@@ -239,7 +299,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         return "  ".join(parts)
 
     lines = [render(table[0]), "  ".join("-" * w for w in widths)] + [render(line) for line in table[1:]]
-    return "\n".join(lines) + "\n"
+    notes = coverage_notes(results)
+    return "\n".join(lines) + "\n" + "".join(f"\nnote: {note}" for note in notes) + ("\n" if notes else "")
 
 
 def _md_escape(text: str) -> str:
@@ -266,6 +327,7 @@ def _csv_text(results: Mapping[str, Any]) -> str:
     header = ["method", "steps_done", "num_tasks", "n_seeds"]
     for key, _ in METRIC_COLUMNS:
         header += [key, f"{key}_std"]
+    header += ["seeds", "coverage"]  # the seeds in the numbers; seed:steps of every seed
     header.append("failed")  # the failure's message; empty for a method with numbers
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -274,10 +336,15 @@ def _csv_text(results: Mapping[str, Any]) -> str:
         line: list[Any] = [row.method, row.steps, num_tasks if row.steps is not None else None, row.n_seeds]
         for key, _ in METRIC_COLUMNS:
             line += [row.values[key], row.stds[key]]
+        line += [" ".join(row.in_numbers or []) or None, _coverage_cell(row)]
         line.append(row.failed)
         # Full precision (repr) for numbers, empty cells for missing values.
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
+
+
+def _coverage_cell(row: _Row) -> str | None:
+    return " ".join(f"{seed}:{steps}" for seed, steps in row.coverage.items()) if row.coverage else None
 
 
 def write_csv(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -438,11 +505,13 @@ def _report_markdown(results: Mapping[str, Any], heatmaps: list[tuple[_Row, str]
         meta = [f"- **{_md_escape(str(k))}**: {_md_escape(_format_meta(v))}" for k, v in run.items()]
         parts.append("\n".join(meta))
         parts.append("")
+    notes = coverage_notes(results)
     failed = failures(results)
     parts += [
         "## Results\n",
         markdown_table(results),
         *([f"**Failed** (the model broke; no number is reported):\n\n{_failure_list(failed)}"] if failed else []),
+        *(["**Seeds and steps:**\n", "".join(f"- {_md_escape(note)}\n" for note in notes)] if notes else []),
         "Percent. final ACC = mean accuracy of the last model on the tasks seen; avg inc ACC = mean of "
         "ACC_t over steps; BWT = mean(A[last][i] - A[i][i]) (negative = forgetting); forgetting = "
         "mean over old tasks of (best earlier accuracy - last accuracy); all-class ACC = final model on "

@@ -49,7 +49,7 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
     combined = first.model_copy(update={"seeds": seeds})
     progress: dict[str, Any] = {"seeds": {}}
     for rundir, config in zip(dirs, configs, strict=True):
-        own = rundir.read_json("progress.json", {"seeds": {}})["seeds"]
+        own = rundir.read_progress()["seeds"]
         progress["seeds"].update({str(seed): own[str(seed)] for seed in config.seeds if str(seed) in own})
 
     with atomic_directory(target.path) as staging:  # a failure leaves no half-combined run
@@ -57,6 +57,7 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
             for seed in config.seeds:
                 if rundir.seed_dir(seed).is_dir():  # absent when the run kept no tensors
                     shutil.copytree(rundir.seed_dir(seed), staging / rundir.seed_dir(seed).name, copy_function=_link)
+        RunDir(staging).record(combined)  # a run like any other: resumable, and locked when resumed
         atomic_write_text(staging / "config.yaml", dump_config(combined))
         RunDir(staging).write_json("progress.json", progress)
         runner = Runner(combined, RunDir(staging), echo=lambda message: None)

@@ -30,7 +30,7 @@ from mergecl.methods.streams import STREAMS, Step, eval_classes
 from mergecl.models.base import Learner
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense, lora_pairs
-from mergecl.run.config import RunConfig, dump_config, load_config
+from mergecl.run.config import RunConfig, load_config
 from mergecl.run.rundir import RunDir
 from mergecl.training.loop import NonFiniteError, TrainSettings, accuracy, check_finite
 
@@ -46,9 +46,18 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return distributed.local_device(torch.device(name))
+        device = distributed.local_device(torch.device(name))
     except RuntimeError:
         raise MergeclError(f"config: device: '{name}' is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise MergeclError(f"config: device: '{name}', but this torch sees {_cuda_devices()}; use device: auto or cpu")
+    return device
+
+
+def _cuda_devices() -> str:
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__})"
+    return f"{torch.cuda.device_count()} CUDA device(s)"
 
 
 def tuned_keys(learner: Learner) -> list[str]:
@@ -65,7 +74,7 @@ class Runner:
         self.methods = resolve_methods(config.methods)
         self.device = pick_device(config.device)
         self.settings = TrainSettings(**config.train.model_dump())
-        self.progress = rundir.read_json("progress.json", {"seeds": {}})
+        self.progress = rundir.read_progress()
         self.echo = echo if distributed.is_main() else (lambda message: None)
         self.meta: dict[str, Any] = {}
         self.tuned: list[str] = []
@@ -370,7 +379,12 @@ class Runner:
                     summary["val"] = summarize(val_rows[: len(progress["rows"][spec.name])])
                 per_seed[str(seed)] = summary
             if per_seed:
-                methods[spec.name] = aggregate(per_seed)
+                # seeds stopped at different steps are not averaged: the numbers are those of the seeds
+                # that went furthest, and "coverage" says how far each seed went (the report shows it)
+                steps = {seed: len(self.progress["seeds"][seed]["rows"][spec.name]) for seed in per_seed}
+                furthest = max(steps.values())
+                methods[spec.name] = aggregate({s: v for s, v in per_seed.items() if steps[s] == furthest})
+                methods[spec.name]["coverage"] = {str(seed): steps.get(str(seed), 0) for seed in self.config.seeds}
                 step_info = {**self.step_info("stream_info", spec.stream), **self.step_info("method_info", spec.name)}
                 if step_info:
                     methods[spec.name]["step_info"] = step_info
@@ -419,20 +433,6 @@ def default_out(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def extend_seeds(config: RunConfig, seeds: list[int], rundir: RunDir) -> RunConfig:
-    """The run's config with ``seeds``, which must keep every seed the run has; rewrites config.yaml."""
-    dropped = [seed for seed in config.seeds if seed not in seeds]
-    if dropped:
-        raise MergeclError(f"--seeds must keep the run's seeds {config.seeds}; missing {dropped}")
-    config = config.model_copy(update={"seeds": list(dict.fromkeys(seeds))})
-    distributed.barrier()  # every process has read the old config before rank 0 rewrites it
-    if distributed.is_main():
-        from mergecl.atomic import atomic_write_text
-
-        atomic_write_text(rundir.config_path, dump_config(config))
-    return config
-
-
 def run(
     config: RunConfig | str | Path | None = None,
     out: str | Path | None = None,
@@ -445,30 +445,21 @@ def run(
     ``seeds`` with ``resume``: run these seeds, a superset of the run's own (adds seeds to a run)."""
     if resume is not None:
         rundir = RunDir(resume)
-        if not rundir.config_path.exists():
-            raise MergeclError(f"{rundir.path}: not a run directory (no config.yaml)")
-        config = load_config(rundir.config_path)
-        rundir.remove_stale_temps()
-        if seeds is not None:
-            config = extend_seeds(config, seeds, rundir)
-        distributed.barrier()
+        config = rundir.open_existing(seeds)  # a run, its config unchanged (but for added seeds); locked
     else:
         if seeds is not None:
             raise MergeclError("seeds= extends a resumed run; a new run takes its seeds from the config")
         if not isinstance(config, RunConfig):
             config = load_config(config)
+        pick_device(config.device)  # before the run directory exists: a fixed config then starts afresh
         rundir = RunDir(distributed.broadcast_object(out if out is not None else default_out(config)))
-        if (rundir.path / "progress.json").exists():
-            raise MergeclError(f"{rundir.path}: already holds a run; continue it with --resume {rundir.path}")
-        distributed.barrier()  # every process has checked before rank 0 writes anything
-        if distributed.is_main():
-            rundir.path.mkdir(parents=True, exist_ok=True)
-            from mergecl.atomic import atomic_write_text
+        rundir.create(config)  # refused unless new or empty; locked
+    try:
+        results = Runner(config, rundir, echo).run()
+        if report and distributed.is_main():
+            from mergecl.evaluation.report import write_report
 
-            atomic_write_text(rundir.config_path, dump_config(config))
-    results = Runner(config, rundir, echo).run()
-    if report and distributed.is_main():
-        from mergecl.evaluation.report import write_report
-
-        write_report(results, rundir.path)
+            write_report(results, rundir.path)
+    finally:
+        rundir.unlock()
     return results, rundir.path
