@@ -1,6 +1,45 @@
 """Fixtures shared across the test folders."""
 
+import os
+from pathlib import Path
+
 import pytest
+
+# The full real data sets: $MERGECL_DATA, else ../shared/data next to the repository (the workspace's).
+SHARED_DATA = Path(os.environ.get("MERGECL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def full_data(name: str) -> Path | None:
+    """The folder of the full data set ``name``, or None when it is not on this machine. Under CI
+    (where the workspace's data is always there) its absence fails the test instead."""
+    path = SHARED_DATA / name
+    if path.is_dir():
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"real data folder {path} is not here (CI must test the full data)")
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The workspace's data folder, for files mergecl does not ship (the ResNet weights): skipped
+    where it is absent, required under CI."""
+    if not SHARED_DATA.is_dir():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def text_data():
+    """``text_data("clinc150")`` -> the run config's ``data`` keys for that real intent data set:
+    the full files when this machine has them, else the subset shipped inside mergecl
+    (``clinc150_mini``, ``banking77_mini``), so the tests run on real data anywhere."""
+
+    def pick(name: str) -> dict:
+        path = full_data(name)
+        return {"source": name, "root": str(path)} if path is not None else {"source": f"{name}_mini"}
+
+    return pick
 
 
 @pytest.fixture(scope="session")

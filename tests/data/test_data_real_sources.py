@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import runpy
 import struct
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mergecl.data.sources import load_banking77, load_clinc150, load_digits_source, load_mnist, read_idx
+from mergecl.data.registry import get_source
+from mergecl.data.sources import EMBEDDED, load_banking77, load_clinc150, load_digits_source, load_mnist, read_idx
 from mergecl.errors import MergeclError
 
 SHARED = Path(os.environ.get("MERGECL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -170,3 +172,53 @@ def test_clinc150_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "data_full.json").write_text("{not json")
     with pytest.raises(MergeclError, match="data_full.json is not valid JSON"):
         load_clinc150(tmp_path)
+
+
+# ------------------------------------------------------------------- the subsets shipped in mergecl
+
+
+def test_embedded_clinc150_subset_counts_domains_and_licence() -> None:
+    ds = get_source("clinc150_mini")
+    assert len(ds.class_names) == 150 and list(ds.class_groups)[0] == "banking"
+    assert all(len(g) == 15 for g in ds.class_groups.values())
+    for split, n in ((ds.train, 20), (ds.val, 5), (ds.test, 10)):
+        assert counts(split.labels) == {c: n for c in range(150)}
+    assert "Attribution 3.0" in (EMBEDDED / "clinc150" / "LICENSE").read_text()
+
+
+def test_embedded_banking77_subset_counts_and_licence() -> None:
+    ds = get_source("banking77_mini", seed=0)
+    assert len(ds.class_names) == 77
+    assert counts(ds.test.labels) == {c: 10 for c in range(77)}
+    assert counts(ds.train.labels) + counts(ds.val.labels) == {c: 20 for c in range(77)}
+    assert "Attribution 4.0" in (EMBEDDED / "banking77" / "LICENSE").read_text()
+
+
+def test_clinc150_domains_option_keeps_those_domains_in_that_order() -> None:
+    full = get_source("clinc150_mini")
+    two = get_source("clinc150_mini", domains=["travel", "banking"])
+    assert list(two.class_groups) == ["travel", "banking"] and len(two.class_names) == 30
+    assert two.class_names[:15] == [full.class_names[c] for c in full.class_groups["travel"]]
+    assert counts(two.test.labels) == {c: 10 for c in range(30)}
+    travel = set(full.class_groups["travel"])
+    assert sorted(t for t, y in zip(two.test.inputs, two.test.labels.tolist(), strict=True) if y < 15) == sorted(
+        t for t, y in zip(full.test.inputs, full.test.labels.tolist(), strict=True) if y in travel
+    )
+    for bad in (["travel", "nope"], [], ["home", "home"], "travel"):
+        with pytest.raises(MergeclError, match="clinc150: domains"):
+            get_source("clinc150_mini", domains=bad)
+
+
+def test_embedded_subsets_are_the_documented_draw_of_the_official_files(tmp_path: Path) -> None:
+    """Every shipped utterance is in the same official split, and the script redraws the same bytes."""
+    clinc, banking = shared("clinc150"), shared("banking77")
+    script = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "embedded_data.py"))
+    script["main"]([str(clinc), str(banking), str(tmp_path)])
+    shipped = sorted(p.relative_to(EMBEDDED) for p in EMBEDDED.rglob("*") if p.is_file() and p.name != "README.md")
+    assert shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for path in shipped:
+        assert (EMBEDDED / path).read_bytes() == (tmp_path / path).read_bytes(), path
+    official, mini = load_clinc150(clinc), get_source("clinc150_mini")
+    for part in ("train", "val", "test"):
+        pairs = set(zip(getattr(official, part).inputs, getattr(official, part).labels.tolist(), strict=True))
+        assert set(zip(getattr(mini, part).inputs, getattr(mini, part).labels.tolist(), strict=True)) <= pairs

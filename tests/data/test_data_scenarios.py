@@ -4,9 +4,6 @@ so membership can be checked exactly."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +22,6 @@ from mergecl.data.scenarios import (
     task_incremental,
     with_val,
 )
-from mergecl.data.sources import load_clinc150
 from mergecl.data.types import Dataset, Scenario, Split
 from mergecl.errors import MergeclError
 
@@ -308,13 +304,12 @@ def test_build_scenario_from_a_registry_name_with_a_train_cap() -> None:
         assert sum(len(getattr(t, part)) for t in full.tasks) == len(getattr(digits, part))
 
 
-def test_clinc150_domains_as_tasks() -> None:
-    root = Path(os.environ.get("MERGECL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    if not (root / "clinc150").is_dir():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("real CLINC150 data is not here")
-    ds = load_clinc150(root / "clinc150")
+def test_clinc150_domains_as_tasks(text_data) -> None:
+    ds = get_source(**text_data("clinc150"))  # the full data, or the subset shipped in mergecl
+    per_class_train, per_class_test = len(ds.train) // 150, len(ds.test) // 150
     sc = build_scenario("class", ds, order="groups")
     assert len(sc.tasks) == 10 and sc.tasks[0].name == "banking"
-    assert all(len(t.classes) == 15 and len(t.train) == 1500 and len(t.test) == 450 for t in sc.tasks)
+    assert all(len(t.classes) == 15 for t in sc.tasks)
+    assert all(len(t.train) == 15 * per_class_train and len(t.test) == 15 * per_class_test for t in sc.tasks)
     seeded = build_scenario("class", ds, n_tasks=10, order="seeded", seed=0)
     assert [t.classes for t in seeded.tasks] != [t.classes for t in sc.tasks]

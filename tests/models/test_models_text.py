@@ -1,14 +1,15 @@
 """The HF text encoder on the REAL all-MiniLM-L6-v2 (packaged on PyPI, no download)."""
 
 import copy
-import json
 import sys
 
 import pytest
 import torch
 
+from mergecl.data.registry import get_source
 from mergecl.errors import MergeclError
 from mergecl.models import LinearHead, ZeroShotHead, build_learner
+from mergecl.models.heads import readable_class_name
 from mergecl.models.text import TextPreparer, find_minilm
 
 pytest.importorskip("transformers")
@@ -61,11 +62,13 @@ def test_similar_sentences_are_closer(learner):
     assert a @ b > b @ c + 0.2
 
 
-def test_zero_shot_head_on_real_clinc150(learner, shared_data):
-    data = json.loads((shared_data / "clinc150" / "data_full.json").read_text())
+def test_zero_shot_head_on_real_clinc150(learner, text_data):
+    data = get_source(**text_data("clinc150"))
     texts, labels = [], []
     for index, intent in enumerate(INTENTS):
-        utterances = [text for text, label in data["test"] if label == intent][:10]
+        label = data.class_names.index(readable_class_name(intent))
+        pairs = zip(data.test.inputs, data.test.labels.tolist(), strict=True)
+        utterances = [text for text, y in pairs if y == label][:10]
         texts += utterances
         labels += [index] * len(utterances)
     assert len(texts) == 50

@@ -4,16 +4,23 @@ import pytest
 import torch
 from PIL import Image
 
-from mergecl.run.bench import SUITES, bench, suite_config
+from mergecl.run.bench import SUITES, suite_config
 from mergecl.run.config import load_config, packaged_configs, parse_config
 from mergecl.run.runner import run
 
 transformers = pytest.importorskip("transformers")
 
 
+def on_real_data(config, text_data):
+    """The suite's config on the full data set when it is here, else on the subset in the package."""
+    data = config.data.model_copy(update=text_data(config.data.source))
+    return config.model_copy(update={"data": data})
+
+
 @pytest.mark.parametrize("suite, num_classes", [("clinc150-cil", 150), ("banking77-cil", 77)])
-def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes):
-    results, out = bench(suite, quick=True, out=tmp_path / suite, echo=lambda m: None, report=False)
+def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes, text_data):
+    config = on_real_data(suite_config(suite, quick=True), text_data)
+    results, out = run(config, out=tmp_path / suite, echo=lambda m: None, report=False)
     chance = 100.0 / num_classes
     methods = results["methods"]
     assert set(methods) == {"zero_shot", "seq_ft", "magmax", "ind_ft+magmax", "magmax@auto"}
@@ -24,8 +31,9 @@ def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes):
 
 
 @pytest.mark.parametrize("suite", ["clinc150-cil-pam"])
-def test_quick_pam_suite_trains_lora_and_beats_chance(tmp_path, suite):
-    config = suite_config(suite, quick=True).model_copy(update={"keep_vectors": True})  # read a task vector below
+def test_quick_pam_suite_trains_lora_and_beats_chance(tmp_path, suite, text_data):
+    config = on_real_data(suite_config(suite, quick=True), text_data)
+    config = config.model_copy(update={"keep_vectors": True})  # read a task vector below
     results, out = run(config, out=tmp_path / suite, echo=lambda m: None, report=False)
     methods = results["methods"]
     assert set(methods) == {"zero_shot", "seq_ft", "ind_ft+average", "pam", "pam@zero"}

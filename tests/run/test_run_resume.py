@@ -146,10 +146,10 @@ def test_cli_run_and_report(tmp_path):
     assert failed.stderr.strip() == f"mergecl: error: {bad}: unknown key 'train.epoch'"
 
 
-def test_a_run_with_the_real_minilm_and_a_zero_shot_head(tmp_path):
+def test_a_run_with_the_real_minilm_and_a_zero_shot_head(tmp_path, text_data):
     config = {
         "name": "clinc-smoke",
-        "data": {"source": "clinc150", "scenario": "class", "n_tasks": 2, "train_per_class": 2, "eval_per_class": 2},
+        "data": {**text_data("clinc150"), "scenario": "class", "n_tasks": 2, "train_per_class": 2, "eval_per_class": 2},
         "model": {"name": "hf_text", "head": "zero_shot"},
         "train": {"lr": 5e-5, "epochs": 1, "batch_size": 16},
         "methods": ["zero_shot", "seq_ft", "magmax"],

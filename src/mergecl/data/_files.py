@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 from pathlib import Path
@@ -36,13 +38,22 @@ def locate(root: str | Path, marker: str, subdirs: tuple[str, ...], dataset: str
     raise missing(dataset, root / marker, marker, root)
 
 
-def read_json(path: Path, dataset: str) -> Any:
+def open_text(path: Path, dataset: str) -> io.TextIOBase:
+    """``path`` opened for reading text, or ``path.gz`` when only the gzipped file is there (the
+    embedded subsets ship gzipped in the official formats)."""
+    zipped = path.with_name(path.name + ".gz")
+    if not path.is_file() and zipped.is_file():
+        return io.TextIOWrapper(gzip.open(zipped), encoding="utf-8", newline="")
     if not path.is_file():
         raise missing(dataset, path, path.name)
+    return open(path, encoding="utf-8", newline="")  # newline="": csv texts may span lines
+
+
+def read_json(path: Path, dataset: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_text(path, dataset) as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as err:
         raise MergeclError(f"{dataset}: {path} is not valid JSON ({err})") from err
 
 

@@ -23,6 +23,8 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "mnist": sources.load_mnist,
     "clinc150": sources.load_clinc150,
     "banking77": sources.load_banking77,
+    "clinc150_mini": sources.load_clinc150_mini,
+    "banking77_mini": sources.load_banking77_mini,
     "image_folder": sources.load_image_folder,
     "cifar100": paper_sources.load_cifar100,
     "imagenet_r": paper_sources.load_imagenet_r,
@@ -32,7 +34,7 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "hf": sources.load_hf_dataset,
 }
 SOURCE_NAMES = tuple(LOADERS)
-_NO_ROOT = ("digits", "hf")  # embedded in a package / fetched from the hub
+_NO_ROOT = ("digits", "clinc150_mini", "banking77_mini", "hf")  # embedded in a package / fetched from the hub
 
 
 def data_root() -> Path:

@@ -1,4 +1,6 @@
-"""The small real sources: sklearn digits, MNIST (IDX), CLINC150, Banking77, image folders, HF hub.
+"""The small real sources: sklearn digits, MNIST (IDX), CLINC150, Banking77, image folders, HF hub,
+and the subsets of CLINC150 and Banking77 that ship inside mergecl (``clinc150_mini``,
+``banking77_mini``: ``embedded/README.md`` says what they hold and how they were drawn).
 
 Each loader reads local files only and returns a ``Dataset`` with global class ids 0..C-1 and
 readable class names. Any file a user can get wrong (absent, truncated, wrong format) ends in a
@@ -18,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergecl.data._files import IMAGE_EXTENSIONS, list_images, missing, path_split, read_json, readable
+from mergecl.data._files import IMAGE_EXTENSIONS, list_images, missing, open_text, path_split, read_json, readable
 from mergecl.data.splits import split_off
 from mergecl.data.types import Dataset, Split
 from mergecl.errors import MergeclError
+
+EMBEDDED = Path(__file__).resolve().parent / "embedded"  # the real-data subsets shipped in the package
 
 # ----------------------------------------------------------------------------------------- digits
 
@@ -118,21 +122,33 @@ def load_mnist(root: str | Path, seed: int = 0, val_fraction: float = 0.1, test_
 # --------------------------------------------------------------------------------------- CLINC150
 
 
-def load_clinc150(root: str | Path, variant: str = "full") -> Dataset:
+def load_clinc150(root: str | Path, variant: str = "full", domains: list[str] | None = None) -> Dataset:
     """CLINC150 (``data_<variant>.json`` + ``domains.json``), out-of-scope examples dropped.
 
     Class ids follow domains.json (domain by domain, 15 intents each), so ``class_groups`` maps each
     of the 10 domains to 15 consecutive ids. Names are readable ('change_accent' -> 'change accent').
+    ``domains``: keep only these domains, in this order (ids renumbered; ``order: groups`` then makes
+    one task per listed domain).
     """
     root = Path(root).expanduser()
     data_path, domains_path = root / f"data_{variant}.json", root / "domains.json"
     data = read_json(data_path, "clinc150")
-    domains = read_json(domains_path, "clinc150")
-    if not isinstance(domains, dict) or not all(isinstance(v, list) for v in domains.values()):
+    chosen = domains
+    all_domains = domain_map = read_json(domains_path, "clinc150")
+    if not isinstance(domain_map, dict) or not all(isinstance(v, list) for v in domain_map.values()):
         raise MergeclError(f"{domains_path} must map each domain to a list of intents")
-    intents = [intent for members in domains.values() for intent in members]
+    if chosen is not None:
+        if not (isinstance(chosen, list) and all(isinstance(d, str) for d in chosen)):
+            raise MergeclError(f"clinc150: domains must be a list of domain names, got {chosen!r}")
+        unknown = [d for d in chosen if d not in domain_map]
+        if unknown or len(set(chosen)) != len(chosen) or not chosen:
+            problem = f"unknown domain {unknown[0]!r}" if unknown else "a non-empty list without repeats is needed"
+            raise MergeclError(f"clinc150: domains: {problem}; domains: {', '.join(domain_map)}")
+        domain_map = {d: domain_map[d] for d in chosen}
+    intents = [intent for members in domain_map.values() for intent in members]
     class_of = {intent: i for i, intent in enumerate(intents)}
-    groups = {domain: [class_of[i] for i in members] for domain, members in domains.items()}
+    every_intent = {intent for members in all_domains.values() for intent in members}
+    groups = {domain: [class_of[i] for i in members] for domain, members in domain_map.items()}
 
     def split(key: str) -> Split:
         rows = data.get(key) if isinstance(data, dict) else None
@@ -143,10 +159,10 @@ def load_clinc150(root: str | Path, variant: str = "full") -> Dataset:
             if not (isinstance(row, list) and len(row) == 2):
                 raise MergeclError(f"{data_path}: '{key}' row {row!r} is not [text, intent]")
             text, intent = row
-            if intent == "oos":
-                continue
-            if intent not in class_of:
+            if intent not in every_intent and intent != "oos":
                 raise MergeclError(f"{data_path}: intent {intent!r} is not listed in {domains_path}")
+            if intent not in class_of:  # out of scope, or a domain left out
+                continue
             texts.append(str(text))
             labels.append(class_of[intent])
         return Split(texts, torch.tensor(labels, dtype=torch.long), "text")
@@ -161,14 +177,18 @@ def load_clinc150(root: str | Path, variant: str = "full") -> Dataset:
     )
 
 
+def load_clinc150_mini(domains: list[str] | None = None) -> Dataset:
+    """The CLINC150 subset shipped with mergecl: all 150 intents, 20 train / 5 val / 10 test
+    utterances each, drawn from the official splits (embedded/README.md)."""
+    return load_clinc150(EMBEDDED / "clinc150", variant="mini", domains=domains)
+
+
 # -------------------------------------------------------------------------------------- Banking77
 
 
 def _read_banking_csv(path: Path, class_of: dict[str, int]) -> Split:
-    if not path.is_file():
-        raise missing("banking77", path, path.name)
     texts, labels = [], []
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": texts may span lines
+    with open_text(path, "banking77") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"text", "category"} <= set(reader.fieldnames):
             raise MergeclError(f"{path} must have a header with columns text,category")
@@ -198,6 +218,12 @@ def load_banking77(root: str | Path, seed: int = 0, val_fraction: float = 0.1) -
     test = _read_banking_csv(root / "test.csv", class_of)
     train, val = split_off(train, val_fraction, seed)
     return Dataset("banking77", [readable(c) for c in categories], train, test, val if len(val) else None)
+
+
+def load_banking77_mini(seed: int = 0, val_fraction: float = 0.1) -> Dataset:
+    """The Banking77 subset shipped with mergecl: all 77 intents, 20 train / 10 test utterances
+    each, drawn from the official splits (embedded/README.md); validation carved as in the full set."""
+    return load_banking77(EMBEDDED / "banking77", seed, val_fraction)
 
 
 # ----------------------------------------------------------------------------------- image folder

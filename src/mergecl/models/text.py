@@ -142,7 +142,7 @@ def import_transformers() -> Any:
         import transformers
     except ImportError:
         raise MergeclError(
-            "transformers is not installed: pip install 'mergecl[text]' (or 'mergecl[vision]' for CLIP)"
+            "transformers is not installed (text and CLIP models need it): pip install transformers peft"
         ) from None
     return transformers
 
