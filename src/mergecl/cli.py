@@ -1,6 +1,8 @@
 """The `mergecl` command line: merge, run, report.
 
-Errors a user can cause (MergeclError) print one line, ``mergecl: error: ...``, and exit 2.
+Errors a user can cause (MergeclError) print one line, ``mergecl: error: ...``, and exit 2. A run
+(or bench) in which a method failed -- its model broke: a non-finite loss, weight or output -- still
+reports the others, prints ``failed: ...`` per method and exits 1.
 """
 
 from __future__ import annotations
