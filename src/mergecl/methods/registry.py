@@ -141,14 +141,12 @@ def method_schema(spec: MethodSpec) -> type[Options]:
     return rule_schema(spec.rule) if spec.rule else STREAMS[spec.kind].options
 
 
-def check_method_options(
-    methods: list[str], method_options: Mapping[str, Any], lora: bool = False
-) -> dict[str, Options]:
+def check_method_options(methods: list[str], method_options: Mapping[str, Any], lora: bool = False) -> None:
     """Every key of ``method_options`` against the run's methods: a method (or a stream, ``seq``)
     of the run, and options its schema accepts. ``lora``: the model has LoRA adapters."""
     specs = {spec.name: spec for spec in resolve_methods(methods)}
     streams = {spec.stream for spec in specs.values()}
-    checked, trained = {}, {}
+    trained: dict[str, str] = {}  # stream -> the key that sets its training's options
     for key, given in method_options.items():
         where = f"method_options.{key}"
         if key in specs:
@@ -157,10 +155,11 @@ def check_method_options(
             schema = STREAMS[stream_kind(key)].options
         else:
             raise MergeclError(f"{where}: '{key}' is not a method of this run (methods: {', '.join(specs)})")
-        checked[key] = options = read_options(schema, given, where)
+        options = read_options(schema, given, where)
         if getattr(options, "space", None) == "dense" and not lora:
             raise MergeclError(f"{where}.space: dense needs a LoRA model (model.lora)")
-        stream = specs[key].stream if key in specs and not specs[key].rule else key if key in streams else None
-        if stream is not None and trained.setdefault(stream, key) != key:  # the runner would read only one
+        if key in specs and specs[key].rule:
+            continue  # a merge's own options
+        stream = specs[key].stream if key in specs else key
+        if trained.setdefault(stream, key) != key:  # the runner would read only one of them
             raise MergeclError(f"method_options: {trained[stream]} and {key} both set the options of one training")
-    return checked
