@@ -99,11 +99,14 @@ class RunDir:
             raise MergeclError(f"{self.path}: cannot lock the run directory ({err.strerror or err})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise MergeclError(
                 f"{self.path}: in use by another mergecl process (it holds {LOCK}); wait for it to end"
             ) from None
+        except OSError:  # a file system without locks (NFS without lockd): run unlocked, as on Windows
+            os.close(fd)
+            return
         self._lock_fd = fd
 
     def unlock(self) -> None:
