@@ -42,6 +42,7 @@ RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: ch
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements TIES may hold per chunk position, over all T inputs
 LAM_LIMIT = torch.finfo(torch.float32).max
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 Source = str | os.PathLike | Mapping[str, Tensor]
 
@@ -287,6 +288,8 @@ class _Merge:
             tau = self._buffer(("tau", slot), n, base.dtype)
             if self.vectors:
                 tau.copy_(theta)
+            elif theta.dtype in FLOAT8:  # torch does not promote fp8 in arithmetic: widen it first
+                tau.copy_(theta).sub_(base)
             else:
                 torch.sub(theta, base, out=tau)
             if not _all_finite(tau):
