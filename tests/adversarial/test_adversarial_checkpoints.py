@@ -189,6 +189,25 @@ def test_a_malformed_or_escaping_shard_index_is_one_line(tmp_path, weight_map, i
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_hugging_face_cache_snapshot_with_links_to_its_blobs_is_fine(tmp_path):
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    save_file({"w": torch.ones(2, 2)}, str(repo / "blobs" / "f00d"))
+    (snapshot / "model-00001-of-00001.safetensors").symlink_to("../../blobs/f00d")
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}})
+    )
+    assert torch.equal(merge({"w": torch.zeros(2, 2)}, [snapshot], "average")["w"], torch.ones(2, 2))
+    (repo / "elsewhere").mkdir()
+    os.replace(repo / "blobs" / "f00d", repo / "elsewhere" / "f00d")
+    (snapshot / "model-00001-of-00001.safetensors").unlink()
+    (snapshot / "model-00001-of-00001.safetensors").symlink_to("../../elsewhere/f00d")
+    with pytest.raises(MergeclError, match="is outside the index's directory"):
+        merge({"w": torch.zeros(2, 2)}, [snapshot], "average")
+
+
 def test_a_shard_in_a_subfolder_of_the_index_is_fine(tmp_path):
     directory = sharded(tmp_path, {"w": "sub/a.safetensors"})
     (directory / "sub").mkdir()

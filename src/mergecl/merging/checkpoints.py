@@ -296,11 +296,14 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def _shard_path(directory: Path, shard: str, index_path: Path) -> Path:
-    """A shard file named by an index, confined to the index's directory (no absolute paths, no
-    '..', no symbolic link leading out)."""
+    """A shard file named by an index, confined to the index's directory: no absolute path, no '..',
+    and no symbolic link leading out, but for the Hugging Face cache's own links from
+    ``snapshots/REV/`` to the repository's ``blobs/``."""
     path = directory / shard
     root, real = directory.resolve(), path.resolve()
-    if Path(shard).is_absolute() or ".." in Path(shard).parts or real == root or not real.is_relative_to(root):
+    inside = real != root and real.is_relative_to(root)
+    hub_blob = root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    if Path(shard).is_absolute() or ".." in Path(shard).parts or not (inside or hub_blob):
         raise MergeclError(f"{index_path}: shard file {shard!r} is outside the index's directory")
     if path.is_dir():
         raise MergeclError(f"{index_path}: shard file {shard!r} is a directory")
