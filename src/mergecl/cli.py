@@ -106,10 +106,12 @@ def _add_run(sub) -> None:
         help="run a continual-learning config (no CONFIG: the embedded default)",
         description="Train task by task, merge, evaluate every step; writes a run directory with "
         "results.json, task vectors, logs and a report. With no CONFIG: the embedded default "
-        "(sklearn digits, class-incremental 5 x 2, nine methods, about a minute on a laptop CPU).",
+        "(the real all-MiniLM-L6-v2 fine-tuned on 5 CLINC150 domains shipped with mergecl, one after the "
+        "other: zero-shot, Seq-FT, MagMax and averaging, 3 seeds, about 2.5 minutes on 2 CPU cores). "
+        "`mergecl run digits`: a 20-second smoke run (an MLP from scratch on sklearn digits).",
     )
     p.add_argument(
-        "config", nargs="?", default=None, help="YAML config or packaged config name (default: the embedded digits run)"
+        "config", nargs="?", default=None, help="YAML config or packaged config name (default: clinc150-mini-cil)"
     )
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergecl.errors import MergeclError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "digits.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "clinc150-mini-cil.yaml"  # the embedded default run
 
 
 def packaged_configs() -> dict[str, Path]:
