@@ -12,7 +12,7 @@ A directory is replaced by swapping it with its complete replacement in one atom
 ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np(RENAME_SWAP)``): at every instant the path holds
 the old directory or the new one, in full. Where the file system cannot swap, two renames go through
 a backup name, ``.NAME.mergecl-old``: a kill between them leaves the old directory there, and the next
-``atomic_directory`` on the same path puts it back first (see ``_recover``).
+``atomic_directory`` on the same path puts it back first (``recover``).
 """
 
 from __future__ import annotations
