@@ -8,7 +8,10 @@ reports the others, prints ``failed: ...`` per method and exits 1.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import time
 
 from mergecl.errors import MergeclError
@@ -175,7 +178,6 @@ def _run_bench(args) -> int:
 def _distributed(args) -> bool:
     """Under torchrun: join the process group. With --nproc N: start N processes of this very command
     through torchrun, wait for them and return False (the processes did the work)."""
-    import os
     import subprocess
 
     from mergecl import distributed
@@ -220,8 +222,6 @@ def _summary(results, path, started: float) -> int:
 
 def _quiet(quiet: bool):
     """Silence bars and per-step lines under --quiet or CI; return the per-step printer."""
-    import os
-
     if quiet or os.environ.get("CI"):
         os.environ["MERGECL_QUIET"] = "1"
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # e.g. transformers' weight loading
@@ -289,12 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_interrupted(signum, frame) -> None:
+    print("mergecl: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # nothing is written yet: leave at once
+
+
 def main(argv: list[str] | None = None) -> int:
+    # build_parser imports torch (the merge rules' help): seconds in which Ctrl-C may come, and a
+    # KeyboardInterrupt inside a C extension's import surfaces as an ImportError traceback. So
+    # during start-up Ctrl-C exits directly (main thread only: signal handlers live there).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _exit_interrupted) if in_main_thread else None
     try:
-        parser = build_parser()  # imports torch (the merge rules' help): seconds in which Ctrl-C may come
-    except KeyboardInterrupt:
-        print("mergecl: interrupted", file=sys.stderr)
-        return 130
+        parser = build_parser()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --nproc: relaunched as is
     try:
@@ -308,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except MergeclError as err:
         print(f"mergecl: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # any command: a full disk, a read-only or forbidden place, in one line
+        print(f"mergecl: error: {_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mergecl: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ from mergecl import MergeclError
 from mergecl.cli import main
 from mergecl.evaluation.report import format_table
 from mergecl.run.config import load_config, parse_config
-from mergecl.run.rundir import LOCK, MARKER, RunDir
+from mergecl.run.rundir import LOCK, LOCK_GRACE_S, MARKER, RunDir
 from mergecl.run.runner import run
 
 TINY = {
@@ -121,7 +121,7 @@ def test_a_second_process_on_a_running_run_refuses_at_once_and_the_lock_dies_wit
     rundir.unlock()
 
 
-def test_the_lock_refuses_in_milliseconds_and_nothing_is_cleaned_under_another_holder(fresh):
+def test_the_lock_refuses_after_a_short_grace_and_nothing_is_cleaned_under_another_holder(fresh):
     stale = fresh / ".results.json.k1ll3dxx.tmp"  # another writer's temp, as far as we can know
     stale.write_text("half a write")
     before = snapshot(fresh)
@@ -130,7 +130,7 @@ def test_the_lock_refuses_in_milliseconds_and_nothing_is_cleaned_under_another_h
         started = time.perf_counter()
         with pytest.raises(MergeclError, match=f"{fresh}: in use by another mergecl process"):
             run(resume=fresh, **QUIET)
-        assert time.perf_counter() - started < 1.0
+        assert time.perf_counter() - started < LOCK_GRACE_S + 1.0  # a just-killed holder may still be dying
         assert snapshot(fresh) == before
     finally:
         os.close(fd)
@@ -467,3 +467,10 @@ def test_negative_seeds_and_missing_devices_are_one_line_before_any_work(tmp_pat
         assert main(["run", str(config), "--out", str(tmp_path / "r")]) == 2
         assert "device: 'cuda', but this torch sees no CUDA device" in one_error_line(capsys)
         assert not (tmp_path / "r").exists()
+
+
+def test_combine_into_a_forbidden_place_is_one_line(fresh, capsys):
+    """Every command, not only run and merge: an operating-system failure is one line, exit 2."""
+    assert main(["combine", "/sys/kernel/mergecl-combined", str(fresh)]) == 2  # refused even for root
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mergecl: error: ") and "Traceback" not in err

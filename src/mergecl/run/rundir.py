@@ -51,6 +51,7 @@ except ImportError:  # Windows: no flock; runs there are not locked
 
 MARKER = "mergecl-run.json"
 LOCK = ".mergecl.lock"
+LOCK_GRACE_S = 2.0  # how long a second process waits for a lock before refusing
 
 # The temp files of the run's own files, per level (the atomic writer's ``.NAME.<random>.tmp``).
 _TEMP = r"\.[A-Za-z0-9_]+" + re.escape(TEMP_SUFFIX)
@@ -97,16 +98,24 @@ class RunDir:
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
             raise MergeclError(f"{self.path}: cannot lock the run directory ({err.strerror or err})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MergeclError(
-                f"{self.path}: in use by another mergecl process (it holds {LOCK}); wait for it to end"
-            ) from None
-        except OSError:  # a file system without locks (NFS without lockd): run unlocked, as on Windows
-            os.close(fd)
-            return
+        # A process killed a moment ago releases its lock only once the kernel has torn it down
+        # (its memory first, then its files): a short grace period, then refuse.
+        deadline = time.monotonic() + LOCK_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                raise MergeclError(
+                    f"{self.path}: in use by another mergecl process (it holds {LOCK}); wait for it to end"
+                ) from None
+            except OSError:  # a file system without locks (NFS without lockd): run unlocked, as on Windows
+                os.close(fd)
+                return
         self._lock_fd = fd
 
     def unlock(self) -> None:

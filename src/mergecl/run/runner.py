@@ -20,7 +20,7 @@ import torch
 
 from mergecl import distributed
 from mergecl.data.scenarios import build_scenario
-from mergecl.data.types import Scenario, Split
+from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.merging.engine import merge
@@ -32,7 +32,7 @@ from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense, lora_pairs
 from mergecl.run.config import RunConfig, load_config
 from mergecl.run.rundir import RunDir
-from mergecl.training.loop import NonFiniteError, TrainSettings, accuracy, check_finite
+from mergecl.training.loop import NonFiniteError, TrainSettings, accuracy_from_logits, check_finite, predict_logits
 
 LAM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 METRICS = ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc", "wall_time_s")
@@ -78,6 +78,7 @@ class Runner:
         self.echo = echo if distributed.is_main() else (lambda message: None)
         self.meta: dict[str, Any] = {}
         self.tuned: list[str] = []
+        self.zero_shot_logits: dict[tuple[str, int], torch.Tensor] = {}
         self.lora: list[LoraPair] = []
 
     # --- state ----------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class Runner:
             self.rundir.save_tensors(base_path, learner.state_dict())
         base = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
         self.tuned, self.lora = tuned_keys(learner), lora_pairs(learner)
+        self.zero_shot_logits: dict[tuple[str, int], torch.Tensor] = {}  # theta_0's, this seed's tasks
         for stream in dict.fromkeys(spec.stream for spec in self.methods):
             self.run_stream(seed, stream, scenario, learner, base)
 
@@ -206,10 +208,14 @@ class Runner:
             val_rows.append(self.evaluate_all(learner, scenario, t, "val"))
         if info:
             progress.setdefault("method_info", {}).setdefault(spec.name, {})[str(t)] = info
-        if t == len(scenario.tasks) - 1:
-            union = Split.concat([task.test for task in scenario.tasks])
-            progress["all_class_acc"][spec.name] = self.evaluate(learner, union, list(range(scenario.num_classes)))
-        rows.append(self.evaluate_all(learner, scenario, t, "test"))  # last: the row commits the step
+        # the zero-shot model is the same at every step: its logits are computed once per task
+        cache = self.zero_shot_logits if spec.kind == "zero_shot" else {}
+        logits = self.task_logits(learner, scenario, t, "test", cache=cache)
+        if t == len(scenario.tasks) - 1:  # every task is evaluated at the last step: the union's logits
+            labels = torch.cat([task.test.labels for task in scenario.tasks])
+            everything = list(range(scenario.num_classes))
+            progress["all_class_acc"][spec.name] = accuracy_from_logits(torch.cat(logits), labels, everything)
+        rows.append(self.row(scenario, t, "test", logits))  # last: the row commits the step
         spent = time.perf_counter() - started
         progress["method_time"][spec.name] = progress["method_time"].get(spec.name, 0.0) + spent
         self.commit_progress()
@@ -219,10 +225,22 @@ class Runner:
     def evaluate_all(self, learner: Learner, scenario: Scenario, t: int, split: str, seen_only: bool = False):
         """Row t of the accuracy matrix on ``split``: tasks 0..t, and the future tasks unless ``seen_only``
         or the config's ``eval_future`` is off (their accuracy is zero-shot transfer, not in ACC/BWT)."""
+        return self.row(scenario, t, split, self.task_logits(learner, scenario, t, split, seen_only))
+
+    def task_logits(self, learner, scenario, t, split, seen_only=False, cache=None) -> list[torch.Tensor]:
+        """Logits over all classes on each task row t covers (one forward pass per task; ``cache``
+        keeps them across steps for a model that does not change)."""
         tasks = scenario.tasks if self.config.eval_future and not seen_only else scenario.tasks[: t + 1]
-        return [
-            self.evaluate(learner, getattr(task, split), eval_classes(scenario, t, i)) for i, task in enumerate(tasks)
-        ]
+        cache = {} if cache is None else cache
+        for i, task in enumerate(tasks):
+            if (split, i) not in cache:
+                cache[split, i] = predict_logits(learner, getattr(task, split), self.settings.eval_batch_size)
+        return [cache[split, i] for i in range(len(tasks))]
+
+    @staticmethod
+    def row(scenario: Scenario, t: int, split: str, logits: list[torch.Tensor]) -> list[float]:
+        labels = [getattr(task, split).labels for task in scenario.tasks]
+        return [accuracy_from_logits(x, labels[i], eval_classes(scenario, t, i)) for i, x in enumerate(logits)]
 
     def train_or_load(self, seed, stream, t, scenario, learner, base, carried):
         """Train step t of ``stream`` unless it is committed; return the stream's carried state."""
@@ -327,9 +345,6 @@ class Runner:
             vectors.append({**dense, **dense_task_vector(base, tau, self.lora)})
         merge_base = {k: base[k] for k in vectors[0]}
         return vectors, merge_base, lambda merged: fold_dense({**base, **merged}, merged, self.lora)
-
-    def evaluate(self, learner: Learner, data: Split, classes: list[int]) -> float:
-        return accuracy(learner, data, classes, self.settings.eval_batch_size)
 
     # --- results --------------------------------------------------------------------------------
 
