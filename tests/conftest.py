@@ -43,6 +43,18 @@ def text_data():
 
 
 @pytest.fixture(scope="session")
+def text_dataset(text_data):
+    """``text_dataset("clinc150")`` -> the ``Dataset`` of ``text_data("clinc150")``."""
+    from mergecl.data.registry import get_source
+
+    def load(name: str):
+        keys = text_data(name)
+        return get_source(keys["source"], root=keys.get("root"))
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIP of the real structure: a real CLIP BPE tokenizer over a character
     vocabulary, saved like a hub checkpoint, and a 2-layer config. Model-spec keys ``config`` and

@@ -304,8 +304,8 @@ def test_build_scenario_from_a_registry_name_with_a_train_cap() -> None:
         assert sum(len(getattr(t, part)) for t in full.tasks) == len(getattr(digits, part))
 
 
-def test_clinc150_domains_as_tasks(text_data) -> None:
-    ds = get_source(**text_data("clinc150"))  # the full data, or the subset shipped in mergecl
+def test_clinc150_domains_as_tasks(text_dataset) -> None:
+    ds = text_dataset("clinc150")  # the full data, or the subset shipped in mergecl
     per_class_train, per_class_test = len(ds.train) // 150, len(ds.test) // 150
     sc = build_scenario("class", ds, order="groups")
     assert len(sc.tasks) == 10 and sc.tasks[0].name == "banking"

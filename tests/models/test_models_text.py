@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-from mergecl.data.registry import get_source
 from mergecl.errors import MergeclError
 from mergecl.models import LinearHead, ZeroShotHead, build_learner
 from mergecl.models.heads import readable_class_name
@@ -62,8 +61,8 @@ def test_similar_sentences_are_closer(learner):
     assert a @ b > b @ c + 0.2
 
 
-def test_zero_shot_head_on_real_clinc150(learner, text_data):
-    data = get_source(**text_data("clinc150"))
+def test_zero_shot_head_on_real_clinc150(learner, text_dataset):
+    data = text_dataset("clinc150")
     texts, labels = [], []
     for index, intent in enumerate(INTENTS):
         label = data.class_names.index(readable_class_name(intent))

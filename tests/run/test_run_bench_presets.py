@@ -17,6 +17,7 @@ def on_real_data(config, text_data):
     return config.model_copy(update={"data": data})
 
 
+@pytest.mark.slow  # the real MiniLM through a whole suite: ~1 min each
 @pytest.mark.parametrize("suite, num_classes", [("clinc150-cil", 150), ("banking77-cil", 77)])
 def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes, text_data):
     config = on_real_data(suite_config(suite, quick=True), text_data)
@@ -30,6 +31,7 @@ def test_quick_suite_runs_and_beats_chance(tmp_path, suite, num_classes, text_da
     assert not list(out.rglob("*.safetensors"))  # suites keep numbers, not a finished seed's tensors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite", ["clinc150-cil-pam"])
 def test_quick_pam_suite_trains_lora_and_beats_chance(tmp_path, suite, text_data):
     config = on_real_data(suite_config(suite, quick=True), text_data)

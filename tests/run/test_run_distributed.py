@@ -21,6 +21,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # ~2 min of torchrun processes: `pytest -m slow`
+
 CONFIG = {
     "name": "ddp",
     "seeds": [0],
