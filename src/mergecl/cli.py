@@ -110,7 +110,7 @@ def _add_run(sub) -> None:
         description="Train task by task, merge, evaluate every step; writes a run directory with "
         "results.json, task vectors, logs and a report. With no CONFIG: the embedded default "
         "(the real all-MiniLM-L6-v2 fine-tuned on 5 CLINC150 domains shipped with mergecl, one after the "
-        "other: zero-shot, Seq-FT, MagMax and averaging, 3 seeds, about 2.5 minutes on 2 CPU cores). "
+        "other: zero-shot, Seq-FT, MagMax and averaging, 3 seeds, about 3 minutes on 2 CPU cores). "
         "`mergecl run digits`: a 20-second smoke run (an MLP from scratch on sklearn digits).",
     )
     p.add_argument(
