@@ -5,7 +5,7 @@ task's training set, and GPM adds a representation pass on 125 examples plus an 
 This times each piece against one epoch of ``train_task`` (SGD, the same batch size) and reports
 the extra tensors held (F, Lambda, theta_gp, bases). Settings:
 
-- mlp: MLP 784-100-100 on split-MNIST task 1 (real data, ../shared/data/mnist), batch 32;
+- mlp: MLP 784-100-100 on split-MNIST task 1 (real data, $MERGECL_DATA/mnist), batch 32;
 - alexnet5: GPM's AlexNet-5 on random 3x32x32 images (CIFAR-100 is not on this machine), batch 64;
 - minilm: the real all-MiniLM-L6-v2 on a CLINC150 domain (15 intents, real data), batch 16.
 

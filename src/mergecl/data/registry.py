@@ -1,7 +1,7 @@
 """Sources by name: ``get_source("clinc150", root=None, seed=0)`` is what a run config calls.
 
-Default data root: ``$MERGECL_DATA`` if set, else ``../shared/data`` (relative to the working
-directory) if it exists, else ``~/.cache/mergecl/data``. A source's default folder is
+Default data root: ``$MERGECL_DATA`` if set, else ``~/.cache/mergecl/data`` (where ``prepare``
+downloads to by default). The data shipped in the package needs no root. A source's default folder is
 ``<data root>/<name>`` (``<data root>/mnist``, ...); an explicit ``root`` is that folder itself.
 """
 
@@ -41,8 +41,7 @@ def data_root() -> Path:
     """Where data sets live by default (see the module docstring)."""
     if env := os.environ.get("MERGECL_DATA"):
         return Path(env).expanduser()
-    shared = Path.cwd().parent / "shared" / "data"
-    return shared if shared.is_dir() else Path.home() / ".cache" / "mergecl" / "data"
+    return Path.home() / ".cache" / "mergecl" / "data"
 
 
 def default_root(name: str) -> Path:
