@@ -94,17 +94,19 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         names = [n for n in os.listdir(target.parent) if pattern.fullmatch(n)]
     except OSError:
         return []
-    return [target.parent / n for n in names if _remove_if_abandoned(target.parent / n)]
+    return [target.parent / n for n in names if remove_if_abandoned(target.parent / n)]
 
 
-def _remove_if_abandoned(path: Path) -> bool:
+def remove_if_abandoned(path: Path, min_age_s: float = STALE_AFTER_S) -> bool:
+    """Delete one temp (file or directory) unless its writer is alive (it holds the temp's flock)
+    or it is younger than ``min_age_s``; never through a symbolic link. True if it went."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return False  # gone already, a symbolic link, or not ours to read
     try:
         info = os.fstat(fd)
-        if time.time() - info.st_mtime < STALE_AFTER_S or not _try_lock(fd):
+        if time.time() - info.st_mtime < min_age_s or not _try_lock(fd):
             return False
         now = os.lstat(path)
         if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):

@@ -65,32 +65,26 @@ def _run_merge(args) -> int:
     from mergecl.merging.engine import merge_checkpoints
 
     started = time.perf_counter()
-    try:
-        result = merge_checkpoints(
-            args.base,
-            args.finetuned,
-            args.method,
-            out=args.out,
-            force=args.force,
-            lam=args.lam,
-            keep=args.keep,
-            scope=args.scope,
-            seed=args.seed,
-            dare=args.dare,
-            start=args.start,
-            include=args.include,
-            exclude=args.exclude,
-            fisher=args.fisher,
-            prior_precision=args.prior_precision,
-            max_shard_size=args.max_shard_size,
-            workers=args.workers,
-            progress=not args.quiet and sys.stderr.isatty(),
-        )
-    except OSError as err:  # a full disk, a read-only or forbidden place: the system's words, one line
-        where = f"{err.filename}: " if err.filename else ""
-        raise MergeclError(_one_line(f"{where}{err.strerror or err}")) from None
-    except MergeclError as err:  # names from a file's header may hold line breaks
-        raise MergeclError(_one_line(str(err))) from None
+    result = merge_checkpoints(
+        args.base,
+        args.finetuned,
+        args.method,
+        out=args.out,
+        force=args.force,
+        lam=args.lam,
+        keep=args.keep,
+        scope=args.scope,
+        seed=args.seed,
+        dare=args.dare,
+        start=args.start,
+        include=args.include,
+        exclude=args.exclude,
+        fisher=args.fisher,
+        prior_precision=args.prior_precision,
+        max_shard_size=args.max_shard_size,
+        workers=args.workers,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
     extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
     print(
         f"wrote {result.path} ({args.method}, {len(args.finetuned)} checkpoints, "
@@ -100,6 +94,7 @@ def _run_merge(args) -> int:
 
 
 def _one_line(message: str) -> str:
+    """Every error is one line: names read from a file's header may hold line breaks."""
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
@@ -138,16 +133,13 @@ def _run_run(args) -> int:
     started = time.perf_counter()
     if not _distributed(args):
         return 0
-    try:
-        results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
-    except OSError as err:  # a disk that fills up or turns read-only mid-run: every write is atomic
-        raise MergeclError(_os_error(err)) from None
+    results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
     return _summary(results, path, started)
 
 
 def _os_error(err: OSError) -> str:
-    """One line for an operating-system failure: the file and the reason."""
-    return f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+    """An operating-system failure in the user's words: the file and the reason."""
+    return (f"{err.filename}: " if err.filename else "") + (err.strerror or str(err))
 
 
 def _add_bench(sub) -> None:
@@ -317,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         return handlers[args.command](args)
     except MergeclError as err:
-        print(f"mergecl: error: {err}", file=sys.stderr)
+        print(f"mergecl: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
-    except OSError as err:  # any command: a full disk, a read-only or forbidden place, in one line
-        print(f"mergecl: error: {_os_error(err)}", file=sys.stderr)
+    except OSError as err:  # any command: a full disk, a read-only or forbidden place (writes are atomic)
+        print(f"mergecl: error: {_one_line(_os_error(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mergecl: interrupted", file=sys.stderr)

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from mergecl import distributed
-from mergecl.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text
+from mergecl.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text, remove_if_abandoned
 from mergecl.errors import MergeclError
 from mergecl.run.config import RunConfig, dump_config, load_config, parse_config
 
@@ -235,8 +234,8 @@ class RunDir:
             return
         for level, pattern in ((self.path, _OWN_TOP), *self._seed_levels()):
             for path in level.iterdir():
-                if pattern.fullmatch(path.name):
-                    _remove_if_abandoned(path)
+                if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                    remove_if_abandoned(path, min_age_s=0)  # under the run's lock: no writer of ours is starting
 
     def _seed_levels(self):
         for seed_dir in self.path.iterdir():
@@ -336,25 +335,6 @@ def _on_main(action: Callable[[], Any]) -> Any:
 def _os_reason(err: OSError) -> str:
     where = f": {err.filename}" if err.filename else ""
     return f"{err.strerror or err}{where}"
-
-
-def _remove_if_abandoned(temp: Path) -> None:
-    """Delete a temp file unless a live writer holds a lock on it (``mergecl report`` writing the
-    report while a run resumes: it does not take the run's lock). Never a directory or a link."""
-    try:
-        fd = os.open(temp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return  # gone, or a symbolic link
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: locked by its live writer
-        temp.unlink(missing_ok=True)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _real_dir(path: Path) -> bool:

@@ -155,7 +155,7 @@ class Runner:
             self.rundir.save_tensors(base_path, learner.state_dict())
         base = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
         self.tuned, self.lora = tuned_keys(learner), lora_pairs(learner)
-        self.zero_shot_logits: dict[tuple[str, int], torch.Tensor] = {}  # theta_0's, this seed's tasks
+        self.zero_shot_logits = {}  # theta_0's logits on this seed's tasks
         for stream in dict.fromkeys(spec.stream for spec in self.methods):
             self.run_stream(seed, stream, scenario, learner, base)
 
