@@ -9,7 +9,7 @@ import torch
 
 from mergecl import MergeclError
 from mergecl.methods.became import GPMOptions, became_merge, next_prior, one_over_t_merge
-from mergecl.methods.options import read_options
+from mergecl.options import read_options
 from mergecl.methods.registry import resolve_method, resolve_methods
 from mergecl.run.config import load_config, parse_config
 from mergecl.run.rundir import RunDir

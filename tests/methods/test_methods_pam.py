@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mergecl import MergeclError
-from mergecl.methods.options import read_options
+from mergecl.options import read_options
 from mergecl.methods.pam import Alignment, PamOptions, align_, conflicts, running_mean, top_fraction_masks
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import dense_task_vector, fold_dense, lora_pairs

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge_checkpoints
-from mergecl.methods.options import Options
+from mergecl.options import Options
 from mergecl.methods.streams import Step, StepResult, Stream, register, train_classes
 from mergecl.models.base import Learner
 from mergecl.training.fisher import diagonal_fisher

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergecl.methods.options import Options
+from mergecl.options import Options
 from mergecl.methods.streams import Step, StepResult, Stream, register
 from mergecl.models.base import Learner
 from mergecl.training.loop import Hook

@@ -31,7 +31,7 @@ from pydantic import Field, create_model, model_validator
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import RULES, MergeOptions
-from mergecl.methods.options import Options, read_options
+from mergecl.options import Options, read_options
 from mergecl.methods.streams import STREAMS
 
 # method name -> the stream whose own model it evaluates (modules of new methods add theirs)

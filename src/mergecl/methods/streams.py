@@ -5,7 +5,7 @@ recipe over the training loop and its hooks, no trainer hierarchy. A step starts
 runner gives (theta_0, or theta_0 + tau_{t-1} rebuilt from the run directory, the same way whether
 the run was resumed or not) and returns the stream's carried state (EWC's running Fisher) and
 per-step info to log (BECAME's lambda*). New methods register a Stream from their own module,
-with the schema of their options (``methods/options.py``): the config is checked against it when it
+with the schema of their options (``mergecl/options.py``): the config is checked against it when it
 is read, and the step gets the typed options.
 """
 
@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mergecl.data.types import Scenario, Split
-from mergecl.methods.options import Options
+from mergecl.options import Options
 from mergecl.models.base import Learner
 from mergecl.training.fisher import diagonal_fisher
 from mergecl.training.loop import TrainSettings, TrainStats, train_task

@@ -24,7 +24,7 @@ from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.merging.engine import merge
-from mergecl.methods.options import Options, read_options
+from mergecl.options import Options, read_options
 from mergecl.methods.registry import MethodSpec, resolve_methods, stream_kind
 from mergecl.methods.streams import STREAMS, Step, eval_classes
 from mergecl.models.base import Learner

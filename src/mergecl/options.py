@@ -1,5 +1,6 @@
-"""Option schemas: each training method and each merge rule declares its options once, as a small
-typed pydantic model (type, default, range); the config check and the step both read that model.
+"""Option schemas (layer 0): every merge rule, training method, backbone and data source declares its
+options once, as a small typed pydantic model (type, default, range); the config check, the CLI and
+the code that uses the options all read that model.
 
 A schema is strict: no unknown key, no string where a number is expected ('1e3' stays text in
 YAML 1.1), no bool for a number, no NaN or infinity. ``read_options`` turns the first problem into
