@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergecl.data.download import REMOTES, Remote, download_url, extract_archive, how_to_get, prepare
-from mergecl.data.paper_sources import load_cifar100
-from mergecl.data.registry import SOURCE_NAMES
+from mergecl.data.download import Remote, download_url, extract_archive, how_to_get, prepare
+from mergecl.data.registry import SOURCES
+from mergecl.data.sources.images import load_cifar100
 from mergecl.errors import MergeclError
 
 
@@ -96,8 +96,11 @@ def test_prepare_cifar100_from_a_local_mirror_then_load(tmp_path: Path) -> None:
 
 
 def test_recipes_cover_the_file_based_sources() -> None:
+    builtin = {name: source for name, source in SOURCES.items() if source.loader.__module__.startswith("mergecl.")}
+    REMOTES = {name: source.remotes for name, source in builtin.items() if source.remotes}
     shipped = {"digits", "clinc150_mini", "banking77_mini"}  # inside sklearn / mergecl: nothing to download
-    assert set(REMOTES) == set(SOURCE_NAMES) - shipped - {"image_folder", "hf"}
+    assert set(REMOTES) == set(builtin) - shipped - {"image_folder", "hf"}
+    assert {name for name, source in builtin.items() if source.files == "data_root"} == set(REMOTES)
     for name, remotes in REMOTES.items():
         assert remotes and all(r.url.startswith(("http://", "https://")) for r in remotes), name
         assert all(r.md5 is None or len(r.md5) == 32 for r in remotes)

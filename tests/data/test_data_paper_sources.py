@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mergecl.data.orders import PAPER_CLASS_ORDERS, PAPER_DOMAIN_ORDERS
-from mergecl.data.paper_sources import load_cars, load_cifar100, load_cub200, load_domainnet, load_imagenet_r
+from mergecl.data.sources.images import load_cars, load_cifar100, load_cub200, load_domainnet, load_imagenet_r
 from mergecl.errors import MergeclError
 
 

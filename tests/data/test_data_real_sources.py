@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mergecl.data.registry import get_source
-from mergecl.data.sources import EMBEDDED, load_banking77, load_clinc150, load_digits_source, load_mnist, read_idx
+from mergecl.data.sources.digits import load_digits_source, load_mnist, read_idx
+from mergecl.data.sources.intents import EMBEDDED, load_banking77, load_clinc150
 from mergecl.errors import MergeclError
 
 SHARED = Path(os.environ.get("MERGECL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -204,8 +205,11 @@ def test_clinc150_domains_option_keeps_those_domains_in_that_order() -> None:
     assert sorted(t for t, y in zip(two.test.inputs, two.test.labels.tolist(), strict=True) if y < 15) == sorted(
         t for t, y in zip(full.test.inputs, full.test.labels.tolist(), strict=True) if y in travel
     )
-    for bad in (["travel", "nope"], [], ["home", "home"], "travel"):
+    for bad in (["travel", "nope"], ["home", "home"]):  # the loader's check (the names are in the data)
         with pytest.raises(MergeclError, match="clinc150: domains"):
+            get_source("clinc150_mini", domains=bad)
+    for bad, message in (([], "at least 1 item"), ("travel", "a valid list")):  # the schema's check
+        with pytest.raises(MergeclError, match=f"clinc150_mini.domains: .*{message}"):
             get_source("clinc150_mini", domains=bad)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from mergecl.data import registry
 from mergecl.data.registry import SOURCE_NAMES, data_root, get_source
-from mergecl.data.sources import load_hf_dataset
+from mergecl.data.sources.hub import load_hf_dataset
 from mergecl.errors import MergeclError
 
 EXPECTED = {
@@ -29,7 +29,9 @@ def test_unknown_name_lists_the_valid_ones() -> None:
 
 
 def test_unknown_option_is_named() -> None:
-    with pytest.raises(MergeclError, match="no option 'colour'; its options: val_fraction, test_fraction"):
+    with pytest.raises(
+        MergeclError, match=r"digits: unknown option 'colour' \(options of digits: val_fraction, test_fraction\)"
+    ):
         get_source("digits", colour="red")
 
 

@@ -3,10 +3,15 @@
 from mergecl.data import get_source, build_scenario
 ds = get_source("clinc150")                       # reads $MERGECL_DATA/clinc150
 scenario = build_scenario("class", ds, order="groups")   # 10 tasks, one per CLINC domain
+
+A new source declares itself with ``register_source`` in its own module (docs/extending.md).
 """
 
+from typing import Any
+
+from mergecl.data import sources  # noqa: F401  (registers the built-in sources)
 from mergecl.data.orders import PAPER_CLASS_ORDERS, PAPER_DOMAIN_ORDERS, paper_class_order
-from mergecl.data.registry import SOURCE_NAMES, data_root, get_source
+from mergecl.data.registry import SOURCES, Source, data_root, get_source, register_source, source_names
 from mergecl.data.scenarios import (
     build_scenario,
     class_incremental,
@@ -20,8 +25,10 @@ from mergecl.data.types import Dataset, Scenario, Split, Task
 __all__ = [
     "PAPER_CLASS_ORDERS",
     "PAPER_DOMAIN_ORDERS",
+    "SOURCES",
     "SOURCE_NAMES",
     "Dataset",
+    "Source",
     "Scenario",
     "Split",
     "Task",
@@ -32,6 +39,14 @@ __all__ = [
     "get_source",
     "paper_class_order",
     "permuted",
+    "register_source",
+    "source_names",
     "subsample_per_class",
     "task_incremental",
 ]
+
+
+def __getattr__(attr: str) -> Any:
+    if attr == "SOURCE_NAMES":  # always current: plugins may register sources after import
+        return source_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -1,8 +1,9 @@
 """Explicit downloads of the data sets, for users on a machine with internet.
 
 Nothing here runs unless asked: ``prepare(name, root)`` (or ``get_source(..., download=True)``)
-fetches the official files with urllib, checks their md5 where it is published, and unpacks them
-so that the loaders find the layout they read. Loaders never download by themselves.
+fetches the official files a source declares (``register_source(..., remotes=...)``: a list of
+``Remote``) with urllib, checks their md5 where it is published, and unpacks them so that the
+loader finds the layout it reads. Loaders never download by themselves.
 
 Downloads go to ``<file>.part`` and are renamed only once complete and verified, so an interrupted
 download never looks like a good file. Archives are unpacked with path checks (no absolute paths,
@@ -17,9 +18,11 @@ import shutil
 import tarfile
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergecl.data.registry import SOURCES
 from mergecl.errors import MergeclError
 
 
@@ -31,75 +34,9 @@ class Remote:
     extract: bool = False
 
 
-_MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # yann.lecun.com often refuses
-_DOMAINNET = "http://csr.bu.edu/ftp/visda/2019/multi-source/"
-_CARS = "https://ai.stanford.edu/~jkrause/car196/"
-DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-
-
-def _domainnet_files() -> list[Remote]:
-    # clipart and painting images live under groundtruth/, the others at the top (official page).
-    files = []
-    for domain in DOMAINNET_DOMAINS:
-        folder = "groundtruth/" if domain in ("clipart", "painting") else ""
-        files.append(Remote(f"{_DOMAINNET}{folder}{domain}.zip", f"{domain}.zip", extract=True))
-        for part in ("train", "test"):
-            name = f"{domain}_{part}.txt"
-            files.append(Remote(f"{_DOMAINNET}domainnet/txt/{name}", name))
-    return files
-
-
-REMOTES: dict[str, list[Remote]] = {
-    "mnist": [
-        Remote(_MNIST_MIRROR + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
-               "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-        Remote(_MNIST_MIRROR + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "d53e105ee54ea40749a09fcbcd1e9432"),
-        Remote(_MNIST_MIRROR + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-               "9fb629c4189551a2d022fa330f9573f3"),
-        Remote(_MNIST_MIRROR + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-               "ec29112dd5afa0611ce80d1b7f02629c"),
-    ],
-    "clinc150": [
-        Remote("https://raw.githubusercontent.com/clinc/oos-eval/master/data/data_full.json",
-               "data_full.json"),
-        Remote("https://raw.githubusercontent.com/clinc/oos-eval/master/data/domains.json",
-               "domains.json"),
-    ],
-    "banking77": [
-        Remote("https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/master/"
-               f"banking_data/{name}", name)
-        for name in ("train.csv", "test.csv", "categories.json")
-    ],
-    "cifar100": [
-        Remote("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "cifar-100-binary.tar.gz",
-               "03b5dce01913d631647c71ecec9e9cb8", extract=True),
-    ],
-    "imagenet_r": [
-        Remote("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", "imagenet-r.tar",
-               "a61312130a589d0ca1a8fca1f2bd3337", extract=True),
-    ],
-    "cub200": [
-        Remote("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
-               "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78", extract=True),
-    ],
-    # The Stanford host has been offline since 2023; if it fails, fetch the same four files from a
-    # mirror (e.g. the Kaggle copy of "stanford-cars") into <root> and run prepare("cars") again.
-    "cars": [
-        Remote("https://ai.stanford.edu/~jkrause/cars/car_devkit.tgz", "car_devkit.tgz",
-               "c3b158d763b6e2245038c8ad08e45376", extract=True),
-        Remote(_CARS + "cars_train.tgz", "cars_train.tgz", "065e5b463ae28d29e77c1b4b166cfe61", extract=True),
-        Remote(_CARS + "cars_test.tgz", "cars_test.tgz", "4ce7ebf6a94d07f1952d94dd34c4d501", extract=True),
-        Remote(_CARS + "cars_test_annos_withlabels.mat", "cars_test_annos_withlabels.mat",
-               "b0a2b23655a3edd16d84508592a98d10"),
-    ],
-    "domainnet": _domainnet_files(),
-}  # fmt: skip
-
-
 def how_to_get(name: str, root: str | Path) -> str:
     """One sentence telling a user how to obtain ``name`` into ``root`` (for error messages)."""
-    remotes = REMOTES.get(name)
+    remotes = SOURCES[name].remotes if name in SOURCES else ()
     if not remotes:
         return "see docs for how to obtain it"
     first = remotes[0].url + (f" (+{len(remotes) - 1} more files)" if len(remotes) > 1 else "")
@@ -169,16 +106,18 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def prepare(name: str, root: str | Path, remotes: list[Remote] | None = None) -> Path:
+def prepare(name: str, root: str | Path, remotes: Sequence[Remote] | None = None) -> Path:
     """Download (and unpack) data set ``name`` into ``root``, the folder its loader reads.
 
-    ``remotes`` overrides the official file list (a mirror, or ``file://`` URLs).
+    ``remotes`` overrides the files its declaration lists (a mirror, or ``file://`` URLs).
     """
-    files = REMOTES.get(name) if remotes is None else remotes
-    if files is None:
-        raise MergeclError(f"no download recipe for {name!r}; known: {', '.join(sorted(REMOTES))}")
+    if remotes is None:
+        remotes = SOURCES[name].remotes if name in SOURCES else ()
+        if not remotes:
+            known = sorted(n for n, source in SOURCES.items() if source.remotes)
+            raise MergeclError(f"no download recipe for {name!r}; known: {', '.join(known)}")
     root = Path(root)
-    for remote in files:
+    for remote in remotes:
         path = download_url(remote.url, root / remote.filename, remote.md5)
         if remote.extract:
             extract_archive(path, root)

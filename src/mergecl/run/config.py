@@ -53,7 +53,16 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     train_per_class: int | None = Field(None, ge=1)
     eval_per_class: int | None = Field(None, ge=1)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)  # checked against the source's declared schema
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        """``source`` is a registered source and ``options`` fit its schema (a MergeclError naming the key)."""
+        from mergecl.data.registry import find_source, read_source_options  # imports torch: only when needed
+
+        find_source(self.source, where="data.source")
+        read_source_options(self.source, self.options, where="data.options")
+        return self
 
 
 class TrainConfig(_Strict):

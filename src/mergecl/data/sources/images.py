@@ -1,5 +1,7 @@
-"""The MagMax paper's image data sets, read from their official (prepared) local layouts.
+"""Images: any folder of images by class (``image_folder``), and the MagMax paper's image data sets
+read from their official (prepared) local layouts.
 
+- image folders: ``root/<class>/<image>`` or ``root/{train,val,test}/<class>/<image>``.
 - CIFAR-100: the official *binary* release (``cifar-100-binary.tar.gz``: train.bin / test.bin, each
   record 1 coarse-label byte, 1 fine-label byte, 3072 pixel bytes). The python release is pickles,
   which mergecl never loads. Inputs: float [N, 3, 32, 32] in [0, 1].
@@ -12,24 +14,91 @@
 
 Large images stay on disk: inputs are file paths (``kind="image_path"``). Class ids match the
 numbering of MagMax's loaders, so ``mergecl.data.orders.PAPER_CLASS_ORDERS`` picks the same classes.
-Nothing here downloads; see ``mergecl.data.download.prepare``.
+Nothing here downloads; each source declares its official files for ``mergecl.data.download.prepare``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from mergecl.data._files import list_images, locate, missing, path_split, read_lines, readable
-from mergecl.data.download import DOMAINNET_DOMAINS
+from mergecl.data._files import IMAGE_EXTENSIONS, list_images, locate, missing, path_split, read_lines, readable
+from mergecl.data.download import Remote
 from mergecl.data.orders import PAPER_DOMAIN_ORDERS
-from mergecl.data.sources import load_image_folder
-from mergecl.data.splits import stratified_split
+from mergecl.data.registry import register_source
+from mergecl.data.splits import split_off, stratified_split
 from mergecl.data.types import Dataset, Split
 from mergecl.errors import MergeclError
+from mergecl.options import Options
+
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+# ----------------------------------------------------------------------------------- image folder
+
+
+def scan_class_folders(folder: Path, classes: list[str]) -> Split:
+    """Every image under ``folder/<class>/`` for the given class names (ids = list positions)."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in list_images(folder / name) if (folder / name).is_dir() else []:
+            paths.append(str(path))
+            labels.append(label)
+    return path_split(paths, labels)
+
+
+def _class_dirs(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def load_image_folder(
+    root: str | Path, seed: int = 0, test_fraction: float = 0.2, name: str = "image_folder"
+) -> Dataset:
+    """Images laid out ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``.
+
+    Classes are the sorted folder names (as torchvision's ImageFolder numbers them). Without a
+    ``test`` folder, ``test_fraction`` of the images become the test split (seeded, stratified);
+    without a ``val`` folder, ``val`` is None and the scenario carves one. Inputs are file paths.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise MergeclError(f"image folder {root} does not exist")
+    has_splits = (root / "train").is_dir()
+    parts = {p: root / p for p in ("train", "val", "test") if (root / p).is_dir()} if has_splits else {}
+    folders = list(parts.values()) if has_splits else [root]
+    classes = sorted(set().union(*(_class_dirs(f) for f in folders)))
+    if not classes:
+        raise MergeclError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
+    train = scan_class_folders(parts.get("train", root), classes)
+    if len(train) == 0:
+        raise MergeclError(f"image folder {root} has no images ({' '.join(IMAGE_EXTENSIONS)})")
+    val = scan_class_folders(parts["val"], classes) if "val" in parts else None
+    if "test" in parts:
+        test = scan_class_folders(parts["test"], classes)
+    else:
+        train, test = split_off(train, test_fraction, seed)
+    return Dataset(name, [readable(c) for c in classes], train, test, val)
+
+
+class ImageFolderOptions(Options):
+    test_fraction: float = Field(0.2, ge=0, lt=1)  # used when there is no test folder
+    name: str = Field("image_folder", min_length=1)  # the data set's name in reports
+
+
+register_source(
+    "image_folder",
+    load_image_folder,
+    summary="any folder of images by class: root/<class>/<image> or root/{train,val,test}/<class>/<image>",
+    options=ImageFolderOptions,
+    files="folder",
+    layout="root/<class>/<image>",
+)
+
 
 # -------------------------------------------------------------------------------------- CIFAR-100
 
@@ -72,6 +141,18 @@ def load_cifar100(root: str | Path) -> Dataset:
     for c, name in enumerate(coarse_names):
         groups[readable(name)] = sorted({int(f) for f in np.unique(fine[coarse == c])})
     return Dataset("cifar100", [readable(n) for n in fine_names], train, test, class_groups=groups)
+
+
+register_source(
+    "cifar100",
+    load_cifar100,
+    summary="CIFAR-100 (binary release): 50k / 10k 32x32 images, 100 classes in 20 superclasses",
+    layout="train.bin, test.bin, fine_label_names.txt (or cifar-100-binary/)",
+    remotes=[
+        Remote("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "cifar-100-binary.tar.gz",
+               "03b5dce01913d631647c71ecec9e9cb8", extract=True),
+    ],
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- ImageNet-R
@@ -161,6 +242,23 @@ def load_imagenet_r(root: str | Path, seed: int = 0, test_fraction: float = 0.2)
     )
 
 
+class ImagenetROptions(Options):
+    test_fraction: float = Field(0.2, ge=0, lt=1)  # used when the copy is not already split
+
+
+register_source(
+    "imagenet_r",
+    load_imagenet_r,
+    summary="ImageNet-R: 30,000 renditions of 200 ImageNet classes in 15 domains (art, cartoon, ...)",
+    options=ImagenetROptions,
+    layout="imagenet-r/<wnid>/<rendition>_<n>.jpg and imagenet-r/README.txt",
+    remotes=[
+        Remote("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", "imagenet-r.tar",
+               "a61312130a589d0ca1a8fca1f2bd3337", extract=True),
+    ],
+)  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------- CUB-200
 
 
@@ -205,6 +303,18 @@ def load_cub200(root: str | Path) -> Dataset:
         ys.append(label)
     names = [readable(classes[i].split(".", 1)[-1]) for i in class_ids]
     return Dataset("cub200", names, path_split(*parts["1"]), path_split(*parts["0"]))
+
+
+register_source(
+    "cub200",
+    load_cub200,
+    summary="CUB-200-2011: 200 bird species, its official 5,994 / 5,794 train/test split",
+    layout="CUB_200_2011/ (images.txt, train_test_split.txt, images/)",
+    remotes=[
+        Remote("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
+               "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78", extract=True),
+    ],
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- Stanford Cars
@@ -258,6 +368,26 @@ def load_cars(root: str | Path) -> Dataset:
         if len(split) and not 0 <= int(split.labels.min()) <= int(split.labels.max()) < len(names):
             raise MergeclError(f"{mat}: class ids outside 1..{len(names)} of cars_meta.mat")
     return Dataset("cars", names, train, test)
+
+
+_CARS = "https://ai.stanford.edu/~jkrause/car196/"
+
+register_source(
+    "cars",
+    load_cars,
+    summary="Stanford Cars: 196 car models, 8,144 / 8,041 train/test images",
+    layout="devkit/*.mat, cars_train/, cars_test/ (or train/<class>/, test/<class>/)",
+    # The Stanford host has been offline since 2023; if it fails, fetch the same four files from a
+    # mirror (e.g. the Kaggle copy of "stanford-cars") into <root> and run prepare("cars") again.
+    remotes=[
+        Remote("https://ai.stanford.edu/~jkrause/cars/car_devkit.tgz", "car_devkit.tgz",
+               "c3b158d763b6e2245038c8ad08e45376", extract=True),
+        Remote(_CARS + "cars_train.tgz", "cars_train.tgz", "065e5b463ae28d29e77c1b4b166cfe61", extract=True),
+        Remote(_CARS + "cars_test.tgz", "cars_test.tgz", "4ce7ebf6a94d07f1952d94dd34c4d501", extract=True),
+        Remote(_CARS + "cars_test_annos_withlabels.mat", "cars_test_annos_withlabels.mat",
+               "b0a2b23655a3edd16d84508592a98d10"),
+    ],
+)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------- DomainNet
@@ -321,4 +451,43 @@ def load_domainnet(root: str | Path, domains: list[str] | tuple[str, ...] | None
     )
 
 
-__all__ = ["load_cars", "load_cifar100", "load_cub200", "load_domainnet", "load_imagenet_r", "read_cifar_bin"]
+class DomainNetOptions(Options):
+    # which domains, in which order (default: MagMax's clipart, sketch, real, infograph, quickdraw, painting)
+    domains: Sequence[Literal[DOMAINNET_DOMAINS]] | None = Field(None, min_length=1)
+
+
+_DOMAINNET = "http://csr.bu.edu/ftp/visda/2019/multi-source/"
+
+
+def _domainnet_files() -> list[Remote]:
+    # clipart and painting images live under groundtruth/, the others at the top (official page).
+    files = []
+    for domain in DOMAINNET_DOMAINS:
+        folder = "groundtruth/" if domain in ("clipart", "painting") else ""
+        files.append(Remote(f"{_DOMAINNET}{folder}{domain}.zip", f"{domain}.zip", extract=True))
+        for part in ("train", "test"):
+            name = f"{domain}_{part}.txt"
+            files.append(Remote(f"{_DOMAINNET}domainnet/txt/{name}", name))
+    return files
+
+
+register_source(
+    "domainnet",
+    load_domainnet,
+    summary="DomainNet (cleaned): 345 classes in 6 domains, the official per-domain train/test lists",
+    options=DomainNetOptions,
+    layout="<domain>_train.txt, <domain>_test.txt and <domain>/<class>/<image>",
+    remotes=_domainnet_files(),
+)
+
+__all__ = [
+    "DOMAINNET_DOMAINS",
+    "load_cars",
+    "load_cifar100",
+    "load_cub200",
+    "load_domainnet",
+    "load_image_folder",
+    "load_imagenet_r",
+    "read_cifar_bin",
+    "scan_class_folders",
+]
