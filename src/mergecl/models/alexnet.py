@@ -14,11 +14,16 @@ standardised with the release's mean/std (x/255 of 125.3, 123.0, 113.9 and 63.0,
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from mergecl.errors import MergeclError
+from mergecl.models.registry import ModelSpec, register_backbone
+from mergecl.models.weights import load_weights
+from mergecl.options import Options
 
 GPM_MEAN = tuple(x / 255 for x in (125.3, 123.0, 113.9))
 GPM_STD = tuple(x / 255 for x in (63.0, 62.1, 66.7))
@@ -72,3 +77,23 @@ class AlexNet5(nn.Module):
         x = self.pool(self.drop2(self.relu(self.bn3(self.conv3(x)))))
         x = self.drop2(self.relu(self.bn4(self.fc1(x.flatten(1)))))
         return self.drop2(self.relu(self.bn5(self.fc2(x))))
+
+
+class AlexNet5Options(Options):
+    in_channels: int = Field(3, ge=1, description="input channels")
+    image_size: int = Field(32, ge=1, description="side of the square input images")
+    normalize: bool = Field(True, description="standardise with the release's CIFAR mean/std (RGB only)")
+
+
+@register_backbone(
+    "alexnet5",
+    summary="the AlexNet-5 of GPM/BECAME; pretrained: a .safetensors / torch file of encoder weights",
+    options=AlexNet5Options,
+    inputs="images [N, 3, 32, 32] in [0, 1] or flat vectors",
+)
+def build_alexnet5(spec: ModelSpec, class_names: list[str], device: torch.device) -> nn.Module:
+    options = cast(AlexNet5Options, spec.options)
+    encoder = AlexNet5(options.in_channels, options.image_size, options.normalize)
+    if spec.pretrained is not None:
+        load_weights(encoder, spec.pretrained)
+    return encoder

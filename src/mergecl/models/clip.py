@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 from torch import nn
 
 from mergecl.errors import MergeclError
 from mergecl.models._util import one_line
 from mergecl.models.heads import build_zero_shot_weights, readable_class_name
 from mergecl.models.images import CLIP_MEAN, CLIP_STD, ImagePreparer
+from mergecl.models.registry import Built, ModelSpec, register_backbone
 from mergecl.models.text import check_local_or_hub, import_transformers, load_tokenizer
+from mergecl.options import Options
 
 # A short subset of the standard CLIP ImageNet prompt family ("a photo of a {}." ...).
 CLIP_TEMPLATES = (
@@ -109,3 +112,55 @@ def clip_image_parts(
     size = int(model.config.vision_config.image_size)
     preparer = ImagePreparer(size, CLIP_MEAN, CLIP_STD, augment="resized_crop", crop_scale=crop_scale)
     return encoder, preparer
+
+
+def _crop_range(value: list[float]) -> list[float]:
+    if not 0 < value[0] <= value[1] <= 1:
+        raise ValueError("expected [low, high] with 0 < low <= high <= 1")
+    return value
+
+
+# RandomResizedCrop's scale range at train time (hf_clip and open_clip)
+CropScale = Annotated[list[float], Field(min_length=2, max_length=2), AfterValidator(_crop_range)]
+
+
+class HFClipOptions(Options):
+    crop_scale: CropScale = Field([0.9, 1.0], description="train-time RandomResizedCrop scale [low, high]")
+    tokenizer: str | None = Field(None, description="tokenizer directory or hub id; null = pretrained's")
+    config: dict[str, Any] | None = Field(
+        None, description="CLIPConfig keyword arguments for an untrained model (only when pretrained is null)"
+    )
+
+
+def _check_hf_clip(spec: ModelSpec) -> None:
+    options = cast(HFClipOptions, spec.options)
+    if spec.pretrained is None and options.config is None:
+        raise MergeclError("model.pretrained: hf_clip needs a pretrained model (or a config to build one)")
+    if spec.pretrained is None and spec.head == "zero_shot" and options.tokenizer is None:
+        raise MergeclError("model.tokenizer: a zero_shot head needs a tokenizer for the CLIP text tower")
+
+
+@register_backbone(
+    "hf_clip",
+    summary="Hugging Face CLIP: the image tower trains, the text tower only builds the zero-shot head; "
+    "pretrained: a local directory or hub id (e.g. openai/clip-vit-base-patch16)",
+    options=HFClipOptions,
+    text_side=True,
+    templates=CLIP_TEMPLATES,
+    lora_targets=["q_proj", "v_proj"],
+    inputs="images (tensors or PIL)",
+    check=_check_hf_clip,
+)
+def build_hf_clip(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
+    options = cast(HFClipOptions, spec.options)
+    if spec.pretrained is not None:
+        model, tokenizer = load_hf_clip(spec.pretrained, options.tokenizer)
+    else:
+        model = random_hf_clip(options.config or {})
+        tokenizer = load_tokenizer(options.tokenizer) if options.tokenizer is not None else None
+    model.to(device)
+    embeddings = None
+    if spec.head == "zero_shot":
+        embeddings = clip_class_embeddings(model, tokenizer, class_names, list(spec.templates))
+    encoder, preparer = clip_image_parts(model, (options.crop_scale[0], options.crop_scale[1]))
+    return Built(encoder, preparer, embeddings)  # the text tower goes out of scope here

@@ -1,12 +1,11 @@
 """LoRA adapters (the peft library) on any encoder, and the dense view of their weight change.
 
-``add_lora(encoder, spec, backbone)`` injects peft LoRA layers into ``encoder`` in place and freezes
-every other encoder parameter, so only the adapters train (the head keeps its own setting: a
-zero-shot head is a frozen buffer, a linear head trains). The model spec's ``lora`` mapping:
-
-- ``rank`` [32], ``alpha`` [= rank, scaling alpha/rank = 1], ``dropout`` [0.0];
-- ``target_modules``: names or a regex of the Linear layers to adapt. Default per backbone:
-  ``hf_text`` query/value (BERT-style), ``hf_clip`` q_proj/v_proj; others must name them.
+``add_lora(encoder, options)`` injects peft LoRA layers into ``encoder`` in place and freezes every
+other encoder parameter, so only the adapters train (the head keeps its own setting: a zero-shot
+head is a frozen buffer, a linear head trains). The model spec's ``lora`` mapping is checked against
+``LoraOptions`` (rank, alpha, dropout, target_modules); ``target_modules`` defaults to the
+backbone's own declaration (``Backbone.lora_targets``, e.g. ``hf_text`` query/value); a backbone
+that declares none needs them named.
 
 peft starts A random (Kaiming) and B at zero, so theta_0 holds the untrained adapter (B A = 0) and
 a task vector covers A and B. A merge rule then combines A's and B's entries separately, which is
@@ -16,59 +15,62 @@ gives the product view, delta W_t = s (B_t A_t - B_0 A_0), for rules that should
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, cast
 
+from pydantic import Field
 from torch import Tensor, nn
 
 from mergecl.errors import MergeclError
+from mergecl.options import Options, read_options
 
-LORA_DEFAULTS: dict[str, Any] = {"rank": 32, "alpha": None, "dropout": 0.0, "target_modules": None}
-DEFAULT_TARGETS = {"hf_text": ["query", "value"], "hf_clip": ["q_proj", "v_proj"]}
 ADAPTER = "default"  # peft's adapter name
 
 
-def lora_options(spec: Any, backbone: str) -> dict[str, Any]:
-    """The ``lora`` spec with defaults filled in; a bad key or value names itself."""
-    if not isinstance(spec, Mapping):
-        raise MergeclError(f"model.lora: expected a mapping of LoRA settings, got {spec!r}")
-    for key in spec:
-        if key not in LORA_DEFAULTS:
-            raise MergeclError(f"model.lora.{key}: unknown option (allowed: {', '.join(LORA_DEFAULTS)})")
-    options = {**LORA_DEFAULTS, **spec}
-    rank = options["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise MergeclError(f"model.lora.rank: expected a positive integer, got {rank!r}")
-    if options["alpha"] is None:
-        options["alpha"] = rank
-    for key, low in (("alpha", 0.0), ("dropout", 0.0)):
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-            raise MergeclError(f"model.lora.{key}: expected a number >= {low}, got {value!r}")
-    if not options["dropout"] < 1:
-        raise MergeclError(f"model.lora.dropout: must be below 1, got {options['dropout']}")
-    targets = options["target_modules"] if options["target_modules"] is not None else DEFAULT_TARGETS.get(backbone)
+class LoraOptions(Options):
+    """``model.lora``: train LoRA adapters instead of the encoder's weights."""
+
+    rank: int = Field(32, ge=1, description="the adapters' rank r")
+    alpha: float | None = Field(None, ge=0, description="scaling alpha/rank; null = rank (scaling 1)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="names or a regex of the Linear layers to adapt; null = the backbone's default"
+    )
+
+
+def lora_options(given: Any, backbone: str, default_targets: str | Sequence[str] | None = None) -> LoraOptions:
+    """The ``lora`` mapping checked against ``LoraOptions``, with alpha and the backbone's default
+    target modules filled in; a bad key or value names itself (``model.lora.rank: ...``)."""
+    if isinstance(given, LoraOptions):
+        options = given
+    else:
+        if isinstance(given, Mapping):
+            for key in given:
+                if key not in LoraOptions.model_fields:
+                    known = ", ".join(LoraOptions.model_fields)
+                    raise MergeclError(f"model.lora.{key}: unknown key (options of lora: {known})")
+        options = cast(LoraOptions, read_options(LoraOptions, given, "model.lora"))
+    targets = options.target_modules if options.target_modules is not None else default_targets
     if targets is None:
         raise MergeclError(f"model.lora.target_modules: required for {backbone} (names or a regex of Linear layers)")
-    if not (
-        isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
-    ):
-        raise MergeclError(f"model.lora.target_modules: expected a regex or a list of names, got {targets!r}")
-    options["target_modules"] = targets
-    return options
+    alpha = options.alpha if options.alpha is not None else options.rank
+    targets = targets if isinstance(targets, str) else list(targets)
+    return options.model_copy(update={"alpha": alpha, "target_modules": targets})
 
 
-def add_lora(encoder: nn.Module, spec: Any, backbone: str) -> nn.Module:
-    """Inject LoRA layers into ``encoder`` (in place) and freeze its other parameters."""
+def add_lora(encoder: nn.Module, options: LoraOptions) -> nn.Module:
+    """Inject LoRA layers into ``encoder`` (in place) and freeze its other parameters. ``options``
+    comes from ``lora_options`` (alpha and target modules filled in)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    options = lora_options(spec, backbone)
+    if options.alpha is None or options.target_modules is None:
+        raise MergeclError("add_lora: options need alpha and target_modules filled in (see lora_options)")
     config = LoraConfig(
-        r=options["rank"],
-        lora_alpha=options["alpha"],
-        lora_dropout=options["dropout"],
-        target_modules=options["target_modules"],
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
         bias="none",
     )
     try:

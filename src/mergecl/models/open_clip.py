@@ -13,17 +13,20 @@ at the model's image size and normalisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mergecl.errors import MergeclError
 from mergecl.models._util import one_line
-from mergecl.models.clip import CLIP_TEMPLATES
+from mergecl.models.clip import CLIP_TEMPLATES, CropScale
 from mergecl.models.heads import build_zero_shot_weights, readable_class_name
 from mergecl.models.images import CLIP_MEAN, CLIP_STD, ImagePreparer
+from mergecl.models.registry import Built, ModelSpec, register_backbone
+from mergecl.options import Options
 
 INSTALL_HINT = "pip install 'mergecl[openclip]' (open_clip_torch plus a torchvision matching your torch)"
 
@@ -103,3 +106,30 @@ def _preprocess_settings(model: Any) -> tuple[int, Sequence[float], Sequence[flo
 def _probe_dim(model: Any, size: int) -> int:
     device = next(model.visual.parameters()).device
     return int(model.visual(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+
+
+class OpenClipOptions(Options):
+    arch: str = Field("ViT-B-16", description="open_clip architecture name")
+    crop_scale: CropScale = Field([0.9, 1.0], description="train-time RandomResizedCrop scale [low, high]")
+
+
+# Declared here without importing open_clip: only the builder (through load_open_clip) imports it.
+@register_backbone(
+    "open_clip",
+    summary=f"open_clip CLIP (MagMax's loader; optional: {INSTALL_HINT}); pretrained: an open_clip tag "
+    "or a local checkpoint file, null = untrained",
+    options=OpenClipOptions,
+    text_side=True,
+    templates=CLIP_TEMPLATES,
+    pretrained="openai",
+    inputs="images (tensors or PIL)",
+)
+def build_open_clip(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
+    options = cast(OpenClipOptions, spec.options)
+    model, tokenizer = load_open_clip(options.arch, spec.pretrained)
+    model.to(device)
+    embeddings = None
+    if spec.head == "zero_shot":
+        embeddings = open_clip_class_embeddings(model, tokenizer, class_names, list(spec.templates))
+    encoder, preparer = open_clip_image_parts(model, (options.crop_scale[0], options.crop_scale[1]))
+    return Built(encoder, preparer, embeddings)

@@ -13,14 +13,18 @@ the checkpoint's 10-class ``linear`` layer is dropped on load.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mergecl.errors import MergeclError
 from mergecl.models.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreparer
+from mergecl.models.registry import Built, ModelSpec, register_backbone
 from mergecl.models.weights import load_weights
+from mergecl.options import Options
 
 DEPTHS = (20, 32, 44, 56, 110)
 
@@ -98,3 +102,23 @@ def load_resnet_cifar(path: str | Path, depth: int = 20, num_classes: int | None
 def resnet_cifar_preparer(augment: bool = True, size: int = 32) -> ImagePreparer:
     """ImageNet mean/std normalisation (akamaster's); train-time pad-4 crop + flip when ``augment``."""
     return ImagePreparer(size, IMAGENET_MEAN, IMAGENET_STD, augment="pad_crop_flip" if augment else "none")
+
+
+class ResNetCifarOptions(Options):
+    depth: Literal[DEPTHS] = Field(20, description="network depth")  # type: ignore[valid-type]
+    augment: bool = Field(True, description="train-time pad-4 crop + flip")
+
+
+@register_backbone(
+    "resnet_cifar",
+    summary="akamaster's ResNet-20/32/44/56/110; pretrained: akamaster's .th file (or safetensors), "
+    "its 10-class classifier dropped",
+    options=ResNetCifarOptions,
+    inputs="images [N, 3, 32, 32] in [0, 1]",
+)
+def build_resnet_cifar(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
+    options = cast(ResNetCifarOptions, spec.options)
+    encoder = ResNetCifar(options.depth)
+    if spec.pretrained is not None:
+        load_weights(encoder, spec.pretrained, drop_prefixes=("linear.",))
+    return Built(encoder, resnet_cifar_preparer(augment=options.augment))

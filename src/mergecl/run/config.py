@@ -108,6 +108,14 @@ class RunConfig(_Strict):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
+    def _check_model(self) -> RunConfig:
+        """The model block against its backbone's declared options, before any model is built."""
+        from mergecl.models.registry import check_model_spec  # imports torch: only when needed
+
+        check_model_spec(self.model)
+        return self
+
+    @model_validator(mode="after")
     def _check_method_options(self) -> RunConfig:
         """Each method option against its method's schema, before any work (a MergeclError)."""
         from mergecl.methods.registry import check_method_options  # imports torch: only when needed
