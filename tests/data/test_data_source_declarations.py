@@ -271,3 +271,26 @@ def test_a_plugin_source_is_checked_at_config_time(declare) -> None:
     assert DataConfig(source="toy", options={"classes": 5}).options == {"classes": 5}
     with pytest.raises(MergeclError, match=r"^run.yaml: data.options.scale: Input should be greater than 0, got 0"):
         parse_config({"data": {"source": "toy", "options": {"scale": 0}}}, "run.yaml")
+
+
+def test_a_plugin_module_registers_a_source_from_outside_mergecl(declare, tmp_path: Path) -> None:
+    from mergecl.plugins import load_plugins
+
+    plugin = tmp_path / "my_vectors_source.py"
+    plugin.write_text(
+        "import torch\n"
+        "from pydantic import Field\n"
+        "from mergecl.data import Dataset, Split, register_source\n"
+        "from mergecl.options import Options\n\n"
+        "class VectorOptions(Options):\n"
+        "    n: int = Field(8, ge=2)\n\n"
+        "def load(seed: int = 0, n: int = 8) -> Dataset:\n"
+        "    split = Split(torch.rand(n, 2, generator=torch.Generator().manual_seed(seed)), torch.arange(n) % 2)\n"
+        "    return Dataset('vectors', ['a', 'b'], split, split)\n\n"
+        "register_source('plugin_vectors', load, summary='random vectors', options=VectorOptions, files='packaged')\n"
+    )
+    assert load_plugins([str(plugin)]) == [str(plugin)]
+    assert "plugin_vectors" in source_names() and len(get_source("plugin_vectors", n=6).train) == 6
+    assert DataConfig(source="plugin_vectors", options={"n": 4}).options == {"n": 4}
+    with pytest.raises(MergeclError, match=r"^run.yaml: data.options.n: Input should be greater than or equal to 2"):
+        parse_config({"data": {"source": "plugin_vectors", "options": {"n": 1}}}, "run.yaml")
