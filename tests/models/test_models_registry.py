@@ -173,3 +173,30 @@ def test_builder_results_are_checked(probe):
     finally:
         BACKBONES.pop("bad")
         BACKBONES.pop("flat")
+
+
+def test_a_plugin_module_registers_a_backbone(tmp_path):
+    from mergecl.plugins import load_plugins
+
+    plugin = tmp_path / "my_backbone_plugin.py"
+    plugin.write_text(
+        "from pydantic import Field\n"
+        "from torch import nn\n"
+        "from mergecl.models import register_backbone\n"
+        "from mergecl.options import Options\n\n"
+        "class WideOptions(Options):\n"
+        "    width: int = Field(4, ge=1)\n\n"
+        "@register_backbone('plugged', summary='from a plugin', options=WideOptions)\n"
+        "def build(spec, class_names, device):\n"
+        "    encoder = nn.Linear(3, spec.options.width)\n"
+        "    encoder.out_dim = spec.options.width\n"
+        "    return encoder\n"
+    )
+    try:
+        load_plugins([str(plugin)])
+        with pytest.raises(MergeclError, match=re.escape("config: model.width: Input should be greater than or")):
+            parse_config(run_config({"name": "plugged", "width": 0}))
+        learner = build_learner(parse_config(run_config({"name": "plugged", "width": 5})).model, ["a", "b"])
+        assert learner(torch.zeros(2, 3)).shape == (2, 2) and learner.encoder.out_features == 5
+    finally:
+        BACKBONES.pop("plugged", None)
