@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mergecl.merging.engine import RULES as ENGINE_RULES
+from mergecl.merging.registry import get_rule
 
 RULES = ("magmax", "average", "task_arithmetic", "random_mix", "ties")
 
@@ -87,7 +87,7 @@ def main() -> None:
         for name, auto in rows:
             rule = name.split("@")[0]
             fixed = methods.get(rule, {})
-            lam = (options.get(rule) or {}).get("lam", ENGINE_RULES[rule].lam)
+            lam = (options.get(rule) or {}).get("lam", get_rule(rule).lam)
             lams = auto.get("step_info", {}).get("lam", [None])
             last = f"{lams[-1]:.2f}" if lams[-1] is not None else "-"
             print(

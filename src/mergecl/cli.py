@@ -18,16 +18,58 @@ from mergecl.errors import MergeclError
 
 
 def _merge_help() -> str:
-    from mergecl.merging.engine import RULES
+    from mergecl.merging.registry import all_rules
 
-    lines = ["merge rules (default lam in brackets):"]
-    for name, spec in RULES.items():
-        lam = "computed" if spec.lam is None else f"{spec.lam:g}"
-        lines.append(f"  {name:<16} [{lam}] {spec.summary}")
-    lines.append("ties: --keep 0.2, --scope global (exact model-wide top-k, as the MagMax release) | tensor")
+    lines = ["merge rules (default lam in brackets; their own options after them):"]
+    for name, rule in all_rules().items():
+        lam = "computed" if rule.lam is None else f"{rule.lam:g}"
+        lines.append(f"  {name:<16} [{lam}] {rule.summary}")
+        for option, spec in rule.options.model_fields.items():
+            lines.append(
+                f"  {'':<16}   --{option.replace('_', '-')} (default {spec.default}): {spec.description or ''}"
+            )
+        for option in rule.inputs:
+            lines.append(f"  {'':<16}   --{option.replace('_', '-')} FILE: needed")
     lines.append("dare: --dare P drops each task-vector entry with probability P and rescales by 1/(1-P),")
     lines.append("      in front of any rule (DARE-TA: --method task_arithmetic --dare 0.9)")
     return "\n".join(lines)
+
+
+def _option_flags() -> dict[str, tuple[str, dict]]:
+    """argparse flags for every merge option, derived from the schemas (the engine's, then each
+    rule's, then each rule's inputs): dest -> (flag, keyword arguments). Unset flags stay None, so
+    only what the user typed reaches the merge, which checks it against the chosen rule."""
+    import typing
+
+    from mergecl.merging.engine import EngineOptions
+    from mergecl.merging.registry import all_rules
+
+    flags: dict[str, tuple[str, dict]] = {}
+    schemas = [("every rule", EngineOptions)] + [(name, rule.options) for name, rule in all_rules().items()]
+    for owner, schema in schemas:
+        for option, spec in schema.model_fields.items():
+            if option in flags:
+                continue
+            kind = [a for a in typing.get_args(spec.annotation) if a is not type(None)] or [spec.annotation]
+            choices = typing.get_args(kind[0]) if typing.get_origin(kind[0]) is typing.Literal else None
+            kwargs = {"default": None, "help": f"{spec.description or option} (default {spec.default}; {owner})"}
+            if choices:
+                kwargs["choices"] = list(choices)
+            else:
+                kwargs["metavar"] = option.upper()
+                if kind[0] in (int, float):
+                    kwargs["type"] = kind[0]
+            flags[option] = (f"--{option.replace('_', '-')}", kwargs)
+    for name, rule in all_rules().items():
+        for option, spec in rule.inputs.items():
+            if option not in flags:
+                count = "repeat per FT" if spec.per_task else "one"
+                kwargs = {"action": "append" if spec.per_task else "store", "default": None, "metavar": "FILE"}
+                flags[option] = (
+                    f"--{option.replace('_', '-')}",
+                    {**kwargs, "help": f"{option} checkpoint ({name}; {count})"},
+                )
+    return flags
 
 
 def _add_merge(sub) -> None:
@@ -46,44 +88,33 @@ def _add_merge(sub) -> None:
     p.add_argument(
         "--force", action="store_true", help="replace an existing OUT (only an earlier mergecl output, never an input)"
     )
-    p.add_argument("--lam", type=float, default=None, help="scaling coefficient (default: the rule's own)")
-    p.add_argument("--keep", type=float, default=0.2, help="ties: fraction of entries kept (default 0.2)")
-    p.add_argument("--scope", choices=["global", "tensor"], default="global", help="ties: top-k scope")
-    p.add_argument("--seed", type=int, default=0, help="random_mix and dare draws (default 0)")
-    p.add_argument("--dare", type=float, default=0.0, metavar="P", help="DARE drop probability (default 0: off)")
-    p.add_argument("--start", type=int, default=1, help="one_over_t: t of the first checkpoint (default 1)")
-    p.add_argument("--include", default=None, metavar="RE", help="merge only tensors whose name matches RE")
-    p.add_argument("--exclude", default=None, metavar="RE", help="copy tensors whose name matches RE from the base")
-    p.add_argument("--fisher", action="append", default=None, metavar="F", help="Fisher checkpoint (repeat per FT)")
-    p.add_argument("--prior-precision", default=None, metavar="P", help="became: the prior precision Lambda")
+    p.add_argument(
+        "--task-vectors",
+        action="store_true",
+        help="the FT files are task vectors tau_t (e.g. a run's seedN/STREAM/task_T.safetensors), not weights",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="directory output: shard size (default 5GB)")
-    p.add_argument("--workers", type=int, default=1, help="threads computing chunks ahead (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = p.add_argument_group("merge options (from the rules' declarations)")
+    for dest, (flag, kwargs) in _option_flags().items():
+        group.add_argument(flag, dest=f"option_{dest}", **kwargs)
 
 
 def _run_merge(args) -> int:
     from mergecl.merging.engine import merge_checkpoints
 
     started = time.perf_counter()
+    options = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
     result = merge_checkpoints(
         args.base,
         args.finetuned,
         args.method,
         out=args.out,
         force=args.force,
-        lam=args.lam,
-        keep=args.keep,
-        scope=args.scope,
-        seed=args.seed,
-        dare=args.dare,
-        start=args.start,
-        include=args.include,
-        exclude=args.exclude,
-        fisher=args.fisher,
-        prior_precision=args.prior_precision,
+        task_vectors=args.task_vectors,
         max_shard_size=args.max_shard_size,
-        workers=args.workers,
         progress=not args.quiet and sys.stderr.isatty(),
+        **options,
     )
     extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
     print(
@@ -272,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mergecl", description="Continual learning by model merging.")
     parser.add_argument("--version", action="version", version=f"mergecl {__version__}")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a module name or a .py file) first: it may register merge rules, methods, "
+        "backbones or sources (also: $MERGECL_PLUGINS, entry points 'mergecl.plugins'); repeatable",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_run(sub)
@@ -279,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_combine(sub)
     return parser
+
+
+def _load_plugins(argv: list[str]) -> None:
+    """Plugins register what the parser lists (rules and their flags): load them before it is built,
+    from the ``--plugin`` options in front of the command."""
+    from mergecl.plugins import load_plugins
+
+    named = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            named.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            named.append(arg.split("=", 1)[1])
+        elif not arg.startswith("-") and (i == 0 or argv[i - 1] != "--plugin"):
+            break  # the command: what follows is its own
+    load_plugins(named)
 
 
 def _exit_interrupted(signum, frame) -> None:
@@ -293,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _exit_interrupted) if in_main_thread else None
     try:
+        _load_plugins(sys.argv[1:] if argv is None else argv)
         parser = build_parser()
+    except MergeclError as err:  # a plugin that cannot be loaded
+        print(f"mergecl: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)

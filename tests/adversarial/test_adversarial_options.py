@@ -33,7 +33,7 @@ def options(**method_options):
 # training had started, before the option schemas
 CASES = [
     (options(ewc={"lamda": 5}), r"method_options\.ewc: unknown option 'lamda' \(options: lam, decay, fisher_labels\)$"),
-    (options(magmax={"lamm": 0.5}), r"method_options\.magmax: unknown option 'lamm' \(options: lam, lam_grid, "),
+    (options(magmax={"lamm": 0.5}), r"method_options\.magmax: unknown option 'lamm' \(options: lam, .*lam_grid"),
     (options(magmax={"keep": 0.5}), r"method_options\.magmax: unknown option 'keep'"),  # TIES's own option
     (options(ind_ft={"lam": 1}), r"method_options\.ind_ft: unknown option 'lam' \(it takes no options\)$"),
     (options(magmaxx={"lam": 0.5}), r"method_options\.magmaxx: 'magmaxx' is not a method of this run \(methods: "),
@@ -48,11 +48,11 @@ CASES = [
     ),
     (options(magmax={"lam_grid": [0.5]}), r"method_options\.magmax: lam_grid is only used with lam: auto$"),
     (options(magmax={"space": "dense"}), r"method_options\.magmax\.space: dense needs a LoRA model"),
-    (options(ties={"keep": 0}), r"method_options\.ties: keep must be in \(0, 1\], got 0"),
-    (options(ties={"scope": "model"}), r"method_options\.ties: scope must be 'global' or 'tensor'"),
+    (options(ties={"keep": 0}), r"method_options\.ties\.keep: Input should be greater than 0, got 0"),
+    (options(ties={"scope": "model"}), r"method_options\.ties\.scope: Input should be 'global' or 'tensor'"),
     (options(random_mix={"seed": "x"}), r"method_options\.random_mix\.seed: Input should be a valid integer, got 'x'$"),
-    (options(one_over_t={"start": 0}), r"method_options\.one_over_t: start must be >= 1"),
-    (options(magmax={"include": "("}), r"method_options\.magmax: .*not a valid regular expression"),
+    (options(one_over_t={"start": 0}), r"method_options\.one_over_t\.start: Input should be greater than or equal to 1, got 0$"),
+    (options(magmax={"include": "("}), r"method_options\.magmax\.include: .*not a valid regular expression"),
     (options(lwf={"temperature": 0}), r"method_options\.lwf\.temperature: Input should be greater than 0, got 0$"),
     (options(lwf={"lam": -1}), r"method_options\.lwf\.lam: Input should be greater than or equal to 0, got -1$"),
     (options(ewc={"lam": "1e3"}), r"method_options\.ewc\.lam: Input should be a valid number, got '1e3'$"),

@@ -13,8 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergecl import MergeclError, merge
-from mergecl.merging import rules
-from mergecl.merging.engine import RNG_BLOCK, RULES, merge_checkpoints
+from mergecl.merging import rules, ties
+from mergecl.merging.engine import RNG_BLOCK, merge_checkpoints
+from mergecl.merging.registry import all_rules
 
 METHODS = ["average", "task_arithmetic", "random_mix", "magmax", "ties", "one_over_t"]
 
@@ -124,7 +125,7 @@ def test_ties_tensor_scope_matches_rule_per_tensor():
     base, fts = make_models()
     merged = merge(base, fts, "ties", scope="tensor", keep=0.3, lam=1.0, chunk_size=RNG_BLOCK)
     for key in ("enc.big", "enc.w", "head.w"):  # enc.big is streamed in pieces with its own threshold
-        tau = rules.ties([ft[key] - base[key] for ft in fts], keep=0.3)
+        tau = ties.ties([ft[key] - base[key] for ft in fts], keep=0.3)
         assert torch.allclose(merged[key], base[key] + tau, atol=1e-6), key
 
 
@@ -284,13 +285,15 @@ def test_bad_options_are_clear_errors():
     base, fts = make_models(t=2)
     cases = {
         "unknown merge method 'maxmag'": dict(method="maxmag"),
-        "keep must be in (0, 1]": dict(method="ties", keep=0.0),
-        "scope must be": dict(method="ties", scope="layer"),
+        "ties.keep: Input should be greater than 0, got 0.0": dict(method="ties", keep=0.0),
+        "ties.scope: Input should be 'global' or 'tensor', got 'layer'": dict(method="ties", scope="layer"),
+        "magmax: unknown option 'keep'": dict(method="magmax", keep=0.5),
         "is not a valid regular expression": dict(method="average", include="(("),
         "no floating-point tensor is selected": dict(method="average", include="nothing-matches"),
         "computes its own coefficient": dict(method="became", lam=0.3),
-        "needs one Fisher per fine-tuned": dict(method="fisher"),
-        "lam must be a finite number": dict(method="magmax", lam=float("nan")),
+        "needs one fisher per fine-tuned checkpoint (0 given)": dict(method="fisher"),
+        "magmax.lam: Input should be a finite number": dict(method="magmax", lam=float("nan")),
+        "lam must be a finite number of at most": dict(method="magmax", lam=1e39),
     }
     for message, kwargs in cases.items():
         with pytest.raises(MergeclError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -300,7 +303,7 @@ def test_bad_options_are_clear_errors():
 def test_negative_fisher_is_refused():
     base, fts = make_models(t=1)
     fisher = {k: -torch.ones(v.shape) for k, v in base.items() if v.is_floating_point()}
-    with pytest.raises(MergeclError, match="negative Fisher"):
+    with pytest.raises(MergeclError, match="has negative values"):
         merge(base, fts, "fisher", fisher=[fisher])
 
 
@@ -319,8 +322,9 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_rules_registry_matches_the_spec_defaults():
-    assert RULES["magmax"].lam == 0.5 and RULES["ties"].lam == 0.55 and RULES["random_mix"].lam == 1.0
-    assert RULES["became"].lam is None
+    rules_ = all_rules()
+    assert rules_["magmax"].lam == 0.5 and rules_["ties"].lam == 0.55 and rules_["random_mix"].lam == 1.0
+    assert rules_["became"].lam is None
 
 
 def test_inputs_are_not_modified():
@@ -354,6 +358,6 @@ def test_cli_merge_and_errors(tmp_path):
 def test_cli_help_lists_every_rule_and_default():
     done = run_cli("merge", "--help")
     assert done.returncode == 0
-    for name in RULES:
+    for name in all_rules():
         assert name in done.stdout
-    assert "[0.5] each entry takes" in done.stdout and "[0.55] trim" in done.stdout and "--keep" in done.stdout
+    assert "[0.5] Each entry takes" in done.stdout and "[0.55] trim" in done.stdout and "--keep" in done.stdout

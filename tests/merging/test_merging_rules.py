@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergecl.merging import rules
+from mergecl.merging import rules, ties
 
 T = torch.tensor
 
@@ -30,22 +30,22 @@ def test_random_mix_hand():
 def test_ties_hand():
     # keep 0.5 of 4 entries: k = 4 - 2 = 2, threshold = 2nd smallest |x| = 1 for both tasks
     t1, t2 = T([4.0, -1.0, 2.0, 0.5]), T([-3.0, 2.0, 1.0, -0.5])
-    assert float(rules.ties_threshold(t1, 0.5)) == 1.0
+    assert float(ties.ties_threshold(t1, 0.5)) == 1.0
     # trimmed [4,-1,2,0], [-3,2,1,0]; sums [1,1,3,0] -> signs [+,+,+,0 -> majority +]
     # disjoint means: 4/1, 2/1, (2+1)/2, 0/clamp(0)=0
-    assert torch.equal(rules.ties([t1, t2], keep=0.5), T([4.0, 2.0, 1.5, 0.0]))
+    assert torch.equal(ties.ties([t1, t2], keep=0.5), T([4.0, 2.0, 1.5, 0.0]))
 
 
 def test_ties_zero_sum_takes_majority_sign():
     t1, t2 = T([2.0, -1.0, -5.0]), T([-2.0, -1.0, -5.0])
     # keep all; sums [0, -2, -10]: majority sign of [0,-1,-1] is -1 -> entry 0 keeps the negative -2
-    assert torch.equal(rules.ties([t1, t2], keep=1.0), T([-2.0, -1.0, -5.0]))
+    assert torch.equal(ties.ties([t1, t2], keep=1.0), T([-2.0, -1.0, -5.0]))
 
 
 def test_ties_threshold_matches_released_code_convention():
     x = torch.arange(1.0, 11.0)  # D = 10, keep 0.2 -> k = 10 - 2 = 8 -> 8th smallest = 8
-    assert float(rules.ties_threshold(x, 0.2)) == 8.0
-    assert torch.count_nonzero(rules.ties_trim(x, rules.ties_threshold(x, 0.2))) == 3  # 8, 9, 10
+    assert float(ties.ties_threshold(x, 0.2)) == 8.0
+    assert torch.count_nonzero(ties.ties_trim(x, ties.ties_threshold(x, 0.2))) == 3  # 8, 9, 10
 
 
 def test_dare_hand():
@@ -103,7 +103,7 @@ def test_magmax_of_one_vector_is_that_vector(taus):
 def test_order_invariance(taus, rnd):
     shuffled = taus[:]
     rnd.shuffle(shuffled)
-    for rule in (rules.average, rules.task_arithmetic, lambda x: rules.ties(x, keep=0.6)):
+    for rule in (rules.average, rules.task_arithmetic, lambda x: ties.ties(x, keep=0.6)):
         assert torch.equal(rule(taus), rule(shuffled))
 
 
@@ -121,7 +121,7 @@ def test_magmax_picks_largest_magnitude_and_later_on_ties(taus):
 @given(vectors(count=st.integers(2, 5), values=st.integers(1, 9)), st.booleans())
 def test_ties_keep_all_with_agreeing_signs_is_the_average(taus, negative):
     taus = [-t for t in taus] if negative else taus
-    assert torch.allclose(rules.ties(taus, keep=1.0), rules.average(taus), rtol=0, atol=1e-6)
+    assert torch.allclose(ties.ties(taus, keep=1.0), rules.average(taus), rtol=0, atol=1e-6)
 
 
 @given(vectors(count=st.integers(2, 5)), st.integers(0, 2**31 - 1))
@@ -146,7 +146,7 @@ def test_rules_do_not_modify_their_inputs():
         rules.average(taus),
         rules.task_arithmetic(taus),
         rules.magmax(taus),
-        rules.ties(taus),
+        ties.ties(taus),
         rules.one_over_t(taus),
     )
     assert all(torch.equal(a, b) for a, b in zip(taus, copies, strict=True))

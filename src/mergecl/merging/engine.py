@@ -1,23 +1,25 @@
-"""The merge engine: applies a rule of ``rules.py`` to whole checkpoints, out of core.
+"""The merge engine: applies a declared merge rule (registry.py) to whole checkpoints, out of core.
 
 For every tensor of the base checkpoint, in order, and for every chunk of it, the engine reads the
-base chunk, then streams the task vectors' chunks (tau_t = theta_t - theta_0, in fp32 or fp64) into
-the rule, and emits theta_0 + lam * merged. Folding rules (average, task_arithmetic, magmax,
-random_mix, one_over_t, fisher) hold one running result: memory is O(chunk) whatever the number of
-checkpoints. TIES holds the T chunks of one position at once (the chunk shrinks as T grows).
+base chunk, streams the task vectors' chunks (tau_t = theta_t - theta_0, in fp32 or fp64) into the
+rule in the form its declaration asks for, and emits theta_0 + lam * merged in the tensor's dtype:
 
-Two rules need a whole-model quantity first, found by extra streaming passes:
-- ties with scope=global: each task vector's exact k-th smallest |x| over the whole model, found by
-  a two-pass radix select on the fp32 bit patterns (2 x 2^16 counters per task), then a pass for
-  the model-wide majority sign. Memory: O(T * 2^16) counters plus the chunks; 4 reads in all.
-- became: the sums of lam* = sum F d^2 / sum (F + Lambda) d^2 over every merged coordinate.
+- ``fold`` rules get one task vector at a time in one reused buffer: memory O(chunk) whatever the
+  number of checkpoints;
+- ``stack`` rules get the T chunks of one position as a [T, n] buffer (the chunk shrinks as T grows);
+- ``tensor`` rules get whole tensors in their shape, one fresh tensor per task vector.
 
-The same code runs on in-memory state dicts and on files: chunking and random draws depend only on
-tensor names, sizes and the seed, so streaming and in-memory merges agree bit for bit.
+A rule's ``prepare`` runs its whole-model passes first (TIES's model-wide threshold, BECAME's sums)
+through the same chunk streams. Random draws (a rule's, and DARE's) are made per block of 65,536
+elements from (seed, stream, tensor name, block), so results do not depend on chunking or threads:
+in-memory and streaming merges agree bit for bit. Validation (keys, shapes, dtypes, NaN/Inf,
+overflow) raises ``MergeclError`` naming the tensor and the file; an output is written only when the
+whole merge succeeded.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,105 +29,77 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, create_model, field_validator
 from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging import rules
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
+from mergecl.merging.registry import Chunk, Rule, TensorInfo, get_rule
+from mergecl.options import Options, read_options
 
 RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: chunking-independent
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
-STACK_BUDGET = 1 << 25  # elements TIES may hold per chunk position, over all T inputs
+STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 Source = str | os.PathLike | Mapping[str, Tensor]
 
 
-@dataclass(frozen=True)
-class RuleSpec:
-    lam: float | None  # default lam; None: the rule has no lam (became computes its own)
-    summary: str
-    options: tuple[str, ...] = ()
+class EngineOptions(Options):
+    """The options of every merge, whatever the rule (a rule adds its own: ``merge_schema``)."""
 
+    lam: float | None = Field(None, description="scaling coefficient of the merged task vector (default: the rule's)")
+    seed: int = Field(0, description="seed of the random draws (random_mix, dare)")
+    dare: float = Field(0.0, ge=0, lt=1, description="DARE: drop each task-vector entry with this probability")
+    include: str | None = Field(None, description="merge only tensors whose name matches this regex")
+    exclude: str | None = Field(None, description="copy tensors whose name matches this regex from the base")
+    chunk_size: int = Field(DEFAULT_CHUNK, description=f"elements per chunk, a multiple of {RNG_BLOCK}")
+    workers: int = Field(1, ge=1, description="threads computing chunks ahead (same result)")
 
-RULES: dict[str, RuleSpec] = {
-    "average": RuleSpec(1.0, "theta_0 + lam * mean_t tau_t (weight averaging)"),
-    "task_arithmetic": RuleSpec(0.3, "theta_0 + lam * sum_t tau_t"),
-    "random_mix": RuleSpec(1.0, "each entry copies tau_k, k uniform at random (seeded)", ("seed",)),
-    "magmax": RuleSpec(0.5, "each entry takes the signed tau_t of largest |tau_t|; ties go to the later task"),
-    "ties": RuleSpec(0.55, "trim to top `keep` by |x|, elect sign, disjoint mean", ("keep", "scope")),
-    "fisher": RuleSpec(1.0, "sum_t F_t tau_t / sum_t F_t (diagonal Fisher weights, needs `fisher`)", ("fisher",)),
-    "became": RuleSpec(
-        None,
-        "theta_gp + lam* (theta_hat - theta_gp), lam* = sum F d^2 / sum (F + Lambda) d^2 "
-        "(needs `fisher` and `prior_precision`, one fine-tuned model)",
-        ("fisher", "prior_precision"),
-    ),
-    "one_over_t": RuleSpec(1.0, "running 1/t merge: m += (tau_j - m) / t, t = start, start+1, ...", ("start",)),
-}
+    @field_validator("lam")
+    @classmethod
+    def _finite_lam(cls, lam):
+        # lam scales fp32 tensors: a larger one overflows every non-zero entry
+        if isinstance(lam, float) and not abs(lam) <= LAM_LIMIT:
+            raise ValueError(f"lam must be a finite number of at most {LAM_LIMIT:.4g} in size")
+        return lam
 
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, pattern):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        return pattern
 
-@dataclass
-class MergeOptions:
-    method: str
-    lam: float | None = None
-    keep: float = 0.2
-    scope: str = "global"
-    seed: int = 0
-    dare: float = 0.0
-    start: int = 1
-    include: str | None = None
-    exclude: str | None = None
-    chunk_size: int = DEFAULT_CHUNK
-    workers: int = 1  # threads computing chunks ahead
-
-    def __post_init__(self) -> None:
-        if self.method not in RULES:
-            raise MergeclError(f"unknown merge method '{self.method}' (choose from {', '.join(RULES)})")
-        spec = RULES[self.method]
-        if self.lam is None:
-            self.lam = spec.lam
-        elif spec.lam is None:
-            raise MergeclError(f"method '{self.method}' computes its own coefficient: do not pass lam")
-        if self.lam is not None and not (isinstance(self.lam, int | float) and abs(self.lam) <= LAM_LIMIT):
-            # lam scales fp32 tensors: a larger one overflows every non-zero entry
-            raise MergeclError(f"lam must be a finite number of at most {LAM_LIMIT:.4g} in size, got {self.lam!r}")
-        if not 0.0 < self.keep <= 1.0:
-            raise MergeclError(f"keep must be in (0, 1], got {self.keep}")
-        if self.scope not in ("global", "tensor"):
-            raise MergeclError(f"scope must be 'global' or 'tensor', got '{self.scope}'")
-        if not 0.0 <= self.dare < 1.0:
-            raise MergeclError(f"dare drop probability must be in [0, 1), got {self.dare}")
-        if self.start < 1:
-            raise MergeclError(f"start must be >= 1, got {self.start}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise MergeclError(f"workers must be a positive integer, got {self.workers!r}")
-        if self.chunk_size < RNG_BLOCK or self.chunk_size % RNG_BLOCK:
-            raise MergeclError(f"chunk_size must be a positive multiple of {RNG_BLOCK}")
-        for name in ("include", "exclude"):
-            pattern = getattr(self, name)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise MergeclError(f"--{name} '{pattern}' is not a valid regular expression ({err})") from None
+    @field_validator("chunk_size")
+    @classmethod
+    def _whole_blocks(cls, size):
+        if size < RNG_BLOCK or size % RNG_BLOCK:
+            raise ValueError(f"chunk_size must be a positive multiple of {RNG_BLOCK}")
+        return size
 
     def selects(self, key: str) -> bool:
         if self.include is not None and not re.search(self.include, key):
             return False
         return not (self.exclude is not None and re.search(self.exclude, key))
 
-    def public(self) -> dict[str, Any]:
-        """The options that shape the result (for metadata)."""
-        keys = ["lam", "seed", "dare", "include", "exclude", *RULES[self.method].options]
-        data = {k: getattr(self, k) for k in keys if hasattr(self, k)}
-        return {k: v for k, v in data.items() if v is not None}
+
+@functools.cache
+def merge_schema(method: str) -> type[Options]:
+    """The options of a merge by ``method``: the engine's plus the rule's own, one typed schema."""
+    rule = get_rule(method)
+    return create_model(f"{method}_merge_options", __base__=(rule.options, EngineOptions))
 
 
 @dataclass
@@ -135,16 +109,9 @@ class MergeResult:
     info: dict[str, Any] = field(default_factory=dict)  # e.g. {"lambda": lam*} for became
 
 
-@dataclass
-class _Entry:
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+@dataclass(frozen=True)
+class _Entry(TensorInfo):
     merged: bool  # False: copied from the base (non-float, or not selected)
-
-    @property
-    def numel(self) -> int:
-        return numel(self.shape)
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -195,130 +162,178 @@ def _draw(seed: int, stream: str, key: str, start: int, stop: int, total: int, f
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class _Merge:
-    """One merge: readers, validated layout, and the chunk streams the passes share."""
+def _layout(base, others: list[tuple[Any, str]], options: EngineOptions) -> list[_Entry]:
+    """The base's tensors (merged or copied), checked against every other checkpoint: each holds
+    the merged tensors with the base's shapes; fine-tuned weights hold all of the base's, and no
+    tensor the base lacks."""
+    entries = []
+    for key in base.keys():
+        dtype, shape = base.spec(key)
+        entries.append(_Entry(key, dtype, tuple(shape), dtype.is_floating_point and options.selects(key)))
+    known = {e.key for e in entries}
+    for reader, role in others:
+        keys = set(reader.keys())
+        for entry in entries:
+            if role != "fine-tuned" and not entry.merged and entry.key not in keys:
+                continue  # task vectors and other inputs only need the merged tensors
+            if entry.key not in keys:
+                raise MergeclError(f"{reader.name}: missing tensor '{entry.key}' (present in the base {base.name})")
+            dtype, shape = reader.spec(entry.key)
+            if tuple(shape) != entry.shape:
+                raise MergeclError(
+                    f"{reader.name}: tensor '{entry.key}' has shape {list(shape)}, the base has {list(entry.shape)}"
+                )
+            if entry.merged and not dtype.is_floating_point:
+                raise MergeclError(f"{reader.name}: tensor '{entry.key}' is {dtype}, the base's is {entry.dtype}")
+        if role in ("fine-tuned", "task vector"):
+            extra = sorted(keys - known)
+            if extra:
+                raise MergeclError(f"{reader.name}: tensor '{extra[0]}' is not in the base {base.name}")
+    return entries
 
-    def __init__(self, base, finetuned, options, fisher, prior_precision, progress, vectors=False) -> None:
-        self.options = options
-        self.vectors = vectors  # finetuned readers hold task vectors tau_t, not weights theta_t
+
+class _Buffers:
+    """Reusable flat buffers: fresh allocations of chunk-sized tensors cost page faults. One set
+    per thread (``workers`` > 1 computes chunks in a pool)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
         self._buffers: dict[tuple, Tensor] = {}
-        self.before_entry: Callable[[_Entry], None] = lambda entry: None  # whole-tensor passes
-        self.base = base
-        self.finetuned = finetuned
-        self.fisher = fisher
-        self.prior = prior_precision
-        self.progress = progress
-        self.entries = self._validate()
-        merged_numel = sum(e.numel for e in self.entries if e.merged)
-        if merged_numel == 0:
-            raise MergeclError("no floating-point tensor is selected for merging (check --include/--exclude)")
-        t = len(finetuned)
-        if options.method == "ties":
-            # TIES holds all T chunks of a position: shrink the chunk as T grows.
-            budget = max(RNG_BLOCK, (STACK_BUDGET // (t + 2)) // RNG_BLOCK * RNG_BLOCK)
-            self.chunk = min(options.chunk_size, budget)
-        else:
-            self.chunk = options.chunk_size
 
-    def _validate(self) -> list[_Entry]:
-        base_keys = self.base.keys()
-        known = set(base_keys)
-        entries = []
-        for key in base_keys:
-            dtype, shape = self.base.spec(key)
-            merged = dtype.is_floating_point and self.options.selects(key)
-            entries.append(_Entry(key, dtype, shape, merged))
-        others = [(r, "task vector" if self.vectors else "fine-tuned") for r in self.finetuned]
-        others += [(r, "fisher") for r in self.fisher] + ([(self.prior, "prior precision")] if self.prior else [])
-        for reader, role in others:
-            keys = set(reader.keys())
-            for entry in entries:
-                if role != "fine-tuned" and not entry.merged and entry.key not in keys:
-                    continue  # task vectors and Fishers only need the merged tensors
-                if entry.key not in keys:
-                    raise MergeclError(
-                        f"{reader.name}: missing tensor '{entry.key}' (present in the base {self.base.name})"
-                    )
-                dtype, shape = reader.spec(entry.key)
-                if tuple(shape) != entry.shape:
-                    raise MergeclError(
-                        f"{reader.name}: tensor '{entry.key}' has shape {list(shape)}, the base has {list(entry.shape)}"
-                    )
-                if entry.merged and not dtype.is_floating_point:
-                    raise MergeclError(f"{reader.name}: tensor '{entry.key}' is {dtype}, the base's is {entry.dtype}")
-            if role in ("fine-tuned", "task vector"):
-                extra = sorted(keys - known)
-                if extra:
-                    raise MergeclError(f"{reader.name}: tensor '{extra[0]}' is not in the base {self.base.name}")
-        return entries
-
-    # --- chunk streams --------------------------------------------------------------------------
-
-    def chunks(self, entry: _Entry) -> Iterator[tuple[int, int]]:
-        for start in range(0, entry.numel, self.chunk):
-            yield start, min(start + self.chunk, entry.numel)
-
-    def read_base(self, entry: _Entry, start: int, stop: int) -> Tensor:
-        n = stop - start
-        raw = self.base.read(entry.key, start, stop, out=self._buffer(("raw", "base"), n, entry.dtype))
-        self.progress.update(n * entry.dtype.itemsize)
-        return self._buffer(("base",), n, _compute_dtype(entry.dtype)).copy_(raw)
-
-    def _buffer(self, slot: tuple, n: int, dtype: torch.dtype) -> Tensor:
-        """A reusable flat buffer: fresh allocations of chunk-sized tensors cost page faults.
-        One set per thread (``workers`` > 1 computes chunks in a pool)."""
+    def get(self, slot: tuple, n: int, dtype: torch.dtype) -> Tensor:
         slot = (threading.get_ident(), *slot)
         buffer = self._buffers.get(slot)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
-            buffer = self._buffers[slot] = torch.empty(max(n, self.chunk), dtype=dtype)
+            buffer = self._buffers[slot] = torch.empty(max(n, self.size), dtype=dtype)
         return buffer[:n]
 
-    def taus(self, entry: _Entry, start: int, stop: int, base: Tensor) -> Iterator[Tensor]:
-        """Task-vector chunks, one checkpoint at a time, checked finite, DARE applied.
 
-        Folding rules are done with a chunk before they ask for the next, so all checkpoints share
-        one pair of buffers; TIES keeps all T at once and gets a pair per checkpoint.
-        """
+def _pipeline(jobs: Iterator[tuple], compute: Callable[..., Tensor], workers: int) -> Iterator[Tensor]:
+    """``compute(*job)`` for every job, in order. With ``workers`` > 1 a thread pool computes up to
+    2 x workers chunks ahead (torch and the preadv reads release the GIL); ``jobs`` itself is
+    advanced in this thread (whole-tensor preparation runs here)."""
+    if workers == 1:
+        for job in jobs:
+            yield compute(*job)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="mergecl-merge") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for job in jobs:
+                pending.append(pool.submit(compute, *job))
+                while len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # an error or an abandoned generator: no chunk is left computing
+            for future in pending:
+                future.cancel()
+
+
+class _Merge:
+    """One merge: the readers, the validated layout, and the chunk streams a rule consumes (it is
+    the ``MergeView`` a rule's ``prepare`` gets)."""
+
+    def __init__(self, rule: Rule, options, base, finetuned, inputs, progress, vectors: bool) -> None:
+        self.rule = rule
+        self.options = options
+        self.rule_options = {name: getattr(options, name) for name in rule.options.model_fields}
+        self.base = base
+        self.finetuned = finetuned
+        self.inputs = inputs  # input name -> readers
+        self.progress = progress
+        self.vectors = vectors  # finetuned readers hold task vectors tau_t, not weights theta_t
+        others = [(r, "task vector" if vectors else "fine-tuned") for r in finetuned]
+        others += [(r, name) for name, readers in inputs.items() for r in readers]
+        self.entries = _layout(base, others, options)
+        if not any(e.merged for e in self.entries):
+            raise MergeclError("no floating-point tensor is selected for merging (check --include/--exclude)")
+        self.num_tasks = len(finetuned)
+        self.chunk_size = options.chunk_size
+        if rule.granularity == "stack":  # all T chunks of a position at once: shrink the chunk as T grows
+            budget = max(RNG_BLOCK, (STACK_BUDGET // (self.num_tasks + 2)) // RNG_BLOCK * RNG_BLOCK)
+            self.chunk_size = min(self.chunk_size, budget)
+        self.buffers = _Buffers(self.chunk_size)
+
+    # --- the MergeView of a rule's ``prepare`` -----------------------------------------------------
+
+    def tensors(self) -> list[TensorInfo]:
+        return [e for e in self.entries if e.merged]
+
+    def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
+        for entry in tensors:
+            for start, stop in self._bounds(entry):
+                base = self._read_base(entry, start, stop)
+                yield Chunk(entry, start, stop, self._taus(entry, start, stop, base), self._inputs(entry, start, stop))
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _bounds(self, entry: TensorInfo) -> Iterator[tuple[int, int]]:
+        step = entry.numel if self.rule.granularity == "tensor" else self.chunk_size
+        for start in range(0, entry.numel, max(step, 1)):
+            yield start, min(start + step, entry.numel)
+
+    def _read_base(self, entry: TensorInfo, start: int, stop: int) -> Tensor:
         n = stop - start
-        for t, reader in enumerate(self.finetuned):
-            slot = t if self.options.method == "ties" else 0
-            dtype = reader.spec(entry.key)[0]
-            theta = reader.read(entry.key, start, stop, out=self._buffer(("raw", slot), n, dtype))
-            self.progress.update(theta.numel() * theta.dtype.itemsize)
-            tau = self._buffer(("tau", slot), n, base.dtype)
-            if self.vectors:
-                tau.copy_(theta)
-            elif theta.dtype in FLOAT8:  # torch does not promote fp8 in arithmetic: widen it first
-                tau.copy_(theta).sub_(base)
-            else:
-                torch.sub(theta, base, out=tau)
-            if not _all_finite(tau):
-                self._blame_non_finite(entry.key, reader, theta, base)
-            if self.options.dare:
-                p = self.options.dare
-                drop = _draw(
-                    self.options.seed,
-                    f"dare{t}",
-                    entry.key,
-                    start,
-                    stop,
-                    entry.numel,
-                    lambda n, g, p=p: torch.rand(n, generator=g) < p,
-                )
-                tau = rules.dare(tau, drop, p)
-            yield tau
+        raw = self.base.read(entry.key, start, stop, out=self.buffers.get(("raw", "base"), n, entry.dtype))
+        self.progress.update(n * entry.dtype.itemsize)
+        return self.buffers.get(("base",), n, _compute_dtype(entry.dtype)).copy_(raw)
 
-    def fishers(self, entry: _Entry, start: int, stop: int, dtype: torch.dtype) -> Iterator[Tensor]:
-        for reader in self.fisher:
-            fisher = reader.read(entry.key, start, stop).to(dtype)
-            self._check_fisher(entry.key, reader, fisher)
-            yield fisher
+    def _taus(self, entry: TensorInfo, start: int, stop: int, base: Tensor):
+        """The task vectors of a chunk in the form the rule declared (see the module docstring)."""
+        n = stop - start
+        if self.rule.granularity == "fold":
+            return (
+                self._tau(t, entry, start, stop, base, self.buffers.get(("tau",), n, base.dtype))
+                for t in range(self.num_tasks)
+            )
+        if self.rule.granularity == "stack":
+            stack = self.buffers.get(("stack",), self.num_tasks * n, base.dtype).view(self.num_tasks, n)
+            for t in range(self.num_tasks):
+                tau = self._tau(t, entry, start, stop, base, stack[t])
+                if tau.data_ptr() != stack[t].data_ptr():  # DARE made a new tensor
+                    stack[t].copy_(tau)
+            return stack
+        return (
+            self._tau(t, entry, start, stop, base, torch.empty(n, dtype=base.dtype)).reshape(entry.shape)
+            for t in range(self.num_tasks)
+        )
 
-    def _check_fisher(self, key: str, reader, fisher: Tensor) -> None:
-        if not torch.isfinite(fisher).all():
-            raise MergeclError(f"{reader.name}: tensor '{key}' has NaN/Inf values")
-        if (fisher < 0).any():
-            raise MergeclError(f"{reader.name}: tensor '{key}' has negative Fisher/precision values")
+    def _tau(self, t: int, entry: TensorInfo, start: int, stop: int, base: Tensor, out: Tensor) -> Tensor:
+        """tau_t on [start, stop) in ``out``: read, checked finite, DARE applied."""
+        reader = self.finetuned[t]
+        dtype = reader.spec(entry.key)[0]
+        theta = reader.read(entry.key, start, stop, out=self.buffers.get(("raw", "theta"), stop - start, dtype))
+        self.progress.update(theta.numel() * theta.dtype.itemsize)
+        if self.vectors:
+            out.copy_(theta)
+        elif theta.dtype in FLOAT8:  # torch does not promote fp8 in arithmetic: widen it first
+            out.copy_(theta).sub_(base)
+        else:
+            torch.sub(theta, base, out=out)
+        if not _all_finite(out):
+            self._blame_non_finite(entry.key, reader, theta, base)
+        if self.options.dare:
+            p = self.options.dare
+            drop = self._draw(f"dare{t}", entry, start, stop, lambda n, g: torch.rand(n, generator=g) < p)
+            return rules.dare(out, drop, p)
+        return out
+
+    def _inputs(self, entry: TensorInfo, start: int, stop: int) -> dict[str, Iterator[Tensor]]:
+        dtype = _compute_dtype(entry.dtype)
+        return {name: self._input(name, readers, entry, start, stop, dtype) for name, readers in self.inputs.items()}
+
+    def _input(self, name, readers, entry, start, stop, dtype) -> Iterator[Tensor]:
+        for reader in readers:
+            values = reader.read(entry.key, start, stop).to(dtype)
+            if not torch.isfinite(values).all():
+                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
+            if self.rule.inputs[name].non_negative and (values < 0).any():
+                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has negative values (a {name} is >= 0)")
+            yield values
+
+    def _draw(self, stream: str, entry: TensorInfo, start: int, stop: int, fn) -> Tensor:
+        return _draw(self.options.seed, stream, entry.key, start, stop, entry.numel, fn)
 
     def _blame_non_finite(self, key: str, reader, theta: Tensor, base: Tensor) -> None:
         if not torch.isfinite(base).all():
@@ -327,183 +342,44 @@ class _Merge:
             raise MergeclError(f"{reader.name}: tensor '{key}' has NaN/Inf values")
         raise MergeclError(f"{reader.name}: tensor '{key}' overflows when subtracted from the base")
 
-    # --- whole-model passes ---------------------------------------------------------------------
-
-    def merged_entries(self) -> Iterator[_Entry]:
-        return (e for e in self.entries if e.merged)
-
-    def ties_thresholds(self, entries: list[_Entry]) -> list[float]:
-        """Each task vector's exact k-th smallest |x| over ``entries`` (two-pass radix select)."""
-        t_count = len(self.finetuned)
-        k = rules.ties_kth(sum(e.numel for e in entries), self.options.keep)
-        if k <= 0:
-            return [0.0] * t_count
-        # pass 1: histogram of the high 16 bits of |x| (non-negative floats sort like their bits)
-        high = torch.zeros(t_count, 1 << 16, dtype=torch.int64)
-        for bits, t in self._abs_bits(entries):
-            high[t] += torch.bincount(bits >> 16, minlength=1 << 16)
-        cum = high.cumsum(dim=1)
-        bins = [int(torch.searchsorted(cum[t], k)) for t in range(t_count)]
-        below = [int(cum[t, b - 1]) if b > 0 else 0 for t, b in enumerate(bins)]
-        # pass 2: histogram of the low 16 bits inside each task's bin
-        low = torch.zeros(t_count, 1 << 16, dtype=torch.int64)
-        for bits, t in self._abs_bits(entries):
-            inside = bits[(bits >> 16) == bins[t]]
-            low[t] += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
-        thresholds = []
-        for t in range(t_count):
-            lo = int(torch.searchsorted(low[t].cumsum(0), k - below[t]))
-            bits = torch.tensor([(bins[t] << 16) | lo], dtype=torch.int32)
-            thresholds.append(float(bits.view(torch.float32)))
-        return thresholds
-
-    def _abs_bits(self, entries: list[_Entry]) -> Iterator[tuple[Tensor, int]]:
-        for entry in entries:
-            for start, stop in self.chunks(entry):
-                base = self.read_base(entry, start, stop)
-                for t, tau in enumerate(self.taus(entry, start, stop, base)):
-                    yield tau.float().abs_().view(torch.int32), t
-
-    def trim_all(self, taus: Iterator[Tensor], thresholds: Sequence[float]) -> Tensor:
-        """[T, n] trimmed task vectors (in a reused buffer) against thresholds found on fp32 bit
-        patterns (so fp64 tensors are ranked at fp32 precision)."""
-        rows = None
-        for t, (tau, threshold) in enumerate(zip(taus, thresholds, strict=True)):
-            if rows is None:
-                n = tau.numel()
-                rows = self._buffer(("trimmed",), len(thresholds) * n, tau.dtype).view(len(thresholds), n)
-            torch.mul(tau, rules.at_least(tau.float().abs(), threshold).to(tau.dtype), out=rows[t])
-        return rows
-
-    def ties_majority_sign(self, entries: list[_Entry], thresholds: Sequence[float]) -> float:
-        """Sign of the sum of elected signs over ``entries`` (given to zero-sum entries)."""
-        total = 0
-        for entry in entries:
-            for start, stop in self.chunks(entry):
-                base = self.read_base(entry, start, stop)
-                trimmed = self.trim_all(self.taus(entry, start, stop, base), thresholds)
-                total += int(torch.sign(trimmed.sum(dim=0)).sum())
-        return float((total > 0) - (total < 0))
-
-    def became_lambda(self) -> float:
-        numerator = denominator = 0.0
-        for entry in self.merged_entries():
-            for start, stop in self.chunks(entry):
-                base = self.read_base(entry, start, stop)
-                (delta,) = self.taus(entry, start, stop, base)
-                (fisher,) = self.fishers(entry, start, stop, base.dtype)
-                prior = self.prior.read(entry.key, start, stop).to(base.dtype)
-                self._check_fisher(entry.key, self.prior, prior)
-                num, den = rules.became_sums(delta, fisher, prior)
-                numerator += num
-                denominator += den
-        return rules.became_coefficient(numerator, denominator)
-
     # --- the merge pass -------------------------------------------------------------------------
 
-    def output(self, rule: Callable[[_Entry, int, int, Tensor], Tensor], lam: float) -> Iterator[Tensor]:
-        """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order.
+    def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
+        """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order."""
+        per_tensor: dict[str, dict] = {}
 
-        With ``workers`` > 1 a thread pool computes up to 2 x workers chunks ahead (torch and the
-        preadv reads release the GIL); each thread has its own buffers, and whole-tensor passes
-        (``before_entry``) run in this thread before the tensor's chunks are handed out."""
+        def jobs() -> Iterator[tuple[_Entry, int, int]]:
+            for entry in self.entries:
+                if entry.merged and kwargs_of is not None:  # whole-tensor passes: here, not in the pool
+                    per_tensor[entry.key] = kwargs_of(entry)
+                for start, stop in self._bounds(entry) if entry.merged else self._copy_bounds(entry):
+                    yield entry, start, stop
 
         def compute(entry: _Entry, start: int, stop: int) -> Tensor:
             if not entry.merged:
                 base = self.base.read(entry.key, start, stop)
                 self.progress.update(base.numel() * entry.dtype.itemsize)
                 return base
-            base = self.read_base(entry, start, stop)
-            merged = rule(entry, start, stop, base)
+            base = self._read_base(entry, start, stop)
+            merged = self._merge_chunk(entry, start, stop, base, per_tensor.get(entry.key, {})).reshape(-1)
             merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
             if not _all_finite(merged) or _overflows(merged, entry.dtype):
                 raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
             return merged.to(entry.dtype)
 
-        def jobs() -> Iterator[tuple[_Entry, int, int]]:
-            for entry in self.entries:
-                if entry.merged:
-                    self.before_entry(entry)
-                for start, stop in self.chunks(entry):
-                    yield entry, start, stop
+        return _pipeline(jobs(), compute, self.options.workers)
 
-        workers = self.options.workers
-        if workers == 1:
-            for job in jobs():
-                yield compute(*job)
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="mergecl-merge") as pool:
-            pending: deque[Future] = deque()
-            try:
-                for job in jobs():
-                    pending.append(pool.submit(compute, *job))
-                    while len(pending) > 2 * workers:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:  # an error or an abandoned generator: no chunk is left computing
-                for future in pending:
-                    future.cancel()
+    def _copy_bounds(self, entry: TensorInfo) -> Iterator[tuple[int, int]]:
+        for start in range(0, entry.numel, self.chunk_size):
+            yield start, min(start + self.chunk_size, entry.numel)
 
-    def rule(self, lam_info: dict) -> Callable[[_Entry, int, int, Tensor], Tensor]:
-        o = self.options
-        t_count = len(self.finetuned)
-        if o.method == "average":
-            return lambda e, a, b, base: rules.average(self.taus(e, a, b, base))
-        if o.method == "task_arithmetic":
-            return lambda e, a, b, base: rules.task_arithmetic(self.taus(e, a, b, base))
-        if o.method == "magmax":
-            return lambda e, a, b, base: rules.magmax(self.taus(e, a, b, base))
-        if o.method == "one_over_t":
-            return lambda e, a, b, base: rules.one_over_t(self.taus(e, a, b, base), start=o.start)
-        if o.method == "became":
-            return lambda e, a, b, base: next(self.taus(e, a, b, base))
-        if o.method == "fisher":
-            return lambda e, a, b, base: rules.fisher_weighted(
-                self.taus(e, a, b, base), self.fishers(e, a, b, base.dtype)
+    def _merge_chunk(self, entry: TensorInfo, start: int, stop: int, base: Tensor, extra: dict) -> Tensor:
+        kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
+        for name, draw in self.rule.draws.items():
+            kwargs[name] = self._draw(
+                draw.stream, entry, start, stop, lambda n, g, values=draw.values: values(n, g, self.num_tasks)
             )
-        if o.method == "random_mix":
-
-            def mix(e, a, b, base):
-                pick = _draw(
-                    o.seed,
-                    "mix",
-                    e.key,
-                    a,
-                    b,
-                    e.numel,
-                    lambda n, g: torch.randint(t_count, (n,), generator=g, dtype=torch.int64),
-                )
-                return rules.random_mix(self.taus(e, a, b, base), pick)
-
-            return mix
-        if o.method == "ties":
-            scopes: dict[str, tuple[list[float], float]] = {}
-            if o.scope == "global":
-                entries = list(self.merged_entries())
-                thresholds = self.ties_thresholds(entries)
-                lam_info["thresholds"] = thresholds
-                lam_info["majority_sign"] = self.ties_majority_sign(entries, thresholds)
-
-            def tensor_scope(e):  # a tensor too big for one chunk: its exact threshold by streaming
-                if o.scope == "tensor" and e.numel > self.chunk:
-                    th = self.ties_thresholds([e])
-                    scopes[e.key] = th, self.ties_majority_sign([e], th)
-
-            self.before_entry = tensor_scope
-
-            def ties(e, a, b, base):
-                if o.scope == "tensor" and b - a == e.numel:  # whole tensor in hand: the plain rule
-                    return rules.ties(self.taus(e, a, b, base), keep=o.keep)
-                if o.scope == "global":
-                    thresholds, majority = lam_info["thresholds"], lam_info["majority_sign"]
-                else:
-                    thresholds, majority = scopes[e.key]
-                trimmed = self.trim_all(self.taus(e, a, b, base), thresholds)
-                return rules.ties_disjoint_mean(trimmed, rules.ties_elect(trimmed, majority))
-
-            return ties
-        raise AssertionError(o.method)
+        return self.rule.fn(self._taus(entry, start, stop, base), **kwargs)
 
 
 class _NoProgress:
@@ -522,14 +398,25 @@ def _progress_bar(enabled: bool, total_bytes: int):
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging", leave=False)
 
 
+def read_merge_options(method: str, options: Mapping[str, Any]):
+    """``options`` (keyword arguments, CLI flags) checked against the merge's schema; None means
+    'not given'. The rule's default lam fills in; a rule that computes its own refuses one."""
+    rule = get_rule(method)
+    given = {k: v for k, v in options.items() if v is not None}
+    typed = read_options(merge_schema(method), given, method)
+    if typed.lam is None:
+        return typed.model_copy(update={"lam": rule.lam})
+    if rule.lam is None:
+        raise MergeclError(f"method '{method}' computes its own coefficient: do not pass lam")
+    return typed
+
+
 def merge_checkpoints(
     base: Source,
     finetuned: Sequence[Source],
     method: str = "average",
     *,
     out: str | os.PathLike | None = None,
-    fisher: Sequence[Source] | Source | None = None,
-    prior_precision: Source | None = None,
     task_vectors: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
@@ -537,57 +424,88 @@ def merge_checkpoints(
     **options: Any,
 ) -> MergeResult:
     """Merge ``finetuned`` checkpoints into ``base`` by ``method``; see ``merge`` for the arguments."""
+    rule = get_rule(method)
     if isinstance(finetuned, str | os.PathLike | Mapping):
         finetuned = [finetuned]
     if len(finetuned) == 0:
         raise MergeclError("give at least one fine-tuned checkpoint to merge")
-    opts = MergeOptions(method=method, **options)
-    if isinstance(fisher, str | os.PathLike | Mapping):
-        fisher = [fisher]
-    fisher = list(fisher or [])
-    if method == "fisher" and len(fisher) != len(finetuned):
-        raise MergeclError(f"method 'fisher' needs one Fisher per fine-tuned checkpoint ({len(fisher)} given)")
-    if method == "became":
-        if len(finetuned) != 1 or len(fisher) != 1 or prior_precision is None:
-            raise MergeclError("method 'became' needs exactly one fine-tuned model, one fisher and prior_precision")
-    elif prior_precision is not None:
-        raise MergeclError(f"prior_precision is only used by method 'became', not '{method}'")
-    elif fisher and method != "fisher":
-        raise MergeclError(f"fisher is only used by methods 'fisher' and 'became', not '{method}'")
+    given_inputs = {name: options.pop(name, None) for name in rule.inputs}
+    opts = read_merge_options(method, options)
+    if rule.max_models is not None and len(finetuned) > rule.max_models:
+        raise MergeclError(f"method '{method}' merges at most {rule.max_models} fine-tuned model(s)")
+    inputs = {
+        name: _input_sources(method, name, spec.per_task, given_inputs[name], len(finetuned))
+        for name, spec in rule.inputs.items()
+    }
 
     if out is not None:
-        sources = [base, *finetuned, *fisher, *([prior_precision] if prior_precision is not None else [])]
+        sources = [base, *finetuned, *(src for srcs in inputs.values() for src in srcs)]
         check_output(out, [src for src in sources if not isinstance(src, Mapping)], force)
-    base_reader = open_checkpoint(base, "base")
-    ft_readers = [open_checkpoint(src, f"finetuned[{i}]") for i, src in enumerate(finetuned)]
-    fisher_readers = [open_checkpoint(src, f"fisher[{i}]") for i, src in enumerate(fisher)]
-    prior_reader = open_checkpoint(prior_precision, "prior_precision") if prior_precision is not None else None
+    with ExitStack() as readers:
 
-    nbytes = sum(numel(base_reader.spec(k)[1]) * base_reader.spec(k)[0].itemsize for k in base_reader.keys())
-    passes = 1 + (3 if method == "ties" and opts.scope == "global" else 1 if method == "became" else 0)
-    bar = _progress_bar(progress, nbytes * (len(ft_readers) + 1) * passes)
-    try:
-        job = _Merge(base_reader, ft_readers, opts, fisher_readers, prior_reader, bar, task_vectors)
-        info: dict[str, Any] = {}
-        lam = opts.lam
-        if method == "became":
-            lam = info["lambda"] = job.became_lambda()
-        chunks = job.output(job.rule(info), lam)
+        def opened(source, name):
+            return readers.enter_context(open_checkpoint(source, name))
+
+        base_reader = opened(base, "base")
+        ft_readers = [opened(src, f"finetuned[{i}]") for i, src in enumerate(finetuned)]
+        input_readers = {
+            name: [
+                opened(src, name if len(srcs) == 1 and not rule.inputs[name].per_task else f"{name}[{i}]")
+                for i, src in enumerate(srcs)
+            ]
+            for name, srcs in inputs.items()
+        }
+        nbytes = sum(numel(base_reader.spec(k)[1]) * base_reader.spec(k)[0].itemsize for k in base_reader.keys())
+        bar = readers.enter_context(
+            _closing(_progress_bar(progress, nbytes * (len(ft_readers) + 1) * (1 + rule.passes(opts))))
+        )
+        job = _Merge(rule, opts, base_reader, ft_readers, input_readers, bar, task_vectors)
+        prepared = rule.prepare(job, opts) if rule.prepare is not None else None
+        lam = prepared.lam if prepared is not None and prepared.lam is not None else opts.lam
+        info = dict(prepared.info) if prepared is not None else {}
+        chunks = job.output(lam, prepared.kwargs if prepared is not None else None)
         if out is None:
-            state = _collect(job.entries, chunks)
-            return MergeResult(state=state, path=None, info=info)
+            return MergeResult(state=_collect(job.entries, chunks), path=None, info=info)
         metadata = {
             "format": "pt",
             "mergecl_method": method,
-            "mergecl_options": json.dumps(opts.public(), sort_keys=True),
+            "mergecl_options": json.dumps(_public(rule, opts), sort_keys=True),
             "mergecl_inputs": json.dumps([_name(src) for src in [base, *finetuned]]),
             "mergecl_info": json.dumps({k: v for k, v in info.items() if k != "thresholds"}),
         }
         specs = [(e.key, e.dtype, e.shape) for e in job.entries]
         path = write_checkpoint(out, specs, chunks, metadata, max_shard_size)
         return MergeResult(state=None, path=path, info=info)
-    finally:
-        bar.close()
+
+
+def _input_sources(method: str, name: str, per_task: bool, given, count: int) -> list[Source]:
+    """The checkpoints given for a rule's input ``name``: one per fine-tuned model, or one."""
+    if isinstance(given, str | os.PathLike | Mapping):
+        given = [given]
+    given = list(given or [])
+    wanted = count if per_task else 1
+    if len(given) != wanted:
+        what = f"one {name} per fine-tuned checkpoint" if per_task else f"one {name}"
+        raise MergeclError(f"method '{method}' needs {what} ({len(given)} given)")
+    return given
+
+
+def _public(rule: Rule, opts) -> dict[str, Any]:
+    """The options that shape the result (for the output's metadata)."""
+    keys = ["lam", "seed", "dare", "include", "exclude", *rule.options.model_fields]
+    data = {k: getattr(opts, k) for k in keys}
+    return {k: v for k, v in data.items() if v is not None}
+
+
+class _closing:
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()
 
 
 def _collect(entries: list[_Entry], chunks: Iterator[Tensor]) -> dict[str, Tensor]:
@@ -616,14 +534,18 @@ def merge(
     """Merge fine-tuned checkpoints into a base checkpoint.
 
     base, finetuned: state dicts or paths (.safetensors, sharded HF directories, .pt/.bin loaded
-    with weights_only=True). method: one of ``RULES``. Options: lam, keep, scope, seed, dare,
-    start, include, exclude (regexes on tensor names), fisher, prior_precision, task_vectors (the
-    ``finetuned`` inputs already are task vectors tau_t: they need only the merged tensors), out (path: write a
-    safetensors file, or a sharded directory when ``out`` has no .safetensors suffix), force (replace an
-    existing ``out``, only if it is an earlier mergecl output), max_shard_size, progress, chunk_size,
-    workers (threads computing chunks ahead; same result).
+    with weights_only=True). method: a registered rule (``mergecl.merging.all_rules()``; ``mergecl
+    merge --help`` lists them with their options). Options: every merge's (``EngineOptions``: lam,
+    seed, dare, include, exclude (regexes on tensor names), chunk_size, workers), the rule's own
+    (e.g. keep and scope for ties), the rule's inputs (e.g. fisher, prior_precision), and:
+    task_vectors (the ``finetuned`` inputs already are task vectors tau_t: they need only the
+    merged tensors), out (path: write a safetensors file, or a sharded directory when ``out`` has no
+    .safetensors suffix), force (replace an existing ``out``, only if it is an earlier mergecl
+    output), max_shard_size, progress.
 
     Returns the merged state dict, or the output path when ``out`` is given.
+
+    >>> merged = merge(base_state, [state_1, state_2], "ties", keep=0.2)  # doctest: +SKIP
     """
     result = merge_checkpoints(base, finetuned, method, **options)
     return result.state if result.state is not None else result.path

@@ -1,0 +1,201 @@
+"""Merge rules declare themselves here; the engine, the CLI, the Python API and the CL methods read
+the declaration, never a rule's name.
+
+A rule is a function over the task vectors tau_t = theta_t - theta_0 of one tensor (or one chunk of
+it) that returns the merged task vector; the engine adds ``lam`` times it to theta_0. Its
+declaration says what it needs, so the engine pays only for that:
+
+- ``granularity``: how the task vectors are handed over.
+  ``fold``   element-wise, one task vector at a time (an iterator of flat chunks sharing one
+             buffer: do not keep them): memory O(1) in the number of task vectors.
+  ``stack``  element-wise, all at once: a [T, n] tensor of one chunk position (the rule may edit it).
+  ``tensor`` whole tensors in their own shape, in task order (an iterator of fresh tensors: a rule
+             may fold over them carrying a state from one task to the next, or keep them all, e.g.
+             an SVD of each weight matrix).
+- ``lam``: the default coefficient; None when the rule computes its own (``prepare`` returns it).
+- ``options``: a typed schema (``mergecl.options.Options``) of the rule's own options; they reach
+  ``fn`` as keyword arguments. The CLI flags and the config's ``method_options`` derive from it.
+- ``draws``: random inputs, keyword -> ``Draw``; the engine makes them from (seed, stream, tensor
+  name, position), so a result does not depend on chunking or threads.
+- ``inputs``: other checkpoints the rule reads, name -> ``Input`` (``fisher``: one per task vector,
+  non-negative; ``prior_precision``: one), given to ``merge`` under that name and to ``fn`` (and
+  ``prepare``) as lazy iterators over the checkpoints' chunks.
+- ``prepare``: whole-model passes before the merge (TIES's model-wide threshold, BECAME's sums).
+  It gets a ``MergeView`` and the options and returns ``Prepared``: keyword arguments for ``fn``
+  per tensor, a computed lam, and info to report.
+
+A rule without ``inputs`` is also a continual-learning method: ``RULE`` merges the Seq-FT task
+vectors of a run after every step, ``ind_ft+RULE`` the Ind-FT ones.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from mergecl.errors import MergeclError
+from mergecl.options import Options
+
+Granularity = Literal["fold", "stack", "tensor"]
+GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Random values for a rule: ``values(n, generator, num_tasks)`` draws n of them; ``stream``
+    names the draw in the seeding (two draws of one rule need two streams)."""
+
+    stream: str
+    values: Callable[[int, torch.Generator, int], Tensor]
+
+
+@dataclass(frozen=True)
+class Input:
+    """Another checkpoint a rule reads besides the task vectors (read chunk by chunk, like them)."""
+
+    per_task: bool = True  # one per task vector; False: exactly one
+    non_negative: bool = False  # e.g. a Fisher or a precision: a negative value is an error
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor the merge covers."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+@dataclass
+class Chunk:
+    """Elements [start, stop) of a tensor: the task vectors' values there, and the inputs'."""
+
+    tensor: TensorInfo
+    start: int
+    stop: int
+    taus: Any  # the task vectors as the rule's ``fn`` gets them (see ``granularity``)
+    inputs: dict[str, Iterator[Tensor]]  # per declared input, its checkpoints' chunks
+
+
+class MergeView(Protocol):
+    """What a rule's ``prepare`` sees of a merge: the tensors, and a way to stream over them."""
+
+    num_tasks: int
+    chunk_size: int  # elements per chunk: a tensor larger than this arrives in several chunks
+
+    def tensors(self) -> list[TensorInfo]: ...  # the merged tensors, in order
+
+    def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]: ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    kwargs: Callable[[TensorInfo], dict[str, Any]] | None = None  # extra arguments of ``fn`` per tensor
+    lam: float | None = None  # the coefficient the rule computed (None: the options' lam)
+    info: dict[str, Any] = field(default_factory=dict)  # reported with the result (e.g. {"lambda": ...})
+
+
+class NoOptions(Options):
+    """A rule without options of its own."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    fn: Callable[..., Tensor]
+    granularity: Granularity = "fold"
+    lam: float | None = 1.0
+    summary: str = ""
+    options: type[Options] = NoOptions
+    draws: Mapping[str, Draw] = field(default_factory=dict)
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    max_models: int | None = None  # e.g. BECAME merges exactly one trained model
+    prepare: Callable[[MergeView, Options], Prepared] | None = None
+    passes: Callable[[Options], int] = lambda options: 0  # reads ``prepare`` makes (for the progress bar)
+
+    @property
+    def continual(self) -> bool:
+        """Usable as a CL method over a run's own task vectors (it needs no other checkpoints)."""
+        return not self.inputs
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(
+    name: str,
+    fn: Callable[..., Tensor] | None = None,
+    *,
+    granularity: Granularity = "fold",
+    lam: float | None = 1.0,
+    summary: str | None = None,
+    options: type[Options] | None = None,
+    draws: Mapping[str, Draw] | None = None,
+    inputs: Mapping[str, Input] | None = None,
+    max_models: int | None = None,
+    prepare: Callable[[MergeView, Options], Prepared] | None = None,
+    passes: Callable[[Options], int] | None = None,
+):
+    """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
+
+    The summary defaults to the first line of ``fn``'s docstring. Registering a name twice is an
+    error: a plugin cannot silently replace a rule.
+    """
+
+    def declare(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if not name.isidentifier():
+            raise MergeclError(f"merge rule name {name!r} must be a Python identifier (letters, digits, '_')")
+        if name in RULES:
+            raise MergeclError(f"merge rule {name!r} is already registered")
+        if granularity not in GRANULARITIES:
+            raise MergeclError(f"merge rule {name!r}: granularity must be one of {', '.join(GRANULARITIES)}")
+        for key, spec in (inputs or {}).items():
+            if not isinstance(spec, Input):
+                raise MergeclError(f"merge rule {name!r}: input {key!r} must be declared as an Input(...)")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        RULES[name] = Rule(
+            name,
+            fn,
+            granularity,
+            lam,
+            summary if summary is not None else (doc[0] if doc else ""),
+            options or NoOptions,
+            dict(draws or {}),
+            dict(inputs or {}),
+            max_models,
+            prepare,
+            passes or (lambda options: 0),
+        )
+        return fn
+
+    return declare if fn is None else declare(fn)
+
+
+def get_rule(name: str) -> Rule:
+    _load_builtins()
+    if name not in RULES:
+        raise MergeclError(f"unknown merge method '{name}' (choose from {', '.join(RULES)})")
+    return RULES[name]
+
+
+def all_rules() -> dict[str, Rule]:
+    """Every registered rule, the built-in ones first."""
+    _load_builtins()
+    return RULES
+
+
+def _load_builtins() -> None:
+    import mergecl.merging.rules
+    import mergecl.merging.ties  # noqa: F401  (the built-in rules register on import)
