@@ -1,33 +1,20 @@
-"""Tables, CSV and plots from the results dict of a run (finished or half-finished).
+"""Tables, CSV and plots from the results of a run (finished or half-finished).
 
-The results dict::
+Every function takes the typed results (``results.RunResults``) or a results dict (results.json,
+also of older runs), which it reads with ``RunResults.from_json`` first: a malformed one is one
+``MergeclError`` naming the key, before any file is written. See ``results`` for what a method's
+entry holds; here:
 
-    {
-      "run": {"config": "clinc150-magmax", "scenario": "class-incremental",
-              "task_names": ["t1", ...], "machine": "...", ...},          # optional metadata
-      "methods": {
-        "magmax": {"accuracy_matrix": [[...], ...], "final_acc": 81.2, "avg_incremental_acc": 85.0,
-                   "bwt": -3.1, "forgetting": 4.0, "all_class_acc": 79.9,   # any may be None/absent
-                   "wall_time_s": 61.5,                                      # optional
-                   "seeds": {...},                                           # optional, only counted
-                   "std": {"final_acc": 0.4, ...},                           # optional, over seeds
-                   "coverage": {"0": 5, "1": 5, "2": 3}},                    # optional, steps per seed
-        ...
-      }
-    }
-
-A method whose model broke (a non-finite loss, weight or output) has only ``{"failed": "<message>"}``:
-every output shows "failed" for it, never a number, and report.md lists the messages.
-
-A metric that is absent from a method's entry but derivable from its accuracy matrix is computed from
-the matrix (so a run that has only stored its matrix so far still gets a full table); a metric that is
-present but ``None`` is shown as "-". The number of tasks of the run is ``run.num_tasks``, else the
-length of ``run.task_names``, else the width of the widest accuracy matrix.
-
-A half-finished run may have seeds at different steps. ``coverage`` gives the steps each seed has
-done; the numbers are those of the seeds that went furthest (the runner never averages seeds at
-different steps), and every output says which seeds and steps they cover whenever that is not
-simply every seed at the same step (a note under the tables, a ``coverage`` column in the CSV).
+- a method whose model broke (a non-finite loss, weight or output) shows "failed" in every metric
+  column, never a number, and report.md lists the messages;
+- a metric that is None is shown as "-"; a final-only method (joint training on every task) has
+  only its final and all-class accuracy, and no heatmap;
+- the number of tasks of the run is ``run.num_tasks``, else the number of task names, else the width
+  of the widest accuracy matrix;
+- a half-finished run may have seeds at different steps: the numbers are those of the seeds that went
+  furthest (the runner never averages seeds at different steps), and every output says which seeds
+  and steps they cover whenever that is not simply every seed at the same step (a note under the
+  tables, a ``coverage`` column in the CSV).
 
 Plots use matplotlib's object API (``Figure`` + Agg canvas), never pyplot: no display is needed and the
 caller's global backend is left alone. Every file is written atomically.
@@ -42,19 +29,20 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mergecl.atomic import atomic_write_bytes, atomic_write_text
-from mergecl.errors import MergeclError
 from mergecl.evaluation import metrics
+from mergecl.evaluation.results import MethodResult, RunResults
 
 __all__ = [
     "METRIC_COLUMNS",
     "acc_over_tasks_png",
+    "coverage_notes",
+    "failures",
     "format_table",
     "heatmap_png",
     "markdown_table",
@@ -62,7 +50,9 @@ __all__ = [
     "write_report",
 ]
 
-# (key in a method entry, column header); the order of the tables and of the CSV.
+Results = RunResults | Mapping[str, Any]  # typed, or a results dict (results.json)
+
+# (metric, column header); the order of the tables and of the CSV.
 METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
     ("final_acc", "final ACC"),
     ("avg_incremental_acc", "avg inc ACC"),
@@ -71,176 +61,59 @@ METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
     ("all_class_acc", "all-class ACC"),
     ("wall_time_s", "time"),
 )
-_DERIVED = {
-    "final_acc": metrics.final_acc,
-    "avg_incremental_acc": metrics.avg_incremental_acc,
-    "bwt": metrics.bwt,
-    "forgetting": metrics.forgetting,
-}
 MISSING = "-"
 FAILED = "failed"  # in every metric cell of a failed method
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading the results dict
+# What the outputs show of a method
 
 
-@dataclass
-class _Row:
-    """One method, normalized: what every output format needs."""
-
-    method: str
-    matrix: np.ndarray | None  # validated (s, T) array, or None when the entry has no matrix
-    values: dict[str, float | None]
-    stds: dict[str, float | None]
-    n_seeds: int | None
-    coverage: dict[str, int] | None = None  # steps done per seed
-    in_numbers: list[str] | None = None  # the seeds the numbers average
-
-    failed: str | None = None  # the method's model broke: this message, and no number
-
-    @property
-    def steps(self) -> int | None:
-        """Number of steps evaluated so far (rows of the matrix)."""
-        return None if self.matrix is None else self.matrix.shape[0]
+def _task_names(results: RunResults) -> list[str] | None:
+    names = results.run.task_names
+    return [str(n) for n in names] if names else None
 
 
-def _number(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise MergeclError(f"results: {where} must be a number or null, got {value!r}")
-    return float(value)
-
-
-def _methods(results: Mapping[str, Any]) -> Mapping[str, Any]:
-    if not isinstance(results, Mapping):
-        raise MergeclError(f"results: expected a dict with a 'methods' key, got {type(results).__name__}")
-    methods = results.get("methods")
-    if not isinstance(methods, Mapping):
-        raise MergeclError("results: 'methods' must be a dict of method name -> metrics")
-    return methods
-
-
-def _run_meta(results: Mapping[str, Any]) -> Mapping[str, Any]:
-    run = results.get("run") or {}
-    if not isinstance(run, Mapping):
-        raise MergeclError("results: 'run' must be a dict of run metadata")
-    return run
-
-
-def _task_names(results: Mapping[str, Any]) -> list[str] | None:
-    names = _run_meta(results).get("task_names")
-    if isinstance(names, list | tuple) and names:
-        return [str(n) for n in names]
-    return None
-
-
-def _rows(results: Mapping[str, Any]) -> list[_Row]:
-    rows = []
-    for name, entry in _methods(results).items():
-        if not isinstance(entry, Mapping):
-            raise MergeclError(f"results: method {name!r} must map to a dict of metrics")
-        if "failed" in entry:  # never a number, whatever else the entry holds
-            rows.append(_failed_row(name, entry["failed"]))
-            continue
-        matrix = None
-        if entry.get("accuracy_matrix") is not None:
-            try:
-                matrix = metrics.as_accuracy_matrix(entry["accuracy_matrix"])
-            except MergeclError as err:
-                raise MergeclError(f"results: method {name!r}: {err}") from None
-        values: dict[str, float | None] = {}
-        for key, _ in METRIC_COLUMNS:
-            if key in entry:
-                values[key] = _number(entry[key], f"methods.{name}.{key}")
-            elif key in _DERIVED and matrix is not None:
-                values[key] = _DERIVED[key](matrix)
-            else:
-                values[key] = None
-        std = entry.get("std") or {}
-        if not isinstance(std, Mapping):
-            raise MergeclError(f"results: methods.{name}.std must be a dict of metric -> value")
-        stds = {key: _number(std.get(key), f"methods.{name}.std.{key}") for key, _ in METRIC_COLUMNS}
-        seeds = entry.get("seeds")
-        n_seeds = len(seeds) if isinstance(seeds, Mapping | list | tuple) else None
-        rows.append(_Row(str(name), matrix, values, stds, n_seeds, *_coverage(name, entry)))
-    return rows
-
-
-def _coverage(name: Any, entry: Mapping[str, Any]) -> tuple[dict[str, int] | None, list[str] | None]:
-    """(steps done per seed, the seeds in the numbers). Without ``coverage`` (results written before
-    it), the per-seed matrices tell the steps, and every seed of them is in the numbers."""
-    coverage = entry.get("coverage")
-    if coverage is not None:
-        if not isinstance(coverage, Mapping) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in coverage.values()
-        ):
-            raise MergeclError(f"results: methods.{name}.coverage must map seeds to numbers of steps")
-        steps = {str(seed): int(v) for seed, v in coverage.items()}
-        furthest = max(steps.values(), default=0)
-        return steps, [seed for seed, v in steps.items() if v == furthest and v > 0]
-    seeds = entry.get("seeds")
-    if isinstance(seeds, Mapping) and all(
-        isinstance(s, Mapping) and isinstance(s.get("accuracy_matrix"), list) for s in seeds.values()
-    ):
-        steps = {str(seed): len(s["accuracy_matrix"]) for seed, s in seeds.items()}
-        return (steps, list(steps)) if steps else (None, None)
-    return None, None
+def _matrix(result: MethodResult) -> np.ndarray | None:
+    """An every-step method's accuracy matrix as an (s, T) array; None: final only, or no matrix."""
+    return None if result.steps is None else metrics.as_accuracy_matrix(result.matrix)
 
 
 def _seed_list(seeds: list[str]) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(seeds)
 
 
-def _coverage_note(row: _Row, num_tasks: int | None) -> str | None:
-    """Which seeds and steps a row's numbers cover, when not simply every seed at the same step."""
-    if not row.coverage or row.in_numbers is None:
+def _coverage_note(name: str, result: MethodResult, num_tasks: int | None) -> str | None:
+    """Which seeds and steps a method's numbers cover, when not simply every seed at the same step."""
+    coverage, in_numbers = result.steps_per_seed(), result.seeds_in_numbers()
+    if not coverage or in_numbers is None:
         return None
 
     def at(seed: str) -> str:
-        steps = row.coverage[seed]
+        steps = coverage[seed]
         return f"{seed} (not started)" if steps == 0 else f"{seed} (step {steps}/{num_tasks or steps})"
 
-    steps_in = {row.coverage[seed] for seed in row.in_numbers}
-    left_out = [seed for seed in row.coverage if seed not in row.in_numbers]
+    steps_in = {coverage[seed] for seed in in_numbers}
+    left_out = [seed for seed in coverage if seed not in in_numbers]
     if len(steps_in) > 1:  # results written before coverage: seeds at different steps averaged
-        return f"{row.method}: the numbers average seeds at different steps: {', '.join(map(at, row.in_numbers))}"
+        return f"{name}: the numbers average seeds at different steps: {', '.join(map(at, in_numbers))}"
     if not left_out:
         return None
     (steps,) = steps_in or {0}
-    covered = f"{_seed_list(row.in_numbers)} at step {steps}/{num_tasks or steps}" if row.in_numbers else "no seed"
-    return f"{row.method}: the numbers cover {covered}; not in them: {', '.join(map(at, left_out))}"
+    covered = f"{_seed_list(in_numbers)} at step {steps}/{num_tasks or steps}" if in_numbers else "no seed"
+    return f"{name}: the numbers cover {covered}; not in them: {', '.join(map(at, left_out))}"
 
 
-def coverage_notes(results: Mapping[str, Any]) -> list[str]:
+def coverage_notes(results: Results) -> list[str]:
     """One line per method whose numbers do not cover every seed of the run at the same step."""
-    rows = _rows(results)
-    num_tasks = _num_tasks(results, rows)
-    return [note for note in (_coverage_note(row, num_tasks) for row in rows) if note]
+    results = RunResults.read(results)
+    notes = (_coverage_note(name, result, results.num_tasks) for name, result in results.methods.items())
+    return [note for note in notes if note]
 
 
-def _failed_row(name: Any, message: Any) -> _Row:
-    if not isinstance(message, str):
-        raise MergeclError(f"results: methods.{name}.failed must be the failure's message")
-    nothing = {key: None for key, _ in METRIC_COLUMNS}
-    return _Row(str(name), None, nothing, dict(nothing), None, failed=message)
-
-
-def failures(results: Mapping[str, Any]) -> list[str]:
+def failures(results: Results) -> list[str]:
     """The message of every failed method (a model that broke: non-finite loss, weights or outputs)."""
-    return [row.failed for row in _rows(results) if row.failed]
-
-
-def _num_tasks(results: Mapping[str, Any], rows: list[_Row]) -> int | None:
-    run = _run_meta(results)
-    if isinstance(run.get("num_tasks"), int) and run["num_tasks"] > 0:
-        return int(run["num_tasks"])
-    names = _task_names(results)
-    if names:
-        return len(names)
-    widths = [r.matrix.shape[1] for r in rows if r.matrix is not None]
-    return max(widths) if widths else None
+    return RunResults.read(results).failures()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,11 +140,12 @@ def _format_value(key: str, value: float | None, std: float | None) -> str:
     return fmt(value) if std is None else f"{fmt(value)} ± {fmt(std)}"
 
 
-def _cells(row: _Row, num_tasks: int | None) -> list[str]:
-    if row.failed:
-        return [row.method, MISSING] + [FAILED] * len(METRIC_COLUMNS)
-    tasks = MISSING if row.steps is None else f"{row.steps}/{num_tasks or row.steps}"
-    return [row.method, tasks] + [_format_value(k, row.values[k], row.stds[k]) for k, _ in METRIC_COLUMNS]
+def _cells(name: str, result: MethodResult, num_tasks: int | None) -> list[str]:
+    if result.failed is not None:
+        return [name, MISSING] + [FAILED] * len(METRIC_COLUMNS)
+    steps = result.steps
+    tasks = MISSING if steps is None else f"{steps}/{num_tasks or steps}"
+    return [name, tasks] + [_format_value(k, result.value(k), result.std.get(k)) for k, _ in METRIC_COLUMNS]
 
 
 def _headers() -> list[str]:
@@ -282,15 +156,14 @@ def _headers() -> list[str]:
 # Tables
 
 
-def format_table(results: Mapping[str, Any]) -> str:
+def format_table(results: Results) -> str:
     """A fixed-width plain-text table for the terminal: one row per method, every line the same width.
 
     Columns: method, tasks done / tasks, final ACC, avg inc ACC, BWT, forgetting, all-class ACC, time.
     Values are ``mean ± std`` when the entry has a std for that metric; missing values are "-".
     """
-    rows = _rows(results)
-    num_tasks = _num_tasks(results, rows)
-    table = [_headers()] + [_cells(r, num_tasks) for r in rows]
+    results = RunResults.read(results)
+    table = [_headers()] + [_cells(name, result, results.num_tasks) for name, result in results.methods.items()]
     widths = [max(len(line[c]) for line in table) for c in range(len(table[0]))]
 
     def render(line: list[str]) -> str:
@@ -307,23 +180,21 @@ def _md_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|")
 
 
-def markdown_table(results: Mapping[str, Any]) -> str:
+def markdown_table(results: Results) -> str:
     """The same table as ``format_table`` as a GitHub-flavoured Markdown table."""
-    rows = _rows(results)
-    num_tasks = _num_tasks(results, rows)
+    results = RunResults.read(results)
     headers = _headers()
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|",
     ]
-    for row in rows:
-        lines.append("| " + " | ".join(_md_escape(c) for c in _cells(row, num_tasks)) + " |")
+    for name, result in results.methods.items():
+        lines.append("| " + " | ".join(_md_escape(c) for c in _cells(name, result, results.num_tasks)) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _csv_text(results: Mapping[str, Any]) -> str:
-    rows = _rows(results)
-    num_tasks = _num_tasks(results, rows)
+def _csv_text(results: RunResults) -> str:
+    num_tasks = results.num_tasks
     header = ["method", "steps_done", "num_tasks", "n_seeds"]
     for key, _ in METRIC_COLUMNS:
         header += [key, f"{key}_std"]
@@ -332,24 +203,26 @@ def _csv_text(results: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
-    for row in rows:
-        line: list[Any] = [row.method, row.steps, num_tasks if row.steps is not None else None, row.n_seeds]
+    for name, result in results.methods.items():
+        steps, n_seeds = result.steps, None if result.seeds is None else len(result.seeds)
+        line: list[Any] = [name, steps, num_tasks if steps is not None else None, n_seeds]
         for key, _ in METRIC_COLUMNS:
-            line += [row.values[key], row.stds[key]]
-        line += [" ".join(row.in_numbers or []) or None, _coverage_cell(row)]
-        line.append(row.failed)
+            line += [result.value(key), result.std.get(key)]
+        line += [" ".join(result.seeds_in_numbers() or []) or None, _coverage_cell(result)]
+        line.append(result.failed)
         # Full precision (repr) for numbers, empty cells for missing values.
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
 
 
-def _coverage_cell(row: _Row) -> str | None:
-    return " ".join(f"{seed}:{steps}" for seed, steps in row.coverage.items()) if row.coverage else None
+def _coverage_cell(result: MethodResult) -> str | None:
+    coverage = result.steps_per_seed()
+    return " ".join(f"{seed}:{steps}" for seed, steps in coverage.items()) if coverage else None
 
 
-def write_csv(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+def write_csv(results: Results, path: str | os.PathLike[str]) -> Path:
     """Write one CSV row per method (metric and ``<metric>_std`` columns, full precision). Atomic."""
-    return atomic_write_text(path, _csv_text(results))
+    return atomic_write_text(path, _csv_text(RunResults.read(results)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,16 +370,16 @@ def _failure_list(messages: list[str]) -> str:
     return "".join(f"- {_md_escape(message)}\n" for message in messages)
 
 
-def _report_markdown(results: Mapping[str, Any], heatmaps: list[tuple[_Row, str]], has_curves: bool) -> str:
-    run = _run_meta(results)
-    title = run.get("config") or run.get("name")
+def _report_markdown(results: RunResults, heatmaps: list[tuple[str, np.ndarray, str]], has_curves: bool) -> str:
+    run = results.run.to_json()
+    title = results.run.title
     parts = [f"# mergecl report{f': {title}' if title else ''}\n"]
     if run:
         meta = [f"- **{_md_escape(str(k))}**: {_md_escape(_format_meta(v))}" for k, v in run.items()]
         parts.append("\n".join(meta))
         parts.append("")
     notes = coverage_notes(results)
-    failed = failures(results)
+    failed = results.failures()
     parts += [
         "## Results\n",
         markdown_table(results),
@@ -526,35 +399,36 @@ def _report_markdown(results: Mapping[str, Any], heatmaps: list[tuple[_Row, str]
             "images: tasks not trained yet).\n"
         )
         names = _task_names(results)
-        for row, filename in heatmaps:
-            alt = re.sub(r"[\[\]]", "", row.method)
+        for name, matrix, filename in heatmaps:
+            alt = re.sub(r"[\[\]]", "", name)
             parts += [
-                f"### {_md_escape(row.method)}\n",
+                f"### {_md_escape(name)}\n",
                 f"![{alt}]({filename})\n",
-                _matrix_markdown(row.matrix, names),
+                _matrix_markdown(matrix, names),
             ]
     return "\n".join(parts)
 
 
-def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+def write_report(results: Results, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write report.md, results.csv, ``heatmap_<method>.png`` per method and ``acc_over_tasks.png``.
 
-    Works on half-finished runs (fewer matrix rows than tasks). Methods without an accuracy matrix
-    appear in the tables only. Returns the paths written, report.md first.
+    Works on half-finished runs (fewer matrix rows than tasks). Methods without an accuracy matrix of
+    every step (final only, failed) appear in the tables only. Returns the paths written, report.md first.
     """
     out = Path(out_dir)
-    rows = _rows(results)  # validates everything before the first file is written
-    num_tasks = _num_tasks(results, rows)
+    results = RunResults.read(results)  # checks everything before the first file is written
+    num_tasks = results.num_tasks
     names = _task_names(results)
+    matrices = {name: _matrix(result) for name, result in results.methods.items()}
+    matrices = {name: matrix for name, matrix in matrices.items() if matrix is not None}
     taken: set[str] = set()
-    heatmaps = [(row, f"heatmap_{_slug(row.method, taken)}.png") for row in rows if row.matrix is not None]
-    curves = {row.method: metrics.incremental_accs(row.matrix) for row in rows if row.matrix is not None}
+    heatmaps = [(name, matrix, f"heatmap_{_slug(name, taken)}.png") for name, matrix in matrices.items()]
+    curves = {name: metrics.incremental_accs(matrix) for name, matrix in matrices.items()}
 
     written = [out / "report.md", out / "results.csv"]
     images = []
-    for row, filename in heatmaps:
-        png = heatmap_png(row.method, row.matrix, num_tasks, names)
-        images.append(atomic_write_bytes(out / filename, png))
+    for name, matrix, filename in heatmaps:
+        images.append(atomic_write_bytes(out / filename, heatmap_png(name, matrix, num_tasks, names)))
     if curves:
         images.append(atomic_write_bytes(out / "acc_over_tasks.png", acc_over_tasks_png(curves, num_tasks)))
     write_csv(results, out / "results.csv")
