@@ -9,6 +9,7 @@ are left as they are. An unfinished seed stays unfinished: ``mergecl run --resum
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -23,9 +24,11 @@ FREE = ("seeds", "keep_vectors")  # the config keys the runs may differ in: they
 
 
 def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Path]:
-    """Gather ``runs`` (same config but for ``seeds``, disjoint seeds) into the new run ``out``."""
+    """Gather ``runs`` (same config but for ``seeds``, disjoint seeds) into the new run ``out``;
+    returns its results.json's content and its path."""
     from mergecl.evaluation.report import write_report
-    from mergecl.run.runner import Runner
+    from mergecl.evaluation.results import RunMeta
+    from mergecl.run.runner import results_from_progress
 
     if len(runs) < 2:
         raise MergeclError("combine needs at least two run directories")
@@ -60,13 +63,13 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
         RunDir(staging).record(combined)  # a run like any other: resumable, and locked when resumed
         atomic_write_text(staging / "config.yaml", dump_config(combined))
         RunDir(staging).write_json("progress.json", progress)
-        runner = Runner(combined, RunDir(staging), echo=lambda message: None)
-        meta = (dirs[0].read_json("results.json") or {}).get("run", {})
-        runner.meta = {**meta, "seeds": seeds, "combined_from": [str(rundir.path) for rundir in dirs]}
-        results = runner.results()
-        RunDir(staging).write_json("results.json", results)
+        # what the run was: the first run's metadata (its scenario and tasks), with every seed
+        meta = RunMeta.from_json((dirs[0].read_json("results.json") or {}).get("run"))
+        meta = dataclasses.replace(meta, seeds=seeds, combined_from=[str(rundir.path) for rundir in dirs])
+        results = results_from_progress(combined, progress, meta)
+        RunDir(staging).write_json("results.json", results.to_json())
     write_report(results, target.path)
-    return results, target.path
+    return results.to_json(), target.path
 
 
 def _read_run(rundir: RunDir) -> RunConfig:

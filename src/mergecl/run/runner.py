@@ -10,32 +10,28 @@ does too -- so both end with the same numbers.
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+from mergecl.methods.streams import STREAMS, Step, eval_classes
 
 from mergecl import distributed
 from mergecl.data.scenarios import build_scenario
 from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
-from mergecl.evaluation.metrics import summarize
-from mergecl.merging.engine import merge
-from mergecl.options import Options, read_options
+from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary, mean_per_step
+from mergecl.methods.merged import TaskVectors, merged_model
 from mergecl.methods.registry import MethodSpec, resolve_methods, stream_kind
-from mergecl.methods.streams import STREAMS, Step, eval_classes
 from mergecl.models.base import Learner
 from mergecl.models.factory import build_learner
-from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense, lora_pairs
+from mergecl.models.lora import LoraPair, lora_pairs
+from mergecl.options import Options, read_options
 from mergecl.run.config import RunConfig, load_config
 from mergecl.run.rundir import RunDir
 from mergecl.training.loop import NonFiniteError, TrainSettings, accuracy_from_logits, check_finite, predict_logits
-
-LAM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-METRICS = ("final_acc", "avg_incremental_acc", "bwt", "forgetting", "all_class_acc", "wall_time_s")
 
 
 def step_seed(seed: int, stream: str, t: int) -> int:
@@ -76,7 +72,7 @@ class Runner:
         self.settings = TrainSettings(**config.train.model_dump())
         self.progress = rundir.read_progress()
         self.echo = echo if distributed.is_main() else (lambda message: None)
-        self.meta: dict[str, Any] = {}
+        self.meta = RunMeta()  # what the run is: set when a seed's scenario is built
         self.tuned: list[str] = []
         self.zero_shot_logits: dict[tuple[str, int], torch.Tensor] = {}
         self.lora: list[LoraPair] = []
@@ -107,11 +103,11 @@ class Runner:
 
     def commit_progress(self) -> None:
         self.rundir.write_json("progress.json", self.progress)
-        self.rundir.write_json("results.json", self.results())
+        self.rundir.write_json("results.json", self.results().to_json())
 
     # --- the run --------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunResults:
         for seed in self.config.seeds:
             self.run_seed(seed)
             if not self.config.keep_vectors:
@@ -134,16 +130,16 @@ class Runner:
             root=data.root,
             source_options=data.options,
         )
-        self.meta = {
-            "config": self.config.name,
-            "scenario": scenario.name or scenario.kind,
-            "kind": scenario.kind,
-            "task_names": [task.name for task in scenario.tasks],
-            "num_tasks": len(scenario.tasks),
-            "seeds": list(self.config.seeds),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        self.meta = RunMeta(
+            config=self.config.name,
+            scenario=scenario.name or scenario.kind,
+            kind=scenario.kind,
+            task_names=[task.name for task in scenario.tasks],
+            num_tasks=len(scenario.tasks),
+            seeds=list(self.config.seeds),
+            machine=f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"{self.device.type}, torch {torch.__version__}, {distributed.world_size()} process(es)",
-        }
+        )
         if self.finished(seed, self.methods, len(scenario.tasks)):
             return  # a resume, or seeds added: no model to build, no theta_0 to write
         torch.manual_seed(seed)
@@ -298,150 +294,86 @@ class Runner:
         """The model a method has after step t, and what was chosen on the way ({"lam": ...})."""
         if spec.kind == "zero_shot":
             return base, {}
-        if spec.rule is None:
-            return self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, spec.stream, t))), {}
-        options = dict(self.config.method_options.get(spec.name, {}))
-        if spec.rule == "random_mix" or options.get("dare"):
-            options.setdefault("seed", seed)
-        grid = options.pop("lam_grid", LAM_GRID)
-        vectors, merge_base, finish = self.merge_inputs(seed, spec, t, base, options.pop("space", "factors"))
-        if options.get("lam") != "auto":
-            return finish(merge(merge_base, vectors, spec.rule, task_vectors=True, **options)), {}
-        # lam: auto -- the lam of ``grid`` with the best validation accuracy on the tasks seen so far
-        options.pop("lam")
-        unit = merge(merge_base, vectors, spec.rule, task_vectors=True, lam=1.0, **options)
-        direction = {k: unit[k].float() - v.float() for k, v in merge_base.items() if v.is_floating_point()}
-        scores = []
-        for lam in grid:
-            learner.load_state_dict(finish(self.rebuild(merge_base, {k: lam * v for k, v in direction.items()})))
-            try:
-                val = self.evaluate_all(learner, scenario, t, "val", seen_only=True)
-            except NonFiniteError:  # a lam that breaks the model is never chosen (unless all do)
-                val = [float("-inf")]
-            scores.append((sum(val) / len(val), -lam))  # ties: the smaller lam
-        best = -max(scores)[1]
-        # theta_0 + best * (unit - theta_0): the merge at ``best`` up to rounding, without merging again
-        return finish(self.rebuild(merge_base, {k: best * v for k, v in direction.items()})), {"lam": best}
-
-    def merge_inputs(self, seed: int, spec: MethodSpec, t: int, base: dict, space: str):
-        """(task vectors, the base they merge into, merged part -> full state) for a rule's merge.
-
-        space "factors": the stored task vectors over the tuned entries (LoRA: A and B separately).
-        space "dense": LoRA factors become weight changes s (B A - B_0 A_0); the merged change is
-        folded into the base weights and the adapters are switched off.
-        """
         paths = [self.rundir.vector_path(seed, spec.stream, i) for i in range(t + 1)]
-        if space == "factors":
-            return paths, {k: base[k] for k in self.tuned}, lambda merged: {**base, **merged}
-        if space != "dense":
-            raise MergeclError(f"method_options.{spec.name}.space: expected factors or dense, got {space!r}")
-        if not self.lora:
-            raise MergeclError(f"method_options.{spec.name}.space: dense needs a LoRA model (model.lora)")
-        factors = {key for pair in self.lora for key in (pair.a, pair.b)}
-        vectors = []
-        for path in paths:
-            tau = self.rundir.load_tensors(path)
-            dense = {k: v for k, v in tau.items() if k not in factors}  # e.g. a trained linear head
-            vectors.append({**dense, **dense_task_vector(base, tau, self.lora)})
-        merge_base = {k: base[k] for k in vectors[0]}
-        return vectors, merge_base, lambda merged: fold_dense({**base, **merged}, merged, self.lora)
+        if spec.rule is None:
+            return self.rebuild(base, self.rundir.load_tensors(paths[-1])), {}
+
+        def validate(state: dict) -> list[float]:  # lam: auto scores each lam's model on the tasks seen
+            learner.load_state_dict(state)
+            return self.evaluate_all(learner, scenario, t, "val", seen_only=True)
+
+        vectors = TaskVectors(paths, base, self.tuned, self.rundir.load_tensors, self.lora)
+        options = self.config.method_options.get(spec.name, {})
+        merged = merged_model(spec.rule, vectors, options, seed, validate, f"method_options.{spec.name}")
+        return merged.state, merged.info
 
     # --- results --------------------------------------------------------------------------------
 
-    def step_info(self, kind: str, name: str) -> dict[str, list[float]]:
-        """Per-step values a stream (BECAME's lambda*) or a method (an auto lam) logged, mean over seeds."""
-        series: dict[str, list[list[float]]] = {}
-        for seed in self.config.seeds:
-            logged = self.progress["seeds"].get(str(seed), {}).get(kind, {}).get(name, {})
-            steps = sorted(logged, key=int)
-            for key in dict.fromkeys(k for t in steps for k in logged[t]):
-                series.setdefault(key, []).append([logged[t][key] for t in steps if key in logged[t]])
-        return {key: _mean_per_step(values) for key, values in series.items() if all(values)}
-
-    def results(self) -> dict[str, Any]:
-        methods: dict[str, Any] = {}
-        for spec in self.methods:
-            seeds = [self.progress["seeds"].get(str(seed), {}) for seed in self.config.seeds]
-            failed = [progress["failed"][spec.name] for progress in seeds if spec.name in progress.get("failed", {})]
-            if failed:  # a broken model is never a number: the first failure, and how many seeds failed
-                more = f" (and {len(failed) - 1} more seed(s))" if len(failed) > 1 else ""
-                methods[spec.name] = {"failed": failed[0] + more}
-                continue
-            per_seed = {}
-            for seed in self.config.seeds:
-                progress = self.progress["seeds"].get(str(seed))
-                if not progress or not progress["rows"].get(spec.name):
-                    continue
-                rows = progress["rows"][spec.name]
-                if rows[0] is None:  # final_only: only the last row, so only final and all-class accuracy
-                    if len(rows) < len(self.meta.get("task_names", rows)) or rows[-1] is None:
-                        continue
-                    summary = {
-                        "final_acc": sum(rows[-1]) / len(rows[-1]),
-                        "avg_incremental_acc": None,
-                        "bwt": None,
-                        "forgetting": None,
-                        "all_class_acc": progress["all_class_acc"].get(spec.name),
-                        "final_row": rows[-1],
-                    }
-                else:
-                    summary = summarize(rows, progress["all_class_acc"].get(spec.name))
-                summary["wall_time_s"] = progress["train_time"].get(spec.stream, 0.0) + progress["method_time"].get(
-                    spec.name, 0.0
-                )
-                val_rows = progress.get("val_rows", {}).get(spec.name)
-                if val_rows:
-                    summary["val"] = summarize(val_rows[: len(progress["rows"][spec.name])])
-                per_seed[str(seed)] = summary
-            if per_seed:
-                # seeds stopped at different steps are not averaged: the numbers are those of the seeds
-                # that went furthest, and "coverage" says how far each seed went (the report shows it)
-                steps = {seed: len(self.progress["seeds"][seed]["rows"][spec.name]) for seed in per_seed}
-                furthest = max(steps.values())
-                methods[spec.name] = aggregate({s: v for s, v in per_seed.items() if steps[s] == furthest})
-                methods[spec.name]["coverage"] = {str(seed): steps.get(str(seed), 0) for seed in self.config.seeds}
-                step_info = {**self.step_info("stream_info", spec.stream), **self.step_info("method_info", spec.name)}
-                if step_info:
-                    methods[spec.name]["step_info"] = step_info
-        return {"methods": methods, "run": self.meta}
+    def results(self) -> RunResults:
+        """The results so far (results.json is their ``to_json()``)."""
+        return results_from_progress(self.config, self.progress, self.meta)
 
 
-def _mean_per_step(values: list[list[float]]) -> list[float]:
-    steps = min(len(v) for v in values)
-    return [statistics.fmean(v[t] for v in values) for t in range(steps)]
+def results_from_progress(config: RunConfig, progress: dict[str, Any], meta: RunMeta) -> RunResults:
+    """The results of a run from its progress.json: a method's entry once it has a row or has failed."""
+    methods = {}
+    for spec in resolve_methods(config.methods):
+        result = method_result(spec, config.seeds, progress, meta)
+        if result is not None:
+            methods[spec.name] = result
+    return RunResults(methods, meta)
 
 
-def _mean_or_none(values: list[float | None]) -> float | None:
-    return None if any(v is None for v in values) else statistics.fmean(values)  # None: not evaluated
+def method_result(spec: MethodSpec, seeds: list[int], progress: dict[str, Any], meta: RunMeta) -> MethodResult | None:
+    of_seed = {str(seed): progress["seeds"].get(str(seed), {}) for seed in seeds}
+    failed = [entry["failed"][spec.name] for entry in of_seed.values() if spec.name in entry.get("failed", {})]
+    if failed:  # a broken model is never a number: the first failure, and how many seeds failed
+        more = f" (and {len(failed) - 1} more seed(s))" if len(failed) > 1 else ""
+        return MethodResult.failure(failed[0] + more)
+    per_seed = {seed: seed_summary(spec, entry, meta) for seed, entry in of_seed.items()}
+    per_seed = {seed: summary for seed, summary in per_seed.items() if summary is not None}
+    if not per_seed:
+        return None
+    # seeds stopped at different steps are not averaged: the numbers are those of the seeds that went
+    # furthest, and "coverage" says how far each seed went (the report shows it)
+    steps = {seed: len(of_seed[seed]["rows"][spec.name]) for seed in per_seed}
+    furthest = max(steps.values())
+    coverage = {seed: steps.get(seed, 0) for seed in of_seed}
+    step_info = {
+        **logged_per_step(progress, seeds, "stream_info", spec.stream),
+        **logged_per_step(progress, seeds, "method_info", spec.name),
+    }
+    return MethodResult.mean_of({s: v for s, v in per_seed.items() if steps[s] == furthest}, coverage, step_info)
 
 
-def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds (std when there are several); the matrix is the mean of the common rows."""
-    summaries = list(per_seed.values())
-    out: dict[str, Any] = {}
-    key = "final_row" if "final_row" in summaries[0] else "accuracy_matrix"
-    matrices = [[s[key]] if key == "final_row" else s[key] for s in summaries]
-    rows = min(len(m) for m in matrices)
-    width = max(len(m[t]) for m in matrices for t in range(rows)) if rows else 0
-    mean = [
-        [_mean_or_none([m[t][i] if i < len(m[t]) else None for m in matrices]) for i in range(width)]
-        for t in range(rows)
-    ]
-    out[key] = mean[0] if key == "final_row" else mean
-    std = {}
-    for metric in METRICS:
-        values = [s[metric] for s in summaries if s.get(metric) is not None]
-        out[metric] = statistics.fmean(values) if values else None
-        if len(values) > 1:
-            std[metric] = statistics.stdev(values)
-    if std:
-        out["std"] = std
-    vals = [s["val"] for s in summaries if "val" in s]
-    if len(vals) == len(summaries):
-        out["val"] = {m: statistics.fmean(v[m] for v in vals) for m in ("final_acc", "avg_incremental_acc")}
-    if len(summaries) > 1:
-        out["seeds"] = per_seed
-    return out
+def seed_summary(spec: MethodSpec, progress: dict[str, Any], meta: RunMeta) -> SeedSummary | None:
+    """A method on one seed, from the seed's progress; None: no row yet (or a final-only method
+    before its one row)."""
+    rows = progress.get("rows", {}).get(spec.name)
+    if not rows:
+        return None
+    all_class_acc = progress["all_class_acc"].get(spec.name)
+    wall_time_s = progress["train_time"].get(spec.stream, 0.0) + progress["method_time"].get(spec.name, 0.0)
+    val_rows = progress.get("val_rows", {}).get(spec.name)
+    val_rows = val_rows[: len(rows)] if val_rows else None
+    if rows[0] is None:  # final only: progress.json has null rows before the last (old runs resume)
+        num_tasks = len(meta.task_names) if meta.task_names is not None else len(rows)
+        if len(rows) < num_tasks or rows[-1] is None:
+            return None
+        return SeedSummary.of_final_row(rows[-1], all_class_acc, wall_time_s, val_rows)
+    return SeedSummary.of_rows(rows, all_class_acc, wall_time_s, val_rows)
+
+
+def logged_per_step(progress: dict[str, Any], seeds: list[int], kind: str, name: str) -> dict[str, list[float]]:
+    """Per-step values a training (``stream_info``: BECAME's lambda*) or a method (``method_info``: an
+    auto lam) logged, mean over seeds."""
+    series: dict[str, list[list[float]]] = {}
+    for seed in seeds:
+        logged = progress["seeds"].get(str(seed), {}).get(kind, {}).get(name, {})
+        steps = sorted(logged, key=int)
+        for key in dict.fromkeys(k for t in steps for k in logged[t]):
+            series.setdefault(key, []).append([logged[t][key] for t in steps if key in logged[t]])
+    return {key: mean_per_step(values) for key, values in series.items() if all(values)}
 
 
 def default_out(config: RunConfig) -> Path:
@@ -457,7 +389,8 @@ def run(
     seeds: list[int] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run a config (None: the embedded default) into ``out``, or continue the run in ``resume``;
-    ``seeds`` with ``resume``: run these seeds, a superset of the run's own (adds seeds to a run)."""
+    ``seeds`` with ``resume``: run these seeds, a superset of the run's own (adds seeds to a run).
+    Returns results.json's content (``RunResults.from_json`` types it) and the run directory."""
     if resume is not None:
         rundir = RunDir(resume)
         config = rundir.open_existing(seeds)  # a run, its config unchanged (but for added seeds); locked
@@ -477,4 +410,4 @@ def run(
             write_report(results, rundir.path)
     finally:
         rundir.unlock()
-    return results, rundir.path
+    return results.to_json(), rundir.path
