@@ -11,15 +11,20 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def section_code(page: str, title: str) -> str:
-    """The ```python blocks under ``## title`` of docs/``page``, joined in order."""
+def section_blocks(page: str, title: str) -> list[str]:
+    """The ```python blocks under ``## title`` of docs/``page``, in order."""
     text = (DOCS / page).read_text(encoding="utf-8")
     parts = re.split(r"^## ", text, flags=re.M)
     matches = [p for p in parts[1:] if p.splitlines()[0].strip() == title]
     assert len(matches) == 1, f"docs/{page}: no single section '## {title}'"
     blocks = re.findall(r"^```python\n(.*?)^```", matches[0], flags=re.S | re.M)
     assert blocks, f"docs/{page} '## {title}': no python block"
-    return "\n".join(blocks)
+    return blocks
+
+
+def section_code(page: str, title: str) -> str:
+    """The ```python blocks under ``## title`` of docs/``page``, joined in order."""
+    return "\n".join(section_blocks(page, title))
 
 
 def run_section(page: str, title: str, check: str, cwd: Path, timeout: float = 300) -> str:

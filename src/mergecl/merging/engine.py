@@ -25,7 +25,6 @@ import math
 import os
 import re
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,10 +40,9 @@ from torch import Tensor
 from mergecl.errors import MergeclError
 from mergecl.merging import rules
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
-from mergecl.merging.registry import Chunk, Rule, TensorInfo, get_rule
+from mergecl.merging.registry import RNG_BLOCK, Chunk, Draw, Rule, TensorInfo, get_rule
 from mergecl.options import Options, read_options
 
-RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: chunking-independent
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 LAM_LIMIT = torch.finfo(torch.float32).max
@@ -140,26 +138,6 @@ def _overflows(merged: Tensor, dtype: torch.dtype) -> bool:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _block_seed(seed: int, stream: str, key: str, block: int) -> int:
-    return zlib.crc32(f"{seed}:{stream}:{key}:{block}".encode())
-
-
-def _draw(seed: int, stream: str, key: str, start: int, stop: int, total: int, fn) -> Tensor:
-    """Random values for elements [start, stop) of a tensor, the same whatever the chunking.
-
-    ``fn(n, generator)`` draws n values; element i's value comes from block i // RNG_BLOCK.
-    """
-    parts = []
-    generator = torch.Generator()
-    first, last = start // RNG_BLOCK, (stop - 1) // RNG_BLOCK
-    for block in range(first, last + 1):
-        generator.manual_seed(_block_seed(seed, stream, key, block))
-        lo = block * RNG_BLOCK
-        values = fn(min(RNG_BLOCK, total - lo), generator)
-        parts.append(values[max(start - lo, 0) : min(stop - lo, RNG_BLOCK)])
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _layout(base, others: list[tuple[Any, str]], options: EngineOptions) -> list[_Entry]:
@@ -315,7 +293,8 @@ class _Merge:
             self._blame_non_finite(entry.key, reader, theta, base)
         if self.options.dare:
             p = self.options.dare
-            drop = self._draw(f"dare{t}", entry, start, stop, lambda n, g: torch.rand(n, generator=g) < p)
+            drop = Draw(f"dare{t}", lambda n, g, num_tasks: torch.rand(n, generator=g) < p)
+            drop = self._draw(drop, entry, start, stop)
             return rules.dare(out, drop, p)
         return out
 
@@ -332,8 +311,8 @@ class _Merge:
                 raise MergeclError(f"{reader.name}: tensor '{entry.key}' has negative values (a {name} is >= 0)")
             yield values
 
-    def _draw(self, stream: str, entry: TensorInfo, start: int, stop: int, fn) -> Tensor:
-        return _draw(self.options.seed, stream, entry.key, start, stop, entry.numel, fn)
+    def _draw(self, draw: Draw, entry: TensorInfo, start: int, stop: int) -> Tensor:
+        return draw.make(self.options.seed, entry.key, start, stop, entry.numel, self.num_tasks)
 
     def _blame_non_finite(self, key: str, reader, theta: Tensor, base: Tensor) -> None:
         if not torch.isfinite(base).all():
@@ -376,9 +355,7 @@ class _Merge:
     def _merge_chunk(self, entry: TensorInfo, start: int, stop: int, base: Tensor, extra: dict) -> Tensor:
         kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
         for name, draw in self.rule.draws.items():
-            kwargs[name] = self._draw(
-                draw.stream, entry, start, stop, lambda n, g, values=draw.values: values(n, g, self.num_tasks)
-            )
+            kwargs[name] = self._draw(draw, entry, start, stop)
         return self.rule.fn(self._taus(entry, start, stop, base), **kwargs)
 
 

@@ -31,6 +31,7 @@ vectors of a run after every step, ``ind_ft+RULE`` the Ind-FT ones.
 from __future__ import annotations
 
 import typing
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -41,6 +42,7 @@ from torch import Tensor
 from mergecl.errors import MergeclError
 from mergecl.options import Options
 
+RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: chunking-independent
 Granularity = Literal["fold", "stack", "tensor"]
 GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
 
@@ -52,6 +54,19 @@ class Draw:
 
     stream: str
     values: Callable[[int, torch.Generator, int], Tensor]
+
+    def make(self, seed: int, key: str, start: int, stop: int, total: int, num_tasks: int) -> Tensor:
+        """The values of elements [start, stop) of tensor ``key`` (``total`` elements), the same
+        whatever the chunking: element i's value comes from block i // RNG_BLOCK, whose generator is
+        seeded from (seed, stream, key, block)."""
+        parts = []
+        generator = torch.Generator()
+        for block in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1):
+            generator.manual_seed(zlib.crc32(f"{seed}:{self.stream}:{key}:{block}".encode()))
+            lo = block * RNG_BLOCK
+            values = self.values(min(RNG_BLOCK, total - lo), generator, num_tasks)
+            parts.append(values[max(start - lo, 0) : min(stop - lo, RNG_BLOCK)])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass(frozen=True)
