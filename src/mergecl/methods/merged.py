@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge
+from mergecl.merging.registry import get_rule
 from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense
 from mergecl.training.loop import NonFiniteError
 
@@ -66,9 +67,9 @@ class Space:
 
 
 def needs_seed(rule: str, options: Mapping[str, Any]) -> bool:
-    """Whether the merge makes random draws (random_mix's choices, DARE's drops): it then gets a seed."""
-    # TODO(owner): read the rule declaration
-    return rule == "random_mix" or bool(options.get("dare"))
+    """Whether the merge makes random draws (the rule's declared ``draws``, e.g. random_mix's choices,
+    or DARE's drops): it then gets a seed."""
+    return bool(get_rule(rule).draws) or bool(options.get("dare"))
 
 
 def merged_model(
