@@ -361,3 +361,15 @@ def test_cli_help_lists_every_rule_and_default():
     for name in all_rules():
         assert name in done.stdout
     assert "[0.5] Each entry takes" in done.stdout and "[0.55] trim" in done.stdout and "--keep" in done.stdout
+
+
+def test_an_integer_buffer_missing_from_a_fine_tuned_checkpoint_comes_from_the_base(capfd):
+    # transformers 5 no longer saves BERT's position_ids: such checkpoints still merge with the base
+    base = {"w": torch.zeros(4), "embeddings.position_ids": torch.arange(4)}
+    finetuned = [{"w": torch.full((4,), float(i + 1))} for i in range(2)]
+    merged = merge(base, finetuned, "average")
+    assert torch.equal(merged["embeddings.position_ids"], torch.arange(4))
+    assert torch.equal(merged["w"], torch.full((4,), 1.5))
+    assert "embeddings.position_ids" in capfd.readouterr().err
+    with pytest.raises(MergeclError, match=r"finetuned\[0\]: missing tensor 'w'"):  # a float tensor is never guessed
+        merge(base, [{"embeddings.position_ids": torch.arange(4)}], "average")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -142,18 +143,25 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _layout(base, others: list[tuple[Any, str]], options: EngineOptions) -> list[_Entry]:
     """The base's tensors (merged or copied), checked against every other checkpoint: each holds
-    the merged tensors with the base's shapes; fine-tuned weights hold all of the base's, and no
-    tensor the base lacks."""
+    the merged tensors with the base's shapes; fine-tuned weights hold all of the base's floating-point
+    tensors (a missing integer buffer comes from the base, said once on stderr), and no tensor the
+    base lacks."""
     entries = []
     for key in base.keys():
         dtype, shape = base.spec(key)
         entries.append(_Entry(key, dtype, tuple(shape), dtype.is_floating_point and options.selects(key)))
     known = {e.key for e in entries}
+    from_base: list[str] = []
     for reader, role in others:
         keys = set(reader.keys())
         for entry in entries:
             if role != "fine-tuned" and not entry.merged and entry.key not in keys:
                 continue  # task vectors and other inputs only need the merged tensors
+            if entry.key not in keys and not entry.dtype.is_floating_point:
+                # an integer buffer (e.g. BERT's position_ids, which newer transformers no longer
+                # save): never merged, so the base's copy is the answer
+                from_base.append(entry.key)
+                continue
             if entry.key not in keys:
                 raise MergeclError(f"{reader.name}: missing tensor '{entry.key}' (present in the base {base.name})")
             dtype, shape = reader.spec(entry.key)
@@ -167,6 +175,13 @@ def _layout(base, others: list[tuple[Any, str]], options: EngineOptions) -> list
             extra = sorted(keys - known)
             if extra:
                 raise MergeclError(f"{reader.name}: tensor '{extra[0]}' is not in the base {base.name}")
+    if from_base:
+        names = sorted(set(from_base))
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        print(
+            f"mergecl: non-float tensor(s) {listed} missing from a fine-tuned checkpoint: taken from the base",
+            file=sys.stderr,
+        )
     return entries
 
 
