@@ -1,4 +1,4 @@
-"""BECAME, GPM and their baselines as streams: lam*, the 1/t baseline, options, resume."""
+"""BECAME, GPM and their baselines as trainings: lam*, the 1/t baseline, options, resume."""
 
 import json
 import shutil
@@ -9,8 +9,8 @@ import torch
 
 from mergecl import MergeclError
 from mergecl.methods.became import GPMOptions, became_merge, next_prior, one_over_t_merge
-from mergecl.options import read_options
 from mergecl.methods.registry import resolve_method, resolve_methods
+from mergecl.options import read_options
 from mergecl.run.config import load_config, parse_config
 from mergecl.run.rundir import RunDir
 from mergecl.run.runner import run
@@ -31,10 +31,10 @@ def quiet(message):
     pass
 
 
-def test_names_resolve_to_their_own_streams():
+def test_names_resolve_to_their_own_trainings():
     for name in ("gpm", "became", "gpm_one_over_t", "seq_became"):
         spec = resolve_method(name)
-        assert (spec.stream, spec.rule) == (name, None)
+        assert (spec.training, spec.rule) == (name, None)
     assert resolve_method("one_over_t").rule == "one_over_t"  # the merge rule over Seq-FT is unchanged
 
 
@@ -86,7 +86,7 @@ def test_options_are_checked_and_errors_name_the_key():
         parse_config({**TINY, "method_options": {"became": {"stage2_lr": 0}}})
 
 
-def test_streams_log_lambda_and_resume_from_their_carried_state(tmp_path):
+def test_trainings_log_lambda_and_resume_from_their_carried_state(tmp_path):
     results, out = run(parse_config(TINY), out=tmp_path / "run", echo=quiet, report=False)
     methods = results["methods"]
     assert methods["gpm_one_over_t"]["step_info"]["lambda"] == pytest.approx([1.0, 1 / 2, 1 / 3])
@@ -103,19 +103,19 @@ def test_streams_log_lambda_and_resume_from_their_carried_state(tmp_path):
     again, _ = run(resume=out, echo=quiet, report=False)
     assert strip(again) == strip(results)
 
-    # undo the last step of every stream (its commit marker, state, rows and logged info): the
+    # undo the last step of every training (its commit marker, state, rows and logged info): the
     # resumed run retrains it from the carried state of step 2 and must land on the same numbers
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
-    for stream in TINY["methods"]:
-        (partial / "seed0" / stream / "task2.safetensors").unlink()
-        (partial / "seed0" / stream / "state2.safetensors").unlink(missing_ok=True)
+    for name in TINY["methods"]:
+        (partial / "seed0" / name / "task2.safetensors").unlink()
+        (partial / "seed0" / name / "state2.safetensors").unlink(missing_ok=True)
     progress = json.loads((partial / "progress.json").read_text())
     seed = progress["seeds"]["0"]
-    for stream in TINY["methods"]:
-        seed["rows"][stream] = seed["rows"][stream][:2]
-        seed["stream_info"][stream].pop("2")
-        seed["all_class_acc"].pop(stream, None)
+    for name in TINY["methods"]:
+        seed["rows"][name] = seed["rows"][name][:2]
+        seed["stream_info"][name].pop("2")
+        seed["all_class_acc"].pop(name, None)
     (partial / "progress.json").write_text(json.dumps(progress))
     resumed, _ = run(resume=partial, echo=quiet, report=False)
     assert strip(resumed) == strip(results)
@@ -133,4 +133,4 @@ def test_the_evidence_configs_parse():
     assert len(configs) >= 4  # the cifar100 paper presets are packaged (tests/models/test_models_alexnet.py)
     for path in configs:
         config = load_config(path)
-        assert {spec.stream for spec in resolve_methods(config.methods)} >= {"gpm", "became", "gpm_one_over_t"}
+        assert {spec.training for spec in resolve_methods(config.methods)} >= {"gpm", "became", "gpm_one_over_t"}

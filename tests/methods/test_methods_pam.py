@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mergecl import MergeclError
-from mergecl.options import read_options
 from mergecl.methods.pam import Alignment, PamOptions, align_, conflicts, running_mean, top_fraction_masks
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import dense_task_vector, fold_dense, lora_pairs
+from mergecl.options import read_options
 from mergecl.run.config import parse_config
 from mergecl.run.runner import run
 
@@ -133,7 +133,7 @@ def test_a_lora_run_trains_only_adapters_and_every_method_reports(tmp_path):
 
     tau = load_file(out / "seed0" / "pam" / "task1.safetensors")
     assert tau and all("lora_" in k or k.startswith("head.") for k in tau)  # the frozen base is not a task vector
-    assert (out / "seed0" / "pam@zero" / "task2.safetensors").exists()  # a variant is its own stream
+    assert (out / "seed0" / "pam@zero" / "task2.safetensors").exists()  # a variant is its own training
     # a variant is trained with its own options: resets happened, and not with p = 0
     assert m["pam"]["step_info"]["reset_fraction"][1] > 0
     assert "step_info" not in m["pam@p0"]

@@ -68,5 +68,5 @@ def test_the_paper_presets_parse(n):
         64,
         "plateau",
     )
-    assert [spec.stream for spec in resolve_methods(config.methods)] == ["gpm", "became", "gpm_one_over_t"]
+    assert [spec.training for spec in resolve_methods(config.methods)] == ["gpm", "became", "gpm_one_over_t"]
     assert build_learner(config.model, [f"c{i}" for i in range(100)]).head.weight.shape == (100, 2048)

@@ -1,6 +1,6 @@
 """BECAME (Bayesian continual learning with adaptive model merging, METHODS.md §2) and GPM.
 
-Streams (method name = stream name; options under ``method_options.<name>``):
+Trainings (method name = training name; options under ``method_options.<name>``):
 
 - ``gpm``: gradient projection memory alone. Task 1 plain training; later tasks projected
   training from the previous model; then the memory update.
@@ -9,7 +9,7 @@ Streams (method name = stream name; options under ``method_options.<name>``):
   from a copy of theta_gp with a fresh optimiser -> theta_hat; F at theta_hat;
   lam* = sum F d^2 / sum (F + Lambda_{t-1}) d^2 with d = theta_hat - theta_gp;
   theta*_t = (1 - lam*) theta_gp + lam* theta_hat; Lambda_t = F(theta*_t) + gamma Lambda_{t-1};
-  GPM memory update from theta*_t. The merged model is the stream's model; lam* is logged.
+  GPM memory update from theta*_t. The merged model is the training's model; lam* is logged.
 - ``gpm_one_over_t``: the same two stages, merged with lam = 1/t (no Fisher).
 - ``seq_became``: BECAME's merge on plain sequential fine-tuning (no projection, one stage):
   theta*_{t-1} -> theta_hat, merged with theta*_{t-1} as theta_gp.
@@ -28,9 +28,7 @@ prior precision Lambda_t (``prior/<parameter>``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -39,9 +37,9 @@ from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge_checkpoints
-from mergecl.options import Options
-from mergecl.methods.streams import Step, StepResult, Stream, register, train_classes
+from mergecl.methods.trainings import Step, StepResult, register_training, train_classes
 from mergecl.models.base import Learner
+from mergecl.options import Options
 from mergecl.training.fisher import diagonal_fisher
 from mergecl.training.gpm import (
     GPMemory,
@@ -56,7 +54,7 @@ from mergecl.training.loop import TrainStats, train_task
 PRIOR_PREFIX = "prior/"
 
 
-# --- options: one schema per stream, built from the three groups -------------------------------
+# --- options: one schema per training, built from the three groups -------------------------------
 
 
 class GPMOptions(Options):
@@ -105,7 +103,7 @@ def train_stage(
     gradients and everything but the projected weights frozen (GPM after task 1)."""
     settings = step.settings
     if epochs is not None or lr is not None:
-        settings = replace(settings, epochs=epochs or settings.epochs, lr=lr or settings.lr)
+        settings = settings.model_copy(update={"epochs": epochs or settings.epochs, "lr": lr or settings.lr})
     hooks = []
     context: Any = nullcontext()
     if memory is not None:
@@ -185,9 +183,11 @@ def next_prior(fisher: dict[str, Tensor], prior: dict[str, Tensor] | None, gamma
     return {k: v + gamma * prior[k] if k in prior else v.clone() for k, v in fisher.items()}
 
 
-def require(prior: dict[str, Tensor] | None, stream: str, t: int) -> dict[str, Tensor]:
+def require(prior: dict[str, Tensor] | None, training: str, t: int) -> dict[str, Tensor]:
     if prior is None:
-        raise MergeclError(f"{stream}: step {t + 1} found no prior precision from step {t} (incomplete run directory?)")
+        raise MergeclError(
+            f"{training}: step {t + 1} found no prior precision from step {t} (incomplete run directory?)"
+        )
     return prior
 
 
@@ -207,7 +207,7 @@ def joined(first: TrainStats, second: TrainStats) -> TrainStats:
     return TrainStats(first.steps + second.steps, first.examples + second.examples, first.losses + second.losses)
 
 
-# --- streams -----------------------------------------------------------------------------------
+# --- trainings ----------------------------------------------------------------------------------
 
 
 def gpm_step(step: Step) -> StepResult:
@@ -273,19 +273,24 @@ def seq_became_step(step: Step) -> StepResult:
     return StepResult(stats, carried_state(None, prior), info)
 
 
-STREAMS: dict[str, tuple[str, Callable[[Step], StepResult], type[Options]]] = {
-    "gpm": ("GPM: projected training after task 1, memory update after every task", gpm_step, GPMOptions),
-    "became": ("GPM stage + unprojected stage, merged with BECAME's Bayesian lam*", became_step, BecameOptions),
-    "gpm_one_over_t": (
-        "GPM stage + unprojected stage, merged with lam = 1/t",
-        gpm_one_over_t_step,
-        GPMOneOverTOptions,
-    ),
-    "seq_became": (
-        "sequential fine-tuning merged with the previous model by BECAME's lam*",
-        seq_became_step,
-        FisherOptions,
-    ),
-}
-for _name, (_summary, _fn, _options) in STREAMS.items():
-    register(Stream(_name, _summary, True, _fn, _options))
+register_training(
+    "gpm", gpm_step, options=GPMOptions, summary="GPM: projected training after task 1, memory update after every task"
+)
+register_training(
+    "became",
+    became_step,
+    options=BecameOptions,
+    summary="GPM stage + unprojected stage, merged with BECAME's Bayesian lam*",
+)
+register_training(
+    "gpm_one_over_t",
+    gpm_one_over_t_step,
+    options=GPMOneOverTOptions,
+    summary="GPM stage + unprojected stage, merged with lam = 1/t",
+)
+register_training(
+    "seq_became",
+    seq_became_step,
+    options=FisherOptions,
+    summary="sequential fine-tuning merged with the previous model by BECAME's lam*",
+)

@@ -1,7 +1,7 @@
 """PAM: continual training with weights kept sign-aligned to a global model, merged by averaging
 (Sokar et al. 2025; METHODS.md §3). The paper's code is not public: each unknown is an option.
 
-Stream ``pam`` (method ``pam``; variants ``pam@TAG`` with their own options). Its model after step
+Training ``pam`` (method ``pam``; variants ``pam@TAG`` with their own options). Its model after step
 t is the global G_t. With a LoRA model (``model.lora``) G is the global LoRA and only the adapters
 train; without one PAM works on every trainable weight.
 
@@ -27,9 +27,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergecl.options import Options
-from mergecl.methods.streams import Step, StepResult, Stream, register
+from mergecl.methods.trainings import Step, StepResult, register_training
 from mergecl.models.base import Learner
+from mergecl.options import Options
 from mergecl.training.loop import Hook
 
 
@@ -86,7 +86,7 @@ def running_mean(global_: Tensor, task: Tensor, count: int, merge: str) -> Tenso
     return torch.lerp(global_.float(), task.float(), weight)  # exact L_1 at weight 1
 
 
-# --- the stream ----------------------------------------------------------------------------------
+# --- the training ----------------------------------------------------------------------------------
 
 
 class Alignment(Hook):
@@ -112,7 +112,7 @@ class Alignment(Hook):
         self.rounds += 1
 
 
-def _pam(step: Step) -> StepResult:
+def pam_step(step: Step) -> StepResult:
     options = step.options
     learner = step.learner
     trained = {name: p for name, p in learner.named_parameters() if p.requires_grad}
@@ -129,17 +129,14 @@ def _pam(step: Step) -> StepResult:
         rounds = max(1, alignment.rounds)
         info["reset_fraction"] = alignment.resets / rounds / max(1, sum(p.numel() for p in trained.values()))
     with torch.no_grad():
-        for name, p in trained.items():  # the stream's model after the step is G_t
+        for name, p in trained.items():  # the training's model after the step is G_t
             p.copy_(running_mean(global_[name], p, step.t + 1, options.merge).to(p.dtype))
     return StepResult(stats, info=info)
 
 
-register(
-    Stream(
-        "pam",
-        "PAM: task model from G, sign-aligned to G's top-p entries while training, G <- running mean",
-        True,
-        _pam,
-        PamOptions,
-    )
+register_training(
+    "pam",
+    pam_step,
+    options=PamOptions,
+    summary="PAM: task model from G, sign-aligned to G's top-p entries while training, G <- running mean",
 )

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergecl.errors import MergeclError
+from mergecl.training.settings import TrainSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "clinc150-mini-cil.yaml"  # the embedded default run
@@ -65,34 +66,6 @@ class DataConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _amp_from_bool(cls, value: Any) -> Any:
-        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, lt=1)  # 1 and above: the step grows without bound
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(32, ge=1)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
-    grad_clip: float | None = Field(1.0, gt=0)
-    # bf16 autocast: auto = on GPUs only; bf16 = on any device (CPUs with bf16 units, or to test the
-    # GPU path on a CPU); off. true / false are read as auto / off.
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    eval_batch_size: int = Field(256, ge=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    shard_optimizer: bool = False  # under torchrun: ZeRO-1 (each process holds 1/N of the optimiser state)
-    # schedule: plateau (the GPM/BECAME releases): halve the lr after `plateau_patience` epochs without a
-    # new best validation loss, stop below lr * plateau_min_factor; see training/loop.py
-    plateau_patience: int = Field(6, ge=1)
-    plateau_factor: float = Field(2.0, gt=1)
-    plateau_min_factor: float = Field(1e-3, gt=0, le=1)
-
-
 class RunConfig(_Strict):
     name: str = "run"
     # a seed seeds numpy too, whose seeds are 0 .. 2**32 - 1
@@ -100,7 +73,7 @@ class RunConfig(_Strict):
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "mlp", "in_dim": 64})
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainSettings = Field(default_factory=TrainSettings)  # the training layer's own settings
     methods: list[str] = Field(default_factory=lambda: ["seq_ft", "magmax"], min_length=1)
     eval_val: bool = False  # also evaluate every step on the validation splits (for model selection)
     eval_future: bool = True  # full accuracy matrix; False: tasks seen so far only (about half the evaluation)

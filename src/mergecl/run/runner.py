@@ -1,10 +1,11 @@
-"""`mergecl run`: config -> scenario and learner -> streams trained step by step -> merges ->
+"""`mergecl run`: config -> scenario and learner -> trainings run step by step -> merges ->
 accuracy matrices -> results.json and the report. Resumable at any point.
 
 A step's task vector file is its commit marker: written (atomically) only after training, and
-after the stream's carried state. A resumed run skips every committed step and every recorded
-evaluation row, and rebuilds a stream's weights as theta_0 + tau_{t-1} -- as an uninterrupted run
-does too -- so both end with the same numbers.
+after the training's carried state. A resumed run skips every committed step and every recorded
+evaluation row, and rebuilds a training's weights as theta_0 + tau_{t-1} -- as an uninterrupted run
+does too -- so both end with the same numbers. The run directory keeps its names (``seedN/<training>/``,
+``stream_info`` and ``train_time`` in progress.json) so older runs resume.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mergecl.methods.streams import STREAMS, Step, eval_classes
 
 from mergecl import distributed
 from mergecl.data.scenarios import build_scenario
@@ -24,18 +24,20 @@ from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary, mean_per_step
 from mergecl.methods.merged import TaskVectors, merged_model
-from mergecl.methods.registry import MethodSpec, resolve_methods, stream_kind
+from mergecl.methods.registry import MethodSpec, resolve_methods
+from mergecl.methods.trainings import Step, eval_classes, registered_training
 from mergecl.models.base import Learner
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, lora_pairs
 from mergecl.options import Options, read_options
 from mergecl.run.config import RunConfig, load_config
 from mergecl.run.rundir import RunDir
-from mergecl.training.loop import NonFiniteError, TrainSettings, accuracy_from_logits, check_finite, predict_logits
+from mergecl.training.loop import NonFiniteError, accuracy_from_logits, check_finite, predict_logits
 
 
-def step_seed(seed: int, stream: str, t: int) -> int:
-    return zlib.crc32(f"{seed}:{stream}:{t}".encode()) & 0x7FFFFFFF
+def step_seed(seed: int, training: str, t: int) -> int:
+    """The seed of step t of a registered training (its variants, pam@zero, share it)."""
+    return zlib.crc32(f"{seed}:{training}:{t}".encode()) & 0x7FFFFFFF
 
 
 def pick_device(name: str) -> torch.device:
@@ -69,7 +71,7 @@ class Runner:
         self.rundir = rundir
         self.methods = resolve_methods(config.methods)
         self.device = pick_device(config.device)
-        self.settings = TrainSettings(**config.train.model_dump())
+        self.settings = config.train
         self.progress = rundir.read_progress()
         self.echo = echo if distributed.is_main() else (lambda message: None)
         self.meta = RunMeta()  # what the run is: set when a seed's scenario is built
@@ -152,16 +154,17 @@ class Runner:
         base = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
         self.tuned, self.lora = tuned_keys(learner), lora_pairs(learner)
         self.zero_shot_logits = {}  # theta_0's logits on this seed's tasks
-        for stream in dict.fromkeys(spec.stream for spec in self.methods):
-            self.run_stream(seed, stream, scenario, learner, base)
+        for training in dict.fromkeys(spec.training for spec in self.methods):
+            self.run_training(seed, training, scenario, learner, base)
 
-    def run_stream(self, seed: int, stream: str, scenario: Scenario, learner: Learner, base: dict) -> None:
-        methods = [spec for spec in self.methods if spec.stream == stream]
+    def run_training(self, seed: int, training: str, scenario: Scenario, learner: Learner, base: dict) -> None:
+        """Every step of one training (``seq``, ``pam@zero``), each followed by its methods' rows."""
+        methods = [spec for spec in self.methods if spec.training == training]
         if self.finished(seed, methods, len(scenario.tasks)):
             return  # nothing to train, even when its tensors were deleted to save disk
         progress = self.seed_progress(seed)
         carried = None
-        final_only = getattr(self.stream_options(stream), "final_only", False)
+        final_only = getattr(self.training_options(training), "final_only", False)
         last = len(scenario.tasks) - 1
         for t in range(len(scenario.tasks)):
             if final_only and t < last:  # e.g. joint trained once on everything: no rows before the end
@@ -169,10 +172,10 @@ class Runner:
                     rows = progress["rows"].setdefault(spec.name, [])
                     rows.extend([None] * (t + 1 - len(rows)))
                 continue
-            if STREAMS[stream_kind(stream)].step is not None:
+            if registered_training(training).step is not None:
                 try:
-                    carried = self.train_or_load(seed, stream, t, scenario, learner, base, carried)
-                except NonFiniteError as err:  # every method of this training fails; other streams go on
+                    carried = self.train_or_load(seed, training, t, scenario, learner, base, carried)
+                except NonFiniteError as err:  # every method of this training fails; other trainings go on
                     self.fail(seed, methods, t, err)
                     return
             for spec in methods:
@@ -181,7 +184,7 @@ class Runner:
                     continue
                 try:
                     self.evaluate_method(seed, spec, t, base, learner, scenario)
-                except NonFiniteError as err:  # this method only: the stream's others go on
+                except NonFiniteError as err:  # this method only: the training's others go on
                     self.fail(seed, [spec], t, err)
 
     def evaluate_method(self, seed, spec: MethodSpec, t: int, base: dict, learner: Learner, scenario: Scenario):
@@ -205,7 +208,7 @@ class Runner:
         if info:
             progress.setdefault("method_info", {}).setdefault(spec.name, {})[str(t)] = info
         # the zero-shot model is the same at every step: its logits are computed once per task
-        cache = self.zero_shot_logits if spec.kind == "zero_shot" else {}
+        cache = self.zero_shot_logits if registered_training(spec.training).step is None else {}
         logits = self.task_logits(learner, scenario, t, "test", cache=cache)
         if t == len(scenario.tasks) - 1:  # every task is evaluated at the last step: the union's logits
             labels = torch.cat([task.test.labels for task in scenario.tasks])
@@ -238,63 +241,62 @@ class Runner:
         labels = [getattr(task, split).labels for task in scenario.tasks]
         return [accuracy_from_logits(x, labels[i], eval_classes(scenario, t, i)) for i, x in enumerate(logits)]
 
-    def train_or_load(self, seed, stream, t, scenario, learner, base, carried):
-        """Train step t of ``stream`` unless it is committed; return the stream's carried state."""
-        vector_path = self.rundir.vector_path(seed, stream, t)
-        state_path = self.rundir.state_path(seed, stream, t)
+    def train_or_load(self, seed, training, t, scenario, learner, base, carried):
+        """Train step t of ``training`` unless it is committed; return the training's carried state."""
+        vector_path = self.rundir.vector_path(seed, training, t)
+        state_path = self.rundir.state_path(seed, training, t)
         if vector_path.exists():
             return self.rundir.load_tensors(state_path) if state_path.exists() else carried
-        spec = STREAMS[stream_kind(stream)]
+        registered = registered_training(training)
         start = base
-        if t > 0 and spec.continues:
-            start = self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, stream, t - 1)))
-        previous_state = self.rundir.state_path(seed, stream, t - 1)
+        if t > 0 and registered.continues:
+            start = self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, training, t - 1)))
+        previous_state = self.rundir.state_path(seed, training, t - 1)
         if t > 0 and carried is None and previous_state.exists():
             carried = self.rundir.load_tensors(previous_state)
         learner.load_state_dict(start)
-        # variants of a stream (pam@zero, pam@p25) share their seeds: they differ only in options
-        torch.manual_seed(step_seed(seed, spec.name, t))
+        # variants of a training (pam@zero, pam@p25) share their seeds: they differ only in options
+        seed_t = step_seed(seed, registered.name, t)
+        torch.manual_seed(seed_t)
         started = time.perf_counter()
-        step = Step(
-            learner, scenario, t, self.settings, step_seed(seed, spec.name, t), self.stream_options(stream), carried
-        )
-        result = spec.step(step)
+        step = Step(learner, scenario, t, self.settings, seed_t, self.training_options(training), carried)
+        result = registered.step(step)
         trained = learner.state_dict()
         tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in self.tuned}
         check_finite(tau, "the model after the step")  # never committed: a broken step is not a result
         if result.carried is not None:
             self.rundir.save_tensors(state_path, result.carried)
         if result.info:  # recorded before the commit marker: a resumed run finds it with the vector
-            info = self.seed_progress(seed).setdefault("stream_info", {}).setdefault(stream, {})
+            info = self.seed_progress(seed).setdefault("stream_info", {}).setdefault(training, {})
             info[str(t)] = result.info
             self.rundir.write_json("progress.json", self.progress)
-        self.rundir.save_tensors(vector_path, tau, {"stream": stream, "task": str(t)})
+        self.rundir.save_tensors(vector_path, tau, {"stream": training, "task": str(t)})  # file format: "stream"
         spent = time.perf_counter() - started
         times = self.seed_progress(seed)["train_time"]
-        times[stream] = times.get(stream, 0.0) + spent
+        times[training] = times.get(training, 0.0) + spent
         stats = result.stats
         summary = f"{stats.steps} steps, loss {stats.final_loss:.4f}, " if stats else ""
         extra = "".join(f", {k} {v:.4g}" for k, v in result.info.items())
-        self.rundir.log(f"seed {seed} {stream} task {t + 1}: {summary}{spent:.1f}s{extra}")
+        self.rundir.log(f"seed {seed} {training} task {t + 1}: {summary}{spent:.1f}s{extra}")
         return result.carried
 
     @staticmethod
     def rebuild(base: dict, tau: dict) -> dict:
         return {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in base.items()}
 
-    def stream_options(self, stream: str) -> Options:
-        """method_options of a stream: under its own name (``seq``, ``pam@zero``) or its method's
-        (``seq_ft@x``), read by the stream's schema (checked already when the config was read)."""
-        names = [stream] + [spec.name for spec in self.methods if spec.stream == stream and spec.rule is None]
-        name = next((n for n in names if n in self.config.method_options), stream)
-        schema = STREAMS[stream_kind(stream)].options
+    def training_options(self, training: str) -> Options:
+        """method_options of a training: under its own name (``seq``, ``pam@zero``) or its method's
+        (``seq_ft@x``), read by the training's schema (checked already when the config was read)."""
+        names = [training] + [spec.name for spec in self.methods if spec.training == training and spec.rule is None]
+        name = next((n for n in names if n in self.config.method_options), training)
+        schema = registered_training(training).options
         return read_options(schema, self.config.method_options.get(name, {}), f"method_options.{name}")
 
     def weights(self, seed, spec: MethodSpec, t: int, base: dict, learner: Learner, scenario: Scenario):
         """The model a method has after step t, and what was chosen on the way ({"lam": ...})."""
-        if spec.kind == "zero_shot":
+        if registered_training(spec.training).step is None:  # zero-shot: no training, theta_0
             return base, {}
-        paths = [self.rundir.vector_path(seed, spec.stream, i) for i in range(t + 1)]
+        paths = [self.rundir.vector_path(seed, spec.training, i) for i in range(t + 1)]
         if spec.rule is None:
             return self.rebuild(base, self.rundir.load_tensors(paths[-1])), {}
 
@@ -340,7 +342,7 @@ def method_result(spec: MethodSpec, seeds: list[int], progress: dict[str, Any], 
     furthest = max(steps.values())
     coverage = {seed: steps.get(seed, 0) for seed in of_seed}
     step_info = {
-        **logged_per_step(progress, seeds, "stream_info", spec.stream),
+        **logged_per_step(progress, seeds, "stream_info", spec.training),
         **logged_per_step(progress, seeds, "method_info", spec.name),
     }
     return MethodResult.mean_of({s: v for s, v in per_seed.items() if steps[s] == furthest}, coverage, step_info)
@@ -353,7 +355,7 @@ def seed_summary(spec: MethodSpec, progress: dict[str, Any], meta: RunMeta) -> S
     if not rows:
         return None
     all_class_acc = progress["all_class_acc"].get(spec.name)
-    wall_time_s = progress["train_time"].get(spec.stream, 0.0) + progress["method_time"].get(spec.name, 0.0)
+    wall_time_s = progress["train_time"].get(spec.training, 0.0) + progress["method_time"].get(spec.name, 0.0)
     val_rows = progress.get("val_rows", {}).get(spec.name)
     val_rows = val_rows[: len(rows)] if val_rows else None
     if rows[0] is None:  # final only: progress.json has null rows before the last (old runs resume)

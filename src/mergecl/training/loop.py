@@ -11,6 +11,8 @@ Methods plug in through small hooks:
 - ``hook.after_backward(learner)``: edit gradients before clipping and the step (GPM projection)
 - ``hook.after_step(learner, step)``: edit weights after the step (PAM alignment)
 
+Settings: ``TrainSettings`` (``training/settings.py``), which is also a run config's ``train:`` section.
+
 Determinism: the batch order comes from a generator seeded by ``seed``; the caller seeds torch.
 
 A broken model is never trained on, nor evaluated: a non-finite training loss, a non-finite weight
@@ -24,7 +26,7 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +35,7 @@ from mergecl import distributed
 from mergecl.data.types import Split
 from mergecl.errors import MergeclError
 from mergecl.models.base import Learner
+from mergecl.training.settings import TrainSettings
 
 
 class NonFiniteError(MergeclError):
@@ -45,29 +48,6 @@ def check_finite(tensors: dict[str, Tensor], what: str) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"{what}: tensor '{name}' is not finite")
-
-
-@dataclass
-class TrainSettings:
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    epochs: float = 1.0  # fractional epochs allowed (a quick smoke run)
-    batch_size: int = 32
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
-    grad_clip: float | None = 1.0
-    amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast: on GPUs only, on any device, never
-    eval_batch_size: int = 256
-    label_smoothing: float = 0.0
-    shard_optimizer: bool = False  # multi-process runs: ZeRO-1, optimiser state sharded over processes
-    # schedule "plateau", as the GPM/BECAME releases: after `plateau_patience` epochs without a new best
-    # validation loss divide the LR by `plateau_factor`; stop once it falls below lr * plateau_min_factor
-    # (0.05 -> 5e-5, the release's lr_min); the best-validation weights are restored at the end.
-    plateau_patience: int = 6
-    plateau_factor: float = 2.0
-    plateau_min_factor: float = 1e-3
 
 
 @dataclass
