@@ -85,5 +85,5 @@ def test_factory_pretrained_encoder_and_learner_files(tmp_path):
         build_learner({**spec, "pretrained": str(tmp_path / "nope.safetensors")}, CLASSES)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(MergeclError, match="bad.safetensors: cannot read as safetensors"):
+    with pytest.raises(MergeclError, match="bad.safetensors: not a valid safetensors file"):
         build_learner({**spec, "pretrained": str(bad)}, CLASSES)

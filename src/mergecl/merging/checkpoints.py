@@ -1,9 +1,12 @@
 """Reading and writing checkpoints tensor by tensor, chunk by chunk.
 
-Readers share one small interface: ``keys()``, ``spec(key) -> (dtype, shape)`` and
-``read(key, start, stop)`` returning the flat elements [start, stop) of a tensor in its own dtype.
+Readers share one small interface: ``keys()``, ``spec(key) -> (dtype, shape)``,
+``read(key, start, stop)`` returning the flat elements [start, stop) of a tensor in its own dtype,
+and ``close()`` (a reader is also a context manager: ``with open_checkpoint(path) as reader``).
 The safetensors reader parses the header itself and reads byte ranges with plain file reads: no
 mmap, so a merge's resident memory is what it holds, not every page of every input it touched.
+It is the one way mergecl reads a .safetensors file: ``read_safetensors`` (a whole file, for the
+model weights and the run directory's tensors) is built on it.
 
 The writer streams a safetensors file: the header is known in advance from the tensors' dtypes and
 shapes, so tensors can be written one chunk at a time in order. Files are written under a temp name
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -64,6 +68,14 @@ class CheckpointReader(Protocol):
         size) or return a read-only view. The caller must not modify the result in place."""
         ...
 
+    def close(self) -> None:
+        """Release the files the reader holds (again: nothing); reads after it fail."""
+        ...
+
+    def __enter__(self) -> CheckpointReader: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
 
 def numel(shape: Iterable[int]) -> int:
     count = 1
@@ -72,7 +84,20 @@ def numel(shape: Iterable[int]) -> int:
     return count
 
 
-class StateDictReader:
+class _Closing:
+    """``close()`` and the context manager of the readers (a reader of memory holds nothing)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class StateDictReader(_Closing):
     """An in-memory state dict; reads are views, no copies."""
 
     def __init__(self, state: Mapping[str, Tensor], name: str = "<state dict>") -> None:
@@ -97,17 +122,15 @@ class StateDictReader:
         return self._state[key].detach().reshape(-1)[start:stop]
 
 
-class SafetensorsReader:
+class SafetensorsReader(_Closing):
     """One .safetensors file, read by byte ranges. The header is checked as strictly as the
-    safetensors library checks it (see ``_parse_header``), and duplicate JSON keys are refused."""
+    safetensors library checks it (see ``_parse_header``), and duplicate JSON keys are refused.
+    The file stays open until ``close()`` (or the end of a ``with`` block)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.name = str(path)
-        try:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for ranged reads
-        except FileNotFoundError:
-            raise MergeclError(f"{self.name}: no such file") from None
+        self._file = _open_regular(self.path)
         try:
             self.metadata, self._entries = _parse_header(self.name, self._file)
         except BaseException:
@@ -136,8 +159,39 @@ class SafetensorsReader:
             raise MergeclError(f"{self.name}: tensor {key!r} is truncated")
         return out
 
+    def read_tensor(self, key: str) -> Tensor:
+        """The whole tensor ``key``, in its dtype and shape (a fresh tensor)."""
+        dtype, shape, _ = self._entries[key]
+        return self.read(key, 0, numel(shape)).reshape(shape)
+
     def close(self) -> None:
         self._file.close()
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading; a MergeclError when it is missing or not a regular file (a FIFO
+    or a device would block or never end: opened without blocking, checked, then read)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise MergeclError(f"{path}: no such file") from None
+    except IsADirectoryError:  # Windows; on POSIX a directory opens and fails the check below
+        raise MergeclError(f"{path}: not a regular file") from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise MergeclError(f"{path}: not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return handle
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file, in its own dtype and shape, on the CPU: the file is read
+    by ``SafetensorsReader`` (as strict, the same one-line errors) and closed."""
+    with SafetensorsReader(path) as reader:
+        return {key: reader.read_tensor(key) for key in reader.keys()}
 
 
 # --- strict parsing ------------------------------------------------------------------------------
@@ -257,21 +311,27 @@ def _parse_header(name: str, handle) -> tuple[dict[str, str], dict[str, tuple[to
     return metadata, entries
 
 
-class ShardedReader:
-    """A Hugging Face style checkpoint directory: an index json mapping tensors to shard files."""
+class ShardedReader(_Closing):
+    """A Hugging Face style checkpoint directory: an index json mapping tensors to shard files.
+    ``close()`` closes every shard's reader."""
 
     def __init__(self, directory: Path, index_name: str) -> None:
         self.name = str(directory)
         index_path = directory / index_name
         weight_map = _read_index(index_path)
         shards: dict[str, CheckpointReader] = {}
+        self._shards = shards.values()
         self._owner: dict[str, CheckpointReader] = {}
-        for key, shard in weight_map.items():
-            if shard not in shards:
-                shards[shard] = open_checkpoint(_shard_path(directory, shard, index_path))
-            if key not in shards[shard].keys():
-                raise MergeclError(f"{directory / shard}: tensor {key!r} listed in {index_name} is missing")
-            self._owner[key] = shards[shard]
+        try:
+            for key, shard in weight_map.items():
+                if shard not in shards:
+                    shards[shard] = open_checkpoint(_shard_path(directory, shard, index_path))
+                if key not in shards[shard].keys():
+                    raise MergeclError(f"{directory / shard}: tensor {key!r} listed in {index_name} is missing")
+                self._owner[key] = shards[shard]
+        except BaseException:
+            self.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._owner)
@@ -281,6 +341,10 @@ class ShardedReader:
 
     def read(self, key: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         return self._owner[key].read(key, start, stop, out)
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -342,8 +406,9 @@ def _is_zip(path: Path) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
-def open_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], name: str | None = None):
-    """A reader for a state dict, a .safetensors file, a .pt/.bin file or a sharded directory."""
+def open_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], name: str | None = None) -> CheckpointReader:
+    """A reader for a state dict, a .safetensors file, a .pt/.bin file or a sharded directory; the
+    caller closes it (``reader.close()``, or ``with open_checkpoint(...) as reader``)."""
     if isinstance(source, Mapping):
         return StateDictReader(source, name or "<state dict>")
     path = Path(source)
@@ -531,11 +596,10 @@ def _same_file(a: Path, b: str | os.PathLike) -> bool:
 
 def _is_output_file(path: Path) -> bool:
     try:
-        reader = SafetensorsReader(path)
+        with SafetensorsReader(path) as reader:
+            return MARKER_KEY in reader.metadata
     except (MergeclError, OSError):
         return False
-    reader.close()
-    return MARKER_KEY in reader.metadata
 
 
 def _foreign_files(directory: Path) -> list[str]:

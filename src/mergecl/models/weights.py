@@ -1,7 +1,8 @@
 """Reading encoder weights from files without ever unpickling code.
 
-``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
-on the CPU, which refuses pickles that carry code. A ``{"state_dict": ...}`` wrapper (akamaster's
+``.safetensors`` files are read by mergecl's one safetensors reader (``merging.checkpoints``: the
+header checked strictly); anything else with ``torch.load(weights_only=True)`` on the CPU, which
+refuses pickles that carry code. A ``{"state_dict": ...}`` wrapper (akamaster's
 checkpoints, many training scripts) is unwrapped and a DataParallel ``module.`` prefix is stripped.
 """
 
@@ -14,8 +15,7 @@ import torch
 from torch import nn
 
 from mergecl.errors import MergeclError
-from mergecl.merging.checkpoints import load_torch_state_dict
-from mergecl.models._util import one_line
+from mergecl.merging.checkpoints import load_torch_state_dict, read_safetensors
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MergeclError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        raw = _read_safetensors(path)
+        raw = read_safetensors(path)
     else:
         try:
             raw = load_torch_state_dict(path)  # the one torch.load(weights_only=True) of the project
@@ -63,16 +63,6 @@ def load_weights(module: nn.Module, path: str | Path, drop_prefixes: Iterable[st
             )
     module.load_state_dict(kept, strict=True)
     return dropped
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MergeclError(f"{path}: cannot read as safetensors ({one_line(exc)})") from None
 
 
 def _strip_prefix(key: str) -> str:

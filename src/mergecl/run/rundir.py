@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from mergecl import distributed
 from mergecl.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text, remove_if_abandoned
 from mergecl.errors import MergeclError
+from mergecl.merging.checkpoints import read_safetensors
 from mergecl.run.config import RunConfig, dump_config, load_config, parse_config
 
 try:
@@ -279,10 +280,9 @@ class RunDir:
 
     @staticmethod
     def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise MergeclError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from None
+        """The tensors of a file written by ``save_tensors``, read by mergecl's one safetensors reader
+        (a damaged file: a MergeclError naming it)."""
+        return read_safetensors(path)
 
     # --- json ----------------------------------------------------------------------------------
 
