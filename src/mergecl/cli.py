@@ -244,11 +244,11 @@ def _summary(results, path, started: float) -> int:
 
 
 def _quiet(quiet: bool):
-    """Silence bars and per-step lines under --quiet or CI; return the per-step printer."""
-    if quiet or os.environ.get("CI"):
-        os.environ["MERGECL_QUIET"] = "1"
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # e.g. transformers' weight loading
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """--quiet: no bars (mergecl.progress decides, also under CI) and no per-step lines; return the
+    per-step printer."""
+    from mergecl import progress
+
+    progress.set_quiet(quiet)
     return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
 

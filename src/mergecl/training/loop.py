@@ -22,7 +22,6 @@ after training, or non-finite outputs raise ``NonFiniteError`` naming what and w
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mergecl import distributed
+from mergecl import distributed, progress
 from mergecl.data.types import Split
 from mergecl.errors import MergeclError
 from mergecl.models.base import Learner
@@ -73,10 +72,6 @@ class Hook:
 
     def after_step(self, learner: Learner, step: int) -> None:
         pass
-
-
-def quiet() -> bool:
-    return bool(os.environ.get("CI")) or os.environ.get("MERGECL_QUIET") == "1"
 
 
 def label_map(classes: Sequence[int], num_classes: int) -> Tensor:
@@ -193,85 +188,142 @@ def train_task(
     """Train ``learner`` on ``data`` over the logit columns of ``classes``.
 
     ``val`` is the plateau schedule's signal (without it: the epoch's mean training loss)."""
+    training = _TaskTraining(learner, data, classes, num_classes, settings, seed, hooks)
+    with progress.bar(training.total, desc) as bar:
+        while training.step < training.total:
+            losses = training.epoch(bar)
+            if training.plateau_stops(losses, val):
+                break
+    training.finish()
+    return training.stats
+
+
+def trainable_parameters(learner: Learner) -> list[nn.Parameter]:
     params = [p for p in learner.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the learner has no trainable parameters")
-    optimizer = make_optimizer(params, settings)
-    generator = torch.Generator().manual_seed(seed)
-    columns = torch.as_tensor(list(classes), dtype=torch.long, device=learner.device)
-    to_column = label_map(classes, num_classes)
-    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
-    total = max(1, math.ceil(settings.epochs * steps_per_epoch))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    stats = TrainStats()
-    learner.train()
-    model = distributed.wrap(learner)  # DDP under torchrun: gradients averaged over processes
-    world = distributed.world_size()
-    bar = _progress(total, desc)
-    plateau = Plateau(settings) if settings.schedule == "plateau" else None
-    step = 0
-    while step < total:
-        epoch_losses = len(stats.losses)
-        for index in batches(len(data), settings.batch_size, generator):
-            if step >= total:
+    return params
+
+
+class _TaskTraining:
+    """One ``train_task`` call: its set-up (a fresh optimiser, the seeded batch order, the schedule's
+    length), one epoch, one step, the plateau bookkeeping and the final checks."""
+
+    def __init__(
+        self,
+        learner: Learner,
+        data: Split,
+        classes: Sequence[int],
+        num_classes: int,
+        settings: TrainSettings,
+        seed: int,
+        hooks: Sequence[Hook],
+    ) -> None:
+        self.learner, self.data, self.settings, self.hooks = learner, data, settings, hooks
+        self.classes, self.num_classes = classes, num_classes
+        self.params = trainable_parameters(learner)
+        self.optimizer = make_optimizer(self.params, settings)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.columns = torch.as_tensor(list(classes), dtype=torch.long, device=learner.device)
+        self.to_column = label_map(classes, num_classes)
+        self.steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+        self.total = max(1, math.ceil(settings.epochs * self.steps_per_epoch))
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+        self.plateau = Plateau(settings) if settings.schedule == "plateau" else None
+        self.stats = TrainStats()
+        self.step = 0
+        learner.train()
+        self.model = distributed.wrap(learner)  # DDP under torchrun: gradients averaged over processes
+        self.world = distributed.world_size()
+
+    def epoch(self, bar: progress.Bar) -> list[float]:
+        """One pass over the data in the next seeded order, or up to the last step; its losses."""
+        first = len(self.stats.losses)
+        for index in batches(len(self.data), self.settings.batch_size, self.generator):
+            if self.step >= self.total:
                 break
-            # every process walks the same global batches and takes its share; weighting each share's
-            # mean loss by its size makes DDP's average the global batch's mean (exact for uneven shares)
-            local = distributed.shard(index)
-            weight = len(local) * world / len(index)
-            if len(local) == 0:  # a last batch smaller than the world: join the all-reduce with nothing
-                local, weight = index[:1], 0.0
-            batch = data.subset(local)
-            scale = plateau.scale if plateau else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * scale * lr_factor(step, total, settings.warmup_steps, settings.schedule)
-            prepared = learner.prepare(batch.inputs, train=True)
-            labels = to_column[batch.labels].to(learner.device)
-            with autocast(learner, settings.amp):
-                outputs = model(prepared)
-                loss = loss_fn(outputs[:, columns].float(), labels)
-                for hook in hooks:
-                    extra = hook.loss(learner, prepared, outputs, labels)
-                    if extra is not None:
-                        loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight if world > 1 else loss).backward()
-            for hook in hooks:
-                hook.after_backward(learner)
-            if settings.grad_clip:
-                nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            optimizer.step()
-            step += 1
-            for hook in hooks:
-                hook.after_step(learner, step)
-            stats.steps = step
-            stats.examples += len(index)
-            if world > 1:  # the global batch's loss, the same on every process (the plateau signal)
-                loss = distributed.all_reduce_sum(loss.detach() * weight) / world
-            stats.losses.append(float(loss.detach()))
-            if not math.isfinite(stats.losses[-1]):  # the same value on every process: all stop here
-                bar.close()
-                hint = f"lr {settings.lr:g}; is the lr or a method option too large?"
-                raise NonFiniteError(f"training loss became {stats.losses[-1]} at step {step} ({hint})")
+            self.train_step(index)
             bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{stats.final_loss:.3f}")
-        if plateau is not None and step % steps_per_epoch == 0:  # a whole epoch done
-            signal = stats.losses[epoch_losses:]
-            loss = (
-                mean_loss(learner, val, classes, num_classes, settings.eval_batch_size)
-                if val is not None and len(val)
-                else sum(signal) / max(1, len(signal))
-            )
-            if plateau.end_epoch(learner, loss):
-                break
-    bar.close()
-    if plateau is not None:
-        plateau.restore_best(learner)
-    trained = {name: p.detach() for name, p in learner.named_parameters() if p.requires_grad}
-    check_finite(trained, f"the weights after {step} training steps (lr {settings.lr:g})")
-    learner.eval()
-    return stats
+            if self.step % 10 == 0:
+                bar.set_postfix(loss=f"{self.stats.final_loss:.3f}")
+        return self.stats.losses[first:]
+
+    def train_step(self, index: Tensor) -> None:
+        """One optimiser step on the global batch ``index`` (this process's share of it)."""
+        batch, weight = self.local_share(index)
+        self.set_lr()
+        loss = self.batch_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if self.world > 1 else loss).backward()
+        for hook in self.hooks:
+            hook.after_backward(self.learner)
+        if self.settings.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        for hook in self.hooks:
+            hook.after_step(self.learner, self.step)
+        self.record(loss, weight, len(index))
+
+    def local_share(self, index: Tensor) -> tuple[Split, float]:
+        """This process's share of a global batch and its loss weight: every process walks the same
+        global batches and takes its share; weighting each share's mean loss by its size makes DDP's
+        average the global batch's mean (exact for uneven shares)."""
+        local = distributed.shard(index)
+        weight = len(local) * self.world / len(index)
+        if len(local) == 0:  # a last batch smaller than the world: join the all-reduce with nothing
+            local, weight = index[:1], 0.0
+        return self.data.subset(local), weight
+
+    def set_lr(self) -> None:
+        """The step's learning rate: warm-up and cosine (``lr_factor``), times the plateau's decay."""
+        s = self.settings
+        scale = self.plateau.scale if self.plateau else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr * scale * lr_factor(self.step, self.total, s.warmup_steps, s.schedule)
+
+    def batch_loss(self, batch: Split) -> Tensor:
+        """Cross-entropy over the task's columns plus the hooks' loss terms, under autocast."""
+        prepared = self.learner.prepare(batch.inputs, train=True)
+        labels = self.to_column[batch.labels].to(self.learner.device)
+        with autocast(self.learner, self.settings.amp):
+            outputs = self.model(prepared)
+            loss = self.loss_fn(outputs[:, self.columns].float(), labels)
+            for hook in self.hooks:
+                extra = hook.loss(self.learner, prepared, outputs, labels)
+                if extra is not None:
+                    loss = loss + extra
+        return loss
+
+    def record(self, loss: Tensor, weight: float, examples: int) -> None:
+        """Count the step and keep the global batch's loss; a non-finite loss stops training."""
+        self.stats.steps = self.step
+        self.stats.examples += examples
+        if self.world > 1:  # the global batch's loss, the same on every process (the plateau signal)
+            loss = distributed.all_reduce_sum(loss.detach() * weight) / self.world
+        self.stats.losses.append(float(loss.detach()))
+        if not math.isfinite(self.stats.losses[-1]):  # the same value on every process: all stop here
+            hint = f"lr {self.settings.lr:g}; is the lr or a method option too large?"
+            raise NonFiniteError(f"training loss became {self.stats.losses[-1]} at step {self.step} ({hint})")
+
+    def plateau_stops(self, losses: list[float], val: Split | None) -> bool:
+        """After a whole epoch of the plateau schedule: record its loss (on ``val``, else the epoch's
+        mean training loss); True when training should stop."""
+        if self.plateau is None or self.step % self.steps_per_epoch != 0:
+            return False
+        if val is not None and len(val):
+            loss = mean_loss(self.learner, val, self.classes, self.num_classes, self.settings.eval_batch_size)
+        else:
+            loss = sum(losses) / max(1, len(losses))
+        return self.plateau.end_epoch(self.learner, loss)
+
+    def finish(self) -> None:
+        """The best epoch's weights back (plateau), the weights checked finite, eval mode."""
+        if self.plateau is not None:
+            self.plateau.restore_best(self.learner)
+        trained = {name: p.detach() for name, p in self.learner.named_parameters() if p.requires_grad}
+        check_finite(trained, f"the weights after {self.step} training steps (lr {self.settings.lr:g})")
+        self.learner.eval()
 
 
 @torch.no_grad()
@@ -316,23 +368,3 @@ def predict(learner: Learner, data: Split, classes: Sequence[int], batch_size: i
 def accuracy(learner: Learner, data: Split, classes: Sequence[int], batch_size: int = 256) -> float:
     """Top-1 accuracy in percent over ``classes``' logit columns (NaN on no data)."""
     return accuracy_from_logits(predict_logits(learner, data, batch_size), data.labels, classes)
-
-
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str):
-    if quiet():
-        return _NullBar()
-    from tqdm import tqdm
-
-    # disable=None: no bar when stderr is not a terminal (logs, pipes)
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
