@@ -152,7 +152,7 @@ def test_a_sharded_output_is_replaced_whole(inputs):
     assert cli_merge(inputs, out, "--max-shard-size", "4KB") == (0, [])
     assert len(os.listdir(out)) > 3  # shards, the index and the marker
     assert cli_merge(inputs, out, "--force", "--lam", NEW_LAM) == (0, [])  # now one shard
-    assert sorted(os.listdir(out)) == [checkpoints.MARKER_FILE, "model.safetensors"]
+    assert sorted(os.listdir(out)) == [checkpoints.MARKER_FILE, "README.md", "model.safetensors"]  # + the model card
     assert same(load_output(out), expected(inputs, NEW_LAM))
 
 

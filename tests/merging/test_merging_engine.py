@@ -288,7 +288,7 @@ def test_bad_options_are_clear_errors():
         "ties.keep: Input should be greater than 0, got 0.0": dict(method="ties", keep=0.0),
         "ties.scope: Input should be 'global' or 'tensor', got 'layer'": dict(method="ties", scope="layer"),
         "magmax: unknown option 'keep'": dict(method="magmax", keep=0.5),
-        "is not a valid regular expression": dict(method="average", include="(("),
+        "average.include: not a valid regular expression": dict(method="average", include="(("),
         "no floating-point tensor is selected": dict(method="average", include="nothing-matches"),
         "computes its own coefficient": dict(method="became", lam=0.3),
         "needs one fisher per fine-tuned checkpoint (0 given)": dict(method="fisher"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -498,22 +499,25 @@ def write_checkpoint(
     chunks: Iterable[Tensor],
     metadata: dict,
     max_shard_size: str | int = "5GB",
+    extra_files: Mapping[str, Path | bytes] | None = None,
 ) -> Path:
     """Stream ``chunks`` (every tensor's flat elements, in the order of ``specs``) to disk, atomically.
 
     ``out`` ending in .safetensors: one file. Anything else: a directory in the Hugging Face layout,
     ``model.safetensors`` or, above ``max_shard_size``, ``model-0000i-of-0000N.safetensors`` plus
-    ``model.safetensors.index.json``. If ``chunks`` raises, nothing is left at ``out``.
+    ``model.safetensors.index.json``, and ``extra_files`` (relative name -> a file to copy, or bytes:
+    the config, tokenizer and model card that make the directory loadable). If ``chunks`` raises,
+    nothing is left at ``out``.
     """
     try:
-        return _write_checkpoint(Path(out), specs, iter(chunks), metadata, max_shard_size)
+        return _write_checkpoint(Path(out), specs, iter(chunks), metadata, max_shard_size, extra_files or {})
     except OSError as err:
         if err.filename is not None:
             raise
         raise OSError(err.errno, err.strerror, str(out)) from err  # e.g. ENOSPC: say what was being written
 
 
-def _write_checkpoint(out: Path, specs, chunks: Iterator[Tensor], metadata: dict, max_shard_size) -> Path:
+def _write_checkpoint(out: Path, specs, chunks: Iterator[Tensor], metadata: dict, max_shard_size, extra_files) -> Path:
     metadata = {MARKER_KEY: __version__, **metadata}
     remove_stale_temps(out)  # what earlier killed writes of this output left
     if out.suffix == ".safetensors":
@@ -535,13 +539,21 @@ def _write_checkpoint(out: Path, specs, chunks: Iterator[Tensor], metadata: dict
             index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
             _write_synced(directory / SHARD_INDEX, json.dumps(index, indent=2))
             names.append(SHARD_INDEX)
+        for name, content in extra_files.items():
+            target = directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                _write_synced(target, content)
+            else:
+                shutil.copyfile(content, target)  # a link in the source (an HF cache) is copied as a file
+            names.append(name)
         _write_synced(directory / MARKER_FILE, json.dumps({MARKER_KEY: __version__, "files": names}))
     return out
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+def _write_synced(path: Path, text: str | bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -603,13 +615,19 @@ def _is_output_file(path: Path) -> bool:
 
 
 def _foreign_files(directory: Path) -> list[str]:
-    """Names in ``directory`` that its mergecl marker does not list as regular files (all of them
-    when there is no readable marker)."""
-    names = sorted(os.listdir(directory))
+    """Paths in ``directory`` that its mergecl marker does not list as regular files (all of them
+    when there is no readable marker); a folder counts as ours when everything in it is listed."""
     try:
         marker = parse_json((directory / MARKER_FILE).read_text(encoding="utf-8"))
         listed = set(marker["files"]) if isinstance(marker, dict) and isinstance(marker.get("files"), list) else set()
     except (OSError, ValueError, TypeError):
-        return names
+        return sorted(os.listdir(directory))
     listed.add(MARKER_FILE)
-    return [n for n in names if n not in listed or (directory / n).is_symlink() or not (directory / n).is_file()]
+    foreign = []
+    for root, folders, files in os.walk(directory):
+        for name in sorted(files + [f for f in folders if os.path.islink(os.path.join(root, f))]):
+            path = Path(root) / name
+            relative = path.relative_to(directory).as_posix()
+            if relative not in listed or path.is_symlink() or not path.is_file():
+                foreign.append(relative)
+    return foreign

@@ -466,8 +466,42 @@ def merge_checkpoints(
             "mergecl_info": json.dumps({k: v for k, v in info.items() if k != "thresholds"}),
         }
         specs = [(e.key, e.dtype, e.shape) for e in job.entries]
-        path = write_checkpoint(out, specs, chunks, metadata, max_shard_size)
+        extra = {} if Path(out).suffix == ".safetensors" else _companions(base, method, opts, rule, finetuned, info)
+        path = write_checkpoint(out, specs, chunks, metadata, max_shard_size, extra)
         return MergeResult(state=None, path=path, info=info)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
+
+
+def _companions(base: Source, method: str, opts, rule: Rule, finetuned, info) -> dict[str, Path | bytes]:
+    """What makes a directory output loadable like its base: the base directory's files other than
+    weights (config, tokenizer, sentence-transformers modules), and a model card (README.md)."""
+    files: dict[str, Path | bytes] = {}
+    if not isinstance(base, Mapping) and Path(base).is_dir():
+        root = Path(base)
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            hidden = any(part.startswith(".") for part in relative.parts)
+            weights = path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+            if path.is_file() and not hidden and not weights and relative.as_posix() != "README.md":
+                files[relative.as_posix()] = path
+    card = [
+        "---",
+        "tags: [mergecl, merge]",
+        "---",
+        f"# Merged with mergecl: {method}",
+        "",
+        f"- base: `{_name(base)}`",
+        f"- merged: {', '.join(f'`{_name(src)}`' for src in finetuned)} (in this order)",
+        f"- rule: {method} ({rule.summary})",
+        f"- options: `{json.dumps(_public(rule, opts), sort_keys=True)}`",
+    ]
+    if info.get("lambda") is not None:
+        card.append(f"- computed lambda*: {info['lambda']:.6g}")
+    card += ["", "Load it as its base model loads, e.g. `transformers.AutoModel.from_pretrained(this_directory)`.", ""]
+    files["README.md"] = "\n".join(card).encode("utf-8")
+    return files
 
 
 def _input_sources(method: str, name: str, per_task: bool, given, count: int) -> list[Source]:
