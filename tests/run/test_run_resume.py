@@ -43,8 +43,14 @@ def write_config(tmp_path, data):
     return path
 
 
-def test_results_json_has_every_method_and_metric(tmp_path):
-    results, out = run(parse_config(SMALL), out=tmp_path / "run", echo=lambda m: None)
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """SMALL run once, without interruption: (results, run directory)."""
+    return run(parse_config(SMALL), out=tmp_path_factory.mktemp("small") / "run", echo=lambda m: None)
+
+
+def test_results_json_has_every_method_and_metric(small_run):
+    results, out = small_run
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk["methods"]) == set(SMALL["methods"])
     for name, entry in on_disk["methods"].items():
@@ -54,11 +60,43 @@ def test_results_json_has_every_method_and_metric(tmp_path):
     m = on_disk["methods"]
     assert m["joint"]["final_acc"] > 80  # the upper bound learns digits
     assert m["seq_ft"]["bwt"] < -20  # sequential fine-tuning forgets (class-incremental, linear head)
-    # zero_shot is theta_0 at every step: its rows only differ through the classes in play
-    assert m["zero_shot"]["accuracy_matrix"][2] == m["zero_shot"]["accuracy_matrix"][2]
+    # zero_shot is theta_0 at every step: its entries only differ through the classes in play, so
+    # A[t][t+1] (seen after t plus task t+1's own) equals A[t+1][t+1] (the same classes), but not A[0][0]
+    zero_shot = m["zero_shot"]["accuracy_matrix"]
+    for t in range(2):
+        assert zero_shot[t][t + 1] == zero_shot[t + 1][t + 1], t
+    assert zero_shot[0][0] > zero_shot[2][0]  # 2 classes in play, then 6: an untrained model does worse
     for f in ("report.md", "results.csv", "acc_over_tasks.png", "heatmap_magmax.png", "config.yaml"):
         assert (out / f).exists(), f
     assert (out / "seed0" / "seq" / "task2.safetensors").exists()
+
+
+class Stop(Exception):
+    """Raised from the per-step printer: the run stops right after a committed step."""
+
+
+def test_a_run_stopped_between_steps_and_resumed_gives_the_uninterrupted_numbers(tmp_path, small_run):
+    expected = strip_times(small_run[0])
+    out = tmp_path / "stopped"
+    printed = []
+
+    def stop_at(count):
+        def echo(message):
+            printed.append(message)
+            if len(printed) == count:
+                raise Stop(message)
+
+        return echo
+
+    with pytest.raises(Stop):  # in the middle of the first streams (each line is a committed step)
+        run(parse_config(SMALL), out=out, echo=stop_at(4), report=False)
+    partial = json.loads((out / "progress.json").read_text())["seeds"]["0"]["rows"]
+    assert 0 < sum(map(len, partial.values())) < 3 * len(SMALL["methods"])
+    with pytest.raises(Stop):  # again, later, in a resumed run
+        run(resume=out, echo=stop_at(len(printed) + 9), report=False)
+    resumed, _ = run(resume=out, echo=lambda m: None, report=False)
+    assert strip_times(resumed) == expected
+    assert resumed["methods"]["seq_ft"]["accuracy_matrix"] == small_run[0]["methods"]["seq_ft"]["accuracy_matrix"]
 
 
 def test_amp_reads_old_booleans_and_names_a_bad_value(tmp_path):
