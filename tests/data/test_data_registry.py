@@ -15,7 +15,7 @@ from mergecl.errors import MergeclError
 
 EXPECTED = {
     "digits", "mnist", "clinc150", "banking77", "image_folder", "cifar100",
-    "imagenet_r", "cub200", "cars", "domainnet", "hf", "clinc150_mini", "banking77_mini",
+    "imagenet_r", "cub200", "cars", "domainnet", "hf", "clinc150_mini", "banking77_mini", "files",
 }  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def test_the_built_in_sources_and_their_families() -> None:
     }  # fmt: skip
     files = {name: SOURCES[name].files for name in modules}
     assert [n for n, f in files.items() if f == "packaged"] == ["digits", "clinc150_mini", "banking77_mini"]
-    assert [n for n, f in files.items() if f == "folder"] == ["image_folder"]
+    assert [n for n, f in files.items() if f == "folder"] == ["image_folder", "files"]
     assert [n for n, f in files.items() if f == "hub"] == ["hf"]
 
 

@@ -10,6 +10,11 @@ which is also the local head order MagMax uses). Validation: the source's own va
 has one, else a seeded stratified ``val_fraction`` (default 10%) of train, carved once from the
 whole source before the cut, so the same seed gives the same validation examples whatever the
 number of tasks. Same arguments and seed -> the identical scenario.
+
+A source that gives its own tasks (``Dataset.given_tasks``: the ``files`` source's task column)
+is not cut: class- and task-incremental scenarios make one task per ``class_groups`` entry (the
+classes of the task's rows; ``n_tasks`` null or equal, ``order`` not a list), domain-incremental
+ones one task per domain (the task of each example).
 """
 
 from __future__ import annotations
@@ -121,13 +126,19 @@ def class_incremental(
     if kind not in ("class", "task"):
         raise MergeclError(f"class_incremental makes 'class' or 'task' scenarios, not {kind!r}")
     ds = with_val(ds, val_fraction, seed)
+    if ds.given_tasks:  # the source's own tasks (a task column): one per class group, in its order
+        _check_given_tasks(ds, order, kind)
+        order = "groups"
     if order == "groups":
         if not ds.class_groups:
             raise MergeclError(f"source {ds.name!r} has no class groups; use order 'seeded' or 'natural'")
         if n_tasks is not None and n_tasks != len(ds.class_groups):
-            raise MergeclError(
-                f"order 'groups' makes {len(ds.class_groups)} tasks for {ds.name!r}, but n_tasks is {n_tasks}"
-            )
+            n = len(ds.class_groups)
+            if ds.given_tasks:
+                raise MergeclError(
+                    f"the {ds.given_tasks} of {ds.name!r} makes {n} tasks, but n_tasks is {n_tasks} (null takes them)"
+                )
+            raise MergeclError(f"order 'groups' makes {n} tasks for {ds.name!r}, but n_tasks is {n_tasks}")
         class_order(ds, [c for g in ds.class_groups.values() for c in g])  # every class exactly once
         names = list(ds.class_groups)
         cut = [sorted(g) for g in ds.class_groups.values()]
@@ -142,6 +153,23 @@ def class_incremental(
         for t, c in enumerate(cut)
     ]
     return Scenario(kind, tasks, list(ds.class_names), f"{ds.name} {kind}-incremental ({len(tasks)} tasks)")
+
+
+def _check_given_tasks(ds: Dataset, order: Order, kind: str) -> None:
+    """A source that gives its tasks: no other order, and (class/task) disjoint classes per task."""
+    if not isinstance(order, str) or order == "paper":
+        raise MergeclError(f"source {ds.name!r} gives its tasks ({ds.given_tasks}): order {order!r} does not apply")
+    if ds.class_groups or ds.train_domains is None:
+        return
+    first: dict[int, int] = {}
+    for label, task in zip(ds.train.labels.tolist(), ds.train_domains.tolist(), strict=True):
+        if first.setdefault(label, task) != task:
+            tasks = ds.domain_names[first[label]], ds.domain_names[task]
+            raise MergeclError(
+                f"source {ds.name!r}: class {ds.class_names[label]!r} is in tasks {tasks[0]!r} and {tasks[1]!r} "
+                f"({ds.given_tasks}); {kind}-incremental tasks have disjoint classes (scenario: domain takes "
+                "tasks that share classes)"
+            )
 
 
 def task_incremental(

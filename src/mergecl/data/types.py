@@ -68,6 +68,10 @@ class Dataset:
     test_domains: torch.Tensor | None = None
     # class-incremental sources with a natural grouping (CLINC150 domains): class id -> group
     class_groups: dict[str, list[int]] = field(default_factory=dict)
+    # a source that gives its own tasks (the files source's task column) says what gives them, e.g.
+    # "task column 'year'": the domain fields then hold each example's task and ``class_groups``
+    # each task's classes (when disjoint); every scenario kind takes those tasks (scenarios.py)
+    given_tasks: str = ""
 
 
 @dataclass

@@ -90,6 +90,7 @@ class AlexNet5Options(Options):
     summary="the AlexNet-5 of GPM/BECAME; pretrained: a .safetensors / torch file of encoder weights",
     options=AlexNet5Options,
     inputs="images [N, 3, 32, 32] in [0, 1] or flat vectors",
+    kinds=["tensor"],
 )
 def build_alexnet5(spec: ModelSpec, class_names: list[str], device: torch.device) -> nn.Module:
     options = cast(AlexNet5Options, spec.options)

@@ -149,6 +149,7 @@ def _check_hf_clip(spec: ModelSpec) -> None:
     templates=CLIP_TEMPLATES,
     lora_targets=["q_proj", "v_proj"],
     inputs="images (tensors or PIL)",
+    kinds=["tensor", "image_path"],
     check=_check_hf_clip,
 )
 def build_hf_clip(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:

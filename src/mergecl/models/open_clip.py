@@ -123,6 +123,7 @@ class OpenClipOptions(Options):
     templates=CLIP_TEMPLATES,
     pretrained="openai",
     inputs="images (tensors or PIL)",
+    kinds=["tensor", "image_path"],
 )
 def build_open_clip(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
     options = cast(OpenClipOptions, spec.options)

@@ -41,6 +41,7 @@ from mergecl.models.lora import LoraOptions, lora_options
 from mergecl.options import Options, read_options
 
 HEADS = ("linear", "zero_shot")
+KINDS = {"tensor": "tensors", "text": "text", "image_path": "image files"}  # data kinds (Split.kind), in words
 
 
 class ModelOptions(Options):
@@ -119,6 +120,7 @@ class Backbone:
     pretrained: str | None = None  # the default of ``model.pretrained``
     inputs: str = ""  # what it takes, in words (for listings)
     check: Callable[[ModelSpec], None] | None = field(default=None, compare=False)  # config-time checks across keys
+    kinds: tuple[str, ...] = ()  # the data kinds it takes (Split.kind: tensor, text, image_path); (): any
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -135,6 +137,7 @@ def register_backbone(
     pretrained: str | None = None,
     inputs: str = "",
     check: Callable[[ModelSpec], None] | None = None,
+    kinds: Sequence[str] = (),
 ) -> Any:
     """Register a backbone: ``register_backbone(Backbone(...))`` returns it; ``@register_backbone(name,
     summary=..., options=...)`` over a builder registers ``Backbone(name, ..., build=builder)`` and returns
@@ -145,7 +148,12 @@ def register_backbone(
 
     def decorate(build: Builder) -> Builder:
         targets = lora_targets if lora_targets is None or isinstance(lora_targets, str) else tuple(lora_targets)
-        _add(Backbone(name, summary, build, options, text_side, tuple(templates), targets, pretrained, inputs, check))
+        _add(
+            Backbone(
+                name, summary, build, options, text_side, tuple(templates), targets, pretrained, inputs, check,
+                tuple(kinds),
+            )
+        )  # fmt: skip
         return build
 
     return decorate
@@ -162,6 +170,8 @@ def _add(backbone: Backbone) -> Backbone:
         raise MergeclError(f"register_backbone {name}: options {sorted(clash)} are keys every backbone takes")
     if backbone.text_side and not backbone.templates:
         raise MergeclError(f"register_backbone {name}: a text side needs default prompt templates")
+    if not set(backbone.kinds) <= set(KINDS):
+        raise MergeclError(f"register_backbone {name}: kinds are some of {', '.join(KINDS)}, got {backbone.kinds}")
     old = BACKBONES.get(name)
     if old is not None and _origin(old) != _origin(backbone):
         raise MergeclError(f"register_backbone: '{name}' is already registered by {_origin(old)}")
@@ -221,6 +231,20 @@ def check_model_spec(spec: Any) -> ModelSpec:
     if backbone.check is not None:
         backbone.check(checked)
     return checked
+
+
+def check_inputs(spec: Any, kind: str, source: str) -> None:
+    """The data kind ``kind`` (``Split.kind``) of data source ``source`` against the kinds the
+    backbone declares: a one-line MergeclError before any model is built when it cannot take them."""
+    backbone = check_model_spec(spec).backbone
+    if not backbone.kinds or kind in backbone.kinds:
+        return
+    takes = " or ".join(KINDS[k] for k in backbone.kinds)
+    fits = [b.name for b in BACKBONES.values() if kind in b.kinds]
+    hint = f"; backbones for {KINDS.get(kind, kind)}: {', '.join(fits)}" if fits else ""
+    raise MergeclError(
+        f"model.name: {backbone.name} takes {takes}, but data source {source!r} gives {KINDS.get(kind, kind)}{hint}"
+    )
 
 
 def describe_backbones() -> str:

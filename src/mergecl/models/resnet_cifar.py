@@ -115,6 +115,7 @@ class ResNetCifarOptions(Options):
     "its 10-class classifier dropped",
     options=ResNetCifarOptions,
     inputs="images [N, 3, 32, 32] in [0, 1]",
+    kinds=["tensor", "image_path"],
 )
 def build_resnet_cifar(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
     options = cast(ResNetCifarOptions, spec.options)

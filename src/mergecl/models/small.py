@@ -124,6 +124,7 @@ PRETRAINED_FILE = "pretrained: a .safetensors / torch file of encoder weights (o
     summary=f"an MLP trained from scratch; {PRETRAINED_FILE}",
     options=MLPOptions,
     inputs="vectors (flattened)",
+    kinds=["tensor"],
 )
 def build_mlp(spec: ModelSpec, class_names: list[str], device: torch.device) -> nn.Module:
     options = cast(MLPOptions, spec.options)
@@ -138,6 +139,7 @@ def build_mlp(spec: ModelSpec, class_names: list[str], device: torch.device) -> 
     summary=f"a small CNN trained from scratch; {PRETRAINED_FILE}",
     options=CNNOptions,
     inputs="images [N, C, H, W], [N, H, W] or flat vectors",
+    kinds=["tensor"],
 )
 def build_cnn(spec: ModelSpec, class_names: list[str], device: torch.device) -> nn.Module:
     options = cast(CNNOptions, spec.options)

@@ -171,6 +171,7 @@ class HFTextOptions(Options):
     templates=TEXT_TEMPLATES,
     lora_targets=["query", "value"],  # BERT-style attention projections
     inputs="lists of strings",
+    kinds=["text"],
 )
 def build_hf_text(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
     options = cast(HFTextOptions, spec.options)

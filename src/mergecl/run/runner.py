@@ -29,6 +29,7 @@ from mergecl.methods.trainings import Step, eval_classes, registered_training
 from mergecl.models.base import Learner
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, lora_pairs
+from mergecl.models.registry import check_inputs
 from mergecl.options import Options, read_options
 from mergecl.run.config import RunConfig, load_config
 from mergecl.run.rundir import RunDir
@@ -132,6 +133,7 @@ class Runner:
             root=data.root,
             source_options=data.options,
         )
+        check_inputs(self.config.model, scenario.tasks[0].train.kind, data.source)  # before any model is built
         self.meta = RunMeta(
             config=self.config.name,
             scenario=scenario.name or scenario.kind,

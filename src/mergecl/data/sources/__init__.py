@@ -6,7 +6,8 @@
   (the ``_mini`` subsets ship inside mergecl);
 - ``images``: ``image_folder`` (any folder of images by class) and the paper image sets
   ``cifar100``, ``imagenet_r``, ``cub200``, ``cars``, ``domainnet``;
-- ``hub``: ``hf`` (a text data set from the Hugging Face hub).
+- ``hub``: ``hf`` (a text data set from the Hugging Face hub);
+- ``files``: ``files`` (your own data: CSV, TSV, JSON lines, Parquet, a save_to_disk folder).
 
 Each loader reads local files only (``hf``: the hub) and returns a ``Dataset`` with global class
 ids 0..C-1 and readable class names; a file a user can get wrong ends in a one-line
@@ -14,7 +15,7 @@ ids 0..C-1 and readable class names; a file a user can get wrong ends in a one-l
 own module (see docs/extending.md).
 """
 
-from mergecl.data.sources import digits, intents, images, hub  # noqa: I001  (the order of registration)
+from mergecl.data.sources import digits, intents, images, hub, files  # noqa: I001  (the order of registration)
 from mergecl.data.sources.digits import load_digits_source, load_mnist, read_idx
 from mergecl.data.sources.hub import load_hf_dataset
 from mergecl.data.sources.images import (
@@ -38,6 +39,7 @@ from mergecl.data.sources.intents import (
 __all__ = [
     "EMBEDDED",
     "digits",
+    "files",
     "hub",
     "images",
     "intents",
