@@ -43,6 +43,7 @@ from mergecl.merging import rules
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
 from mergecl.merging.registry import RNG_BLOCK, Chunk, Draw, Rule, TensorInfo, get_rule
 from mergecl.options import Options, read_options
+from mergecl.progress import bar as progress_bar
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
@@ -374,22 +375,6 @@ class _Merge:
         return self.rule.fn(self._taus(entry, start, stop, base), **kwargs)
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total_bytes: int):
-    if not enabled or os.environ.get("CI"):
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging", leave=False)
-
-
 def read_merge_options(method: str, options: Mapping[str, Any]):
     """``options`` (keyword arguments, CLI flags) checked against the merge's schema; None means
     'not given'. The rule's default lam fills in; a rule that computes its own refuses one."""
@@ -448,9 +433,8 @@ def merge_checkpoints(
             for name, srcs in inputs.items()
         }
         nbytes = sum(numel(base_reader.spec(k)[1]) * base_reader.spec(k)[0].itemsize for k in base_reader.keys())
-        bar = readers.enter_context(
-            _closing(_progress_bar(progress, nbytes * (len(ft_readers) + 1) * (1 + rule.passes(opts))))
-        )
+        total = nbytes * (len(ft_readers) + 1) * (1 + rule.passes(opts))
+        bar = readers.enter_context(progress_bar(total, "merging", enabled=progress, unit="B", unit_scale=True))
         job = _Merge(rule, opts, base_reader, ft_readers, input_readers, bar, task_vectors)
         prepared = rule.prepare(job, opts) if rule.prepare is not None else None
         lam = prepared.lam if prepared is not None and prepared.lam is not None else opts.lam
@@ -521,17 +505,6 @@ def _public(rule: Rule, opts) -> dict[str, Any]:
     keys = ["lam", "seed", "dare", "include", "exclude", *rule.options.model_fields]
     data = {k: getattr(opts, k) for k in keys}
     return {k: v for k, v in data.items() if v is not None}
-
-
-class _closing:
-    def __init__(self, bar) -> None:
-        self.bar = bar
-
-    def __enter__(self):
-        return self.bar
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.close()
 
 
 def _collect(entries: list[_Entry], chunks: Iterator[Tensor]) -> dict[str, Tensor]:
