@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mergecl.methods.pam import PAM_OPTIONS
+from mergecl.methods.pam import PamOptions
 
 
 def plasticity(matrix: list[list[float | None]]) -> float:
@@ -30,8 +30,9 @@ def sweep(run_dir: Path) -> list[dict]:
     for name, entry in results["methods"].items():
         if name.partition("@")[0] != "pam":
             continue
-        chosen = {**PAM_OPTIONS, **options.get(name, {})}
-        if any(chosen[k] != PAM_OPTIONS[k] for k in ("reset", "merge", "scope")):
+        defaults = PamOptions().model_dump()
+        chosen = {**defaults, **options.get(name, {})}
+        if any(chosen[k] != defaults[k] for k in ("reset", "merge", "scope")):
             continue  # the sweep varies p alone
         per_seed = entry.get("seeds") or {"0": entry}
         plast = [plasticity(s["accuracy_matrix"]) for s in per_seed.values()]

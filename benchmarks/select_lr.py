@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("MERGECL_QUIET", "1")
 
-from mergecl.run.bench import SUITES, suite_config  # noqa: E402
-from mergecl.run.config import load_config, parse_config  # noqa: E402
-from mergecl.run.runner import run  # noqa: E402
+from mergecl.experiment.bench import SUITES, suite_config  # noqa: E402
+from mergecl.experiment.config import load_config, parse_config  # noqa: E402
+from mergecl.experiment.runner import run  # noqa: E402
 
 
 def plasticity(run_dir: Path) -> float:

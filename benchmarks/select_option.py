@@ -21,8 +21,8 @@ import yaml
 
 os.environ.setdefault("MERGECL_QUIET", "1")
 
-from mergecl.run.config import load_config, parse_config  # noqa: E402
-from mergecl.run.runner import run  # noqa: E402
+from mergecl.experiment.config import load_config, parse_config  # noqa: E402
+from mergecl.experiment.runner import run  # noqa: E402
 
 
 def scalar(text: str):

@@ -48,9 +48,7 @@ def write_gzip(path: Path, text: str) -> None:
 
 def clinc150(source: Path, out: Path) -> None:
     data = json.loads((source / "data_full.json").read_text(encoding="utf-8"))
-    subset = {
-        split: draw(data[split], lambda row: row[1], split, n) for split, n in CLINC150_PER_INTENT.items()
-    }
+    subset = {split: draw(data[split], lambda row: row[1], split, n) for split, n in CLINC150_PER_INTENT.items()}
     out.mkdir(parents=True, exist_ok=True)
     # one row per line: small, and readable in a diff
     lines = ",\n".join(

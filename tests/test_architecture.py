@@ -8,7 +8,7 @@ inside a function, relative or absolute) that names a mergecl module must name o
 row allows. A module may always import within its own layer.
 
 The one exception, stated under the doc's table: the package's own ``__init__.py`` is layer 0,
-but its ``__getattr__`` lazily imports the public entry points ``mergecl.merge`` and ``mergecl.run``
+but its ``__getattr__`` lazily imports the public entry points ``mergecl.merge`` and ``mergecl.run`` (functions)
 (on first use only, so ``import mergecl`` loads nothing above layer 0).
 """
 
@@ -162,10 +162,10 @@ def test_no_module_imports_a_layer_its_row_does_not_allow():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("from mergecl.run.runner import run\n", ["mergecl.run.runner"]),
+        ("from mergecl.experiment.runner import run\n", ["mergecl.experiment.runner"]),
         ("def f():\n    import mergecl.training.loop as loop\n", ["mergecl.training.loop"]),
         ("from mergecl import distributed, __version__\n", ["mergecl.distributed", "mergecl"]),
-        ("from ..run import config\n", ["mergecl.run.config"]),
+        ("from ..experiment import config\n", ["mergecl.experiment.config"]),
         ("from . import rules\n", ["mergecl.merging.rules"]),
         ("import torch\nfrom collections import abc\n", []),
     ],
@@ -178,9 +178,10 @@ def test_imports_are_found(source, expected):
 
 def test_an_upward_import_is_named_with_file_and_line():
     places, allowed = read_layer_table(DOC.read_text(encoding="utf-8"))
-    text = "import os\n\n\ndef late():\n    from mergecl.run import runner\n"
+    text = "import os\n\n\ndef late():\n    from mergecl.experiment import runner\n"
     assert problems_of(PACKAGE / "merging" / "x.py", places, allowed, text) == [
-        "src/mergecl/merging/x.py:5: layer 1 imports mergecl.run.runner (layer 7); architecture.md allows layers [0]"
+        "src/mergecl/merging/x.py:5: layer 1 imports mergecl.experiment.runner (layer 7); "
+        "architecture.md allows layers [0]"
     ]
     # layer 0 may import layer 0 only: the progress bars may not reach for the training loop
     text = "from mergecl.training.loop import quiet\n"

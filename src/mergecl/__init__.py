@@ -13,7 +13,7 @@ def __getattr__(name):
 
         return merge
     if name == "run":
-        from mergecl.run.runner import run
+        from mergecl.experiment.runner import run
 
         return run
     raise AttributeError(name)

@@ -113,7 +113,7 @@ def _run_merge(args) -> int:
         force=args.force,
         task_vectors=args.task_vectors,
         max_shard_size=args.max_shard_size,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet,
         **options,
     )
     extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
@@ -154,7 +154,7 @@ def _add_run(sub) -> None:
 
 
 def _run_run(args) -> int:
-    from mergecl.run.runner import run
+    from mergecl.experiment.runner import run
 
     if args.resume and args.config:
         raise MergeclError("give either a CONFIG or --resume RUN_DIR, not both")
@@ -174,7 +174,7 @@ def _os_error(err: OSError) -> str:
 
 
 def _add_bench(sub) -> None:
-    from mergecl.run.bench import SUITES
+    from mergecl.experiment.bench import SUITES
 
     p = sub.add_parser("bench", help="run a benchmark suite (real data, real pretrained model)")
     p.add_argument("suite", choices=SUITES)
@@ -188,7 +188,7 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from mergecl.run.bench import bench
+    from mergecl.experiment.bench import bench
 
     echo = _quiet(args.quiet)
     started = time.perf_counter()
@@ -261,7 +261,7 @@ def _run_report(args) -> int:
     from pathlib import Path
 
     from mergecl.evaluation.report import format_table, write_report
-    from mergecl.run.rundir import RunDir
+    from mergecl.experiment.rundir import RunDir
 
     rundir = RunDir(args.run_dir)
     results = rundir.read_json("results.json")
@@ -290,7 +290,7 @@ def _add_combine(sub) -> None:
 
 def _run_combine(args) -> int:
     from mergecl.evaluation.report import format_table
-    from mergecl.run.combine import combine
+    from mergecl.experiment.combine import combine
 
     results, path = combine(args.runs, args.out)
     print(format_table(results))

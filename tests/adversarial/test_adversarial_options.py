@@ -12,7 +12,7 @@ import yaml
 
 import mergecl.methods  # noqa: F401  (imported once here: the timings below are the checks alone)
 from mergecl import MergeclError
-from mergecl.run.config import RunConfig, load_config, parse_config
+from mergecl.experiment.config import RunConfig, load_config, parse_config
 
 METHODS = ["seq_ft", "ind_ft", "magmax", "ties", "random_mix", "one_over_t", "lwf", "ewc", "joint", "gpm", "became"]
 BASE = {
@@ -51,7 +51,10 @@ CASES = [
     (options(ties={"keep": 0}), r"method_options\.ties\.keep: Input should be greater than 0, got 0"),
     (options(ties={"scope": "model"}), r"method_options\.ties\.scope: Input should be 'global' or 'tensor'"),
     (options(random_mix={"seed": "x"}), r"method_options\.random_mix\.seed: Input should be a valid integer, got 'x'$"),
-    (options(one_over_t={"start": 0}), r"method_options\.one_over_t\.start: Input should be greater than or equal to 1, got 0$"),
+    (
+        options(one_over_t={"start": 0}),
+        r"method_options\.one_over_t\.start: Input should be greater than or equal to 1, got 0$",
+    ),
     (options(magmax={"include": "("}), r"method_options\.magmax\.include: .*not a valid regular expression"),
     (options(lwf={"temperature": 0}), r"method_options\.lwf\.temperature: Input should be greater than 0, got 0$"),
     (options(lwf={"lam": -1}), r"method_options\.lwf\.lam: Input should be greater than or equal to 0, got -1$"),

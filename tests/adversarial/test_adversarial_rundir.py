@@ -23,9 +23,9 @@ import yaml
 from mergecl import MergeclError
 from mergecl.cli import main
 from mergecl.evaluation.report import format_table
-from mergecl.run.config import load_config, parse_config
-from mergecl.run.rundir import LOCK, LOCK_GRACE_S, MARKER, RunDir
-from mergecl.run.runner import run
+from mergecl.experiment.config import load_config, parse_config
+from mergecl.experiment.rundir import LOCK, LOCK_GRACE_S, MARKER, RunDir
+from mergecl.experiment.runner import run
 
 TINY = {
     "name": "tiny",
@@ -410,7 +410,7 @@ def test_a_read_only_location_is_one_line(tmp_path, capsys):
 
 
 def test_a_failure_while_the_run_directory_is_made_leaves_nothing(tmp_path, monkeypatch):
-    import mergecl.run.rundir as rundir_module
+    import mergecl.experiment.rundir as rundir_module
 
     def interrupted(config):
         raise KeyboardInterrupt  # Ctrl-C between the marker and config.yaml

@@ -21,8 +21,8 @@ import yaml
 from mergecl.data import SOURCES, build_scenario, get_source, source_names
 from mergecl.data.scenarios import with_val
 from mergecl.errors import MergeclError
+from mergecl.experiment.config import parse_config
 from mergecl.models.registry import BACKBONES, check_inputs
-from mergecl.run.config import parse_config
 
 ROWS = [  # (text, label, split, task)
     ("good morning", "greet", "train", "social"),
@@ -405,7 +405,7 @@ def test_every_backbone_takes_the_data_kind_or_says_it_cannot() -> None:
 
 
 def test_a_run_with_a_backbone_that_cannot_take_the_data_stops_before_any_model(tmp_path: Path) -> None:
-    from mergecl.run.runner import run
+    from mergecl.experiment.runner import run
 
     config = parse_config(
         {
@@ -487,7 +487,7 @@ def test_real_banking77_through_a_csv_gives_the_same_texts_and_labels(tmp_path: 
 
 
 def test_a_class_incremental_run_on_real_data_from_a_csv(tmp_path: Path) -> None:
-    from mergecl.run.runner import run
+    from mergecl.experiment.runner import run
 
     path, _ = banking_csv(tmp_path / "banking12.csv", classes=12)
     config = parse_config(

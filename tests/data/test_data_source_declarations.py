@@ -18,8 +18,8 @@ from mergecl.data.download import Remote, how_to_get
 from mergecl.data.registry import get_source, read_source_options
 from mergecl.data.types import Dataset, Split
 from mergecl.errors import MergeclError
+from mergecl.experiment.config import DataConfig, load_config, parse_config
 from mergecl.options import Options
-from mergecl.run.config import DataConfig, load_config, parse_config
 
 # ------------------------------------------------------------- every declaration, generated from the registry
 
@@ -256,7 +256,7 @@ def test_good_data_blocks_pass_and_a_root_is_needed_only_when_the_data_is_loaded
 def test_every_packaged_config_has_valid_data_options() -> None:
     import yaml
 
-    from mergecl.run.config import packaged_configs
+    from mergecl.experiment.config import packaged_configs
 
     for name, path in packaged_configs().items():
         data = yaml.safe_load(path.read_text()).get("data", {})

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergecl import MergeclError
+from mergecl.experiment.rundir import RunDir
 from mergecl.merging.checkpoints import SafetensorsReader, open_checkpoint, read_safetensors
 from mergecl.models.weights import read_state_dict
-from mergecl.run.rundir import RunDir
 
 
 def open_fds() -> set[str]:

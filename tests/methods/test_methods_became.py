@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mergecl import MergeclError
+from mergecl.experiment.config import load_config, parse_config
+from mergecl.experiment.rundir import RunDir
+from mergecl.experiment.runner import run
 from mergecl.methods.became import GPMOptions, became_merge, next_prior, one_over_t_merge
 from mergecl.methods.registry import resolve_method, resolve_methods
 from mergecl.options import read_options
-from mergecl.run.config import load_config, parse_config
-from mergecl.run.rundir import RunDir
-from mergecl.run.runner import run
 
 TINY = {
     "name": "tiny-became",

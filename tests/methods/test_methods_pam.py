@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from mergecl import MergeclError
+from mergecl.experiment.config import parse_config
+from mergecl.experiment.runner import run
 from mergecl.methods.pam import Alignment, PamOptions, align_, conflicts, running_mean, top_fraction_masks
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import dense_task_vector, fold_dense, lora_pairs
 from mergecl.options import read_options
-from mergecl.run.config import parse_config
-from mergecl.run.runner import run
 
 LORA_MLP = {"name": "mlp", "in_dim": 64, "hidden": [32], "lora": {"rank": 4, "target_modules": ["layers.0"]}}
 
@@ -158,8 +158,8 @@ def test_dense_space_needs_a_lora_model(tmp_path):
 def test_the_dense_evidence_config_is_the_pam_suite_with_each_rule_in_both_spaces():
     from pathlib import Path
 
-    from mergecl.run.bench import suite_config
-    from mergecl.run.config import load_config
+    from mergecl.experiment.bench import suite_config
+    from mergecl.experiment.config import load_config
 
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "pam-clinc150-dense.yaml")
     suite = suite_config("clinc150-cil-pam")

@@ -5,9 +5,9 @@ import torch
 
 from mergecl import MergeclError
 from mergecl.data.types import Split
+from mergecl.experiment.config import load_config
 from mergecl.methods.registry import resolve_methods
 from mergecl.models.factory import build_learner
-from mergecl.run.config import load_config
 from mergecl.training.gpm import GPMemory, projectable_layers
 from mergecl.training.loop import TrainSettings, train_task
 

@@ -8,11 +8,11 @@ from pydantic import Field
 from torch import nn
 
 from mergecl.errors import MergeclError
+from mergecl.experiment.config import load_config, packaged_configs, parse_config
 from mergecl.models import BACKBONES, Backbone, ModelSpec, build_learner, describe_backbones, register_backbone
 from mergecl.models.lora import LoraOptions, lora_options
 from mergecl.models.registry import check_model_spec
 from mergecl.options import Options
-from mergecl.run.config import load_config, packaged_configs, parse_config
 
 BUILT: list[str] = []  # what the probe backbone's builder was asked to build
 

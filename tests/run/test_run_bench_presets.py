@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mergecl.run.bench import SUITES, suite_config
-from mergecl.run.config import load_config, packaged_configs, parse_config
-from mergecl.run.runner import run
+from mergecl.experiment.bench import SUITES, suite_config
+from mergecl.experiment.config import load_config, packaged_configs, parse_config
+from mergecl.experiment.runner import run
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,8 @@ import pytest
 
 from mergecl.cli import main
 from mergecl.data.registry import get_source
+from mergecl.experiment.config import DEFAULT_CONFIG, load_config, packaged_configs
 from mergecl.models.text import find_minilm
-from mergecl.run.config import DEFAULT_CONFIG, load_config, packaged_configs
 
 
 def test_the_default_is_the_packaged_minilm_on_the_shipped_clinc150_subset():

@@ -11,8 +11,8 @@ import sys
 
 import yaml
 
-from mergecl.run.config import parse_config
-from mergecl.run.runner import run
+from mergecl.experiment.config import parse_config
+from mergecl.experiment.runner import run
 
 SMALL = {
     "name": "broken",

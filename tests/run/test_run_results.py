@@ -4,8 +4,8 @@ before the last are null on disk), a method failed on one seed, a method with no
 import pytest
 
 from mergecl.evaluation.results import FINAL_ONLY, RunMeta
-from mergecl.run.config import parse_config
-from mergecl.run.runner import results_from_progress
+from mergecl.experiment.config import parse_config
+from mergecl.experiment.runner import results_from_progress
 
 CONFIG = parse_config(
     {

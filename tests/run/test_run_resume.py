@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from mergecl import MergeclError
-from mergecl.run.config import load_config, parse_config
-from mergecl.run.runner import run
+from mergecl.experiment.config import load_config, parse_config
+from mergecl.experiment.runner import run
 
 SMALL = {
     "name": "small",
@@ -307,7 +307,7 @@ def test_keep_vectors_false_deletes_each_finished_seed_and_changes_no_number(tmp
 
 
 def test_combine_gathers_seeds_run_side_by_side_into_the_run_of_all_seeds(tmp_path):
-    from mergecl.run.combine import combine
+    from mergecl.experiment.combine import combine
 
     config = dict(SMALL, seeds=[0, 1], methods=["seq_ft", "magmax", "ewc", "zero_shot"])
     reference, _ = run(parse_config(config), out=tmp_path / "both", echo=lambda m: None)

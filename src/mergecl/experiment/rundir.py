@@ -41,8 +41,8 @@ from safetensors.torch import save
 from mergecl import distributed
 from mergecl.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text, remove_if_abandoned
 from mergecl.errors import MergeclError
+from mergecl.experiment.config import RunConfig, dump_config, load_config, parse_config
 from mergecl.merging.checkpoints import read_safetensors
-from mergecl.run.config import RunConfig, dump_config, load_config, parse_config
 
 try:
     import fcntl

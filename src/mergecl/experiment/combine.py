@@ -17,8 +17,8 @@ from typing import Any
 
 from mergecl.atomic import atomic_directory, atomic_write_text
 from mergecl.errors import MergeclError
-from mergecl.run.config import RunConfig, dump_config, load_config
-from mergecl.run.rundir import RunDir
+from mergecl.experiment.config import RunConfig, dump_config, load_config
+from mergecl.experiment.rundir import RunDir
 
 FREE = ("seeds", "keep_vectors")  # the config keys the runs may differ in: they change no number
 
@@ -28,7 +28,7 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
     returns its results.json's content and its path."""
     from mergecl.evaluation.report import write_report
     from mergecl.evaluation.results import RunMeta
-    from mergecl.run.runner import results_from_progress
+    from mergecl.experiment.runner import results_from_progress
 
     if len(runs) < 2:
         raise MergeclError("combine needs at least two run directories")

@@ -23,6 +23,8 @@ from mergecl.data.scenarios import build_scenario
 from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary, mean_per_step
+from mergecl.experiment.config import RunConfig, load_config
+from mergecl.experiment.rundir import RunDir
 from mergecl.methods.merged import TaskVectors, merged_model
 from mergecl.methods.registry import MethodSpec, resolve_methods
 from mergecl.methods.trainings import Step, eval_classes, registered_training
@@ -31,8 +33,6 @@ from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, lora_pairs
 from mergecl.models.registry import check_inputs
 from mergecl.options import Options, read_options
-from mergecl.run.config import RunConfig, load_config
-from mergecl.run.rundir import RunDir
 from mergecl.training.loop import NonFiniteError, accuracy_from_logits, check_finite, predict_logits
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecl.errors import MergeclError
-from mergecl.run.config import RunConfig, load_config, parse_config
+from mergecl.experiment.config import RunConfig, load_config, parse_config
 
 SUITES = ("clinc150-cil", "clinc150-cil-random", "banking77-cil", "clinc150-cil-pam", "banking77-cil-pam")
 
@@ -41,6 +41,6 @@ def suite_config(name: str, quick: bool = False, seeds: list[int] | None = None)
 
 
 def bench(name: str, quick: bool = False, seeds: list[int] | None = None, out: str | Path | None = None, **kwargs):
-    from mergecl.run.runner import run
+    from mergecl.experiment.runner import run
 
     return run(suite_config(name, quick, seeds), out=out, **kwargs)
