@@ -41,6 +41,7 @@ from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.options import Options
+from mergecl.plugins import load_plugins
 
 RNG_BLOCK = 1 << 16  # random draws are made per block of this many elements: chunking-independent
 Granularity = Literal["fold", "stack", "tensor"]
@@ -200,6 +201,8 @@ def register_rule(
 
 def get_rule(name: str) -> Rule:
     _load_builtins()
+    if name not in RULES:
+        load_plugins()  # an installed plugin's rule (entry points, $MERGECL_PLUGINS)
     if name not in RULES:
         raise MergeclError(f"unknown merge method '{name}' (choose from {', '.join(RULES)})")
     return RULES[name]
