@@ -1,4 +1,4 @@
-"""The MagMax paper's claims (METHODS.md §1 (a)-(e)) checked against a finished suite run.
+"""The MagMax paper's claims (docs/methods.md#magmax-paper-claims, (a)-(e)) checked against a finished suite run.
 
 Prints, from RUN_DIR/results.json, the numbers each claim rests on (final ACC, BWT, mean (std) over
 seeds) and a verdict computed by a stated rule, so that docs/results/*.md quote a reproducible check:

@@ -1,4 +1,4 @@
-"""Continual-learning metrics over an accuracy matrix (METHODS.md section 4).
+"""Continual-learning metrics over an accuracy matrix (docs/methods.md#evaluation-and-metrics).
 
 ``A[t][i]`` is the accuracy (in percent) on task ``i``'s test set of the model that exists after
 training step ``t``; ``t, i`` run over ``0..T-1``. Every function here is pure and works on a run in

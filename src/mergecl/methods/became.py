@@ -1,10 +1,10 @@
-"""BECAME (Bayesian continual learning with adaptive model merging, METHODS.md §2) and GPM.
+"""BECAME (Bayesian continual learning with adaptive model merging, docs/methods.md#became) and GPM.
 
 Trainings (method name = training name; options under ``method_options.<name>``):
 
 - ``gpm``: gradient projection memory alone. Task 1 plain training; later tasks projected
   training from the previous model; then the memory update.
-- ``became``: per task t (METHODS.md §2) -- t = 1: plain training, Lambda_1 = F(theta*_1).
+- ``became``: per task t (docs/methods.md#became) -- t = 1: plain training, Lambda_1 = F(theta*_1).
   t >= 2: stage 1 projected training from theta*_{t-1} -> theta_gp; stage 2 unprojected training
   from a copy of theta_gp with a fresh optimiser -> theta_hat; F at theta_hat;
   lam* = sum F d^2 / sum (F + Lambda_{t-1}) d^2 with d = theta_hat - theta_gp;

@@ -1,5 +1,5 @@
 """PAM: continual training with weights kept sign-aligned to a global model, merged by averaging
-(Sokar et al. 2025; METHODS.md §3). The paper's code is not public: each unknown is an option.
+(Sokar et al. 2025; docs/methods.md#pam). The paper's code is not public: each unknown is an option.
 
 Training ``pam`` (method ``pam``; variants ``pam@TAG`` with their own options). Its model after step
 t is the global G_t. With a LoRA model (``model.lora``) G is the global LoRA and only the adapters

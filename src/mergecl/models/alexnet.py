@@ -1,4 +1,4 @@
-"""The AlexNet-5 of GPM (Saha et al. 2021), used by BECAME's CIFAR-100 benchmarks (METHODS.md §2).
+"""The AlexNet-5 of GPM (Saha et al. 2021), used by BECAME's CIFAR-100 benchmarks (docs/methods.md#became).
 
 conv 64 k4 -> BN -> ReLU -> dropout 0.2 -> maxpool 2; conv 128 k3 (same, dropout 0.2); conv 256 k2
 (dropout 0.5); fc 2048 -> BN -> ReLU -> dropout 0.5; fc 2048 (same). Convolutions and linear

@@ -1,4 +1,4 @@
-"""Hugging Face CLIP as in MagMax (METHODS.md §1): train the image tower, freeze a zero-shot head.
+"""Hugging Face CLIP as in MagMax (docs/methods.md#magmax): train the image tower, freeze a zero-shot head.
 
 The encoder is CLIP's ``vision_model`` + ``visual_projection``; its features are L2-normalised. The
 text tower is used once, to embed the prompt templates of every class into a ``ZeroShotHead``
@@ -86,7 +86,8 @@ def clip_class_embeddings(
     class_names: Sequence[str],
     templates: Sequence[str] = CLIP_TEMPLATES,
 ) -> torch.Tensor:
-    """METHODS.md §1 class embeddings from CLIP's text tower (text_model + text_projection)."""
+    """Zero-shot class embeddings (docs/methods.md#zero-shot-head) from CLIP's text tower
+    (text_model + text_projection)."""
     was_training = model.training
     model.eval()
     device = model.text_projection.weight.device

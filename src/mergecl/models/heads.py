@@ -1,8 +1,9 @@
 """Classification heads: a learned linear head and a frozen zero-shot head built from class names.
 
-The zero-shot head follows METHODS.md §1 (MagMax): each class embedding is the L2-normalised mean of
-the L2-normalised text embeddings of every prompt template filled with the class name; logits are
-``scale * cos(feature, class_embedding)`` with ``scale = 100`` (CLIP's exp(logit_scale)) and no bias.
+The zero-shot head follows MagMax (docs/methods.md#zero-shot-head): each class embedding is the
+L2-normalised mean of the L2-normalised text embeddings of every prompt template filled with the
+class name; logits are ``scale * cos(feature, class_embedding)`` with ``scale = 100`` (CLIP's
+exp(logit_scale)) and no bias.
 
 The class embeddings are a *persistent buffer*, not a parameter: the optimiser never sees them, they
 travel with ``state_dict()`` (so a saved learner reloads with its head), and they are identical in

@@ -5,7 +5,7 @@ the installed torch). It is imported only inside ``load_open_clip``; when it is 
 import (torchvision without a build for this torch), a one-line MergeclError says what to install.
 
 The encoder is ``model.visual`` with L2-normalised outputs; the text tower embeds the prompt
-templates of every class once (METHODS.md §1) into a frozen ``ZeroShotHead`` and is then dropped.
+templates of every class once (docs/methods.md#zero-shot-head) into a frozen ``ZeroShotHead`` and is then dropped.
 Images are prepared by mergecl's own ``ImagePreparer`` (the same transforms as the HF CLIP path),
 at the model's image size and normalisation.
 """

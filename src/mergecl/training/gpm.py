@@ -1,4 +1,4 @@
-"""Gradient projection memory (GPM, Saha et al. 2021), as BECAME's released code uses it (METHODS.md §2).
+"""Gradient projection memory (GPM, Saha et al. 2021), as BECAME's released code uses it (docs/methods.md#gpm).
 
 For every ``nn.Linear`` and ``nn.Conv2d`` of the encoder the memory holds an orthonormal basis M
 (d x k, d = the layer's input width: ``in_features``, or ``in_channels * kh * kw`` for a conv) of
@@ -19,7 +19,7 @@ Two deliberate differences from the released code, both documented in docs/resul
 - R is kept only while it has at most d columns (then an SVD of R_hat, as the release); beyond
   that only the Gram matrix G = R R^T is kept and R_hat R_hat^T = P G P is eigendecomposed
   (float64): the same U and s^2, with memory O(d^2) whatever the number of patches or tokens;
-- the task-1 rule keeps the smallest k with cumulative energy >= eps, as METHODS.md states; the
+- the task-1 rule keeps the smallest k with cumulative energy >= eps (docs/methods.md#gpm); the
   release's ``np.sum(np.cumsum(ratio) < eps)`` keeps one direction fewer (its own comment: "#+1").
 Directions with (numerically) zero energy are never added, so eps >= 1 means "the whole range".
 
@@ -213,7 +213,7 @@ def collect_representations(
 
 
 def update_basis(basis: Tensor | None, rep: Representation, eps: float) -> Tensor:
-    """GPM memory update of one layer (METHODS.md §2) from the new task's representations.
+    """GPM memory update of one layer (docs/methods.md#gpm) from the new task's representations.
 
     ``basis`` is M (d x k, orthonormal columns) or None; returns [M, new directions] (d x k'),
     k' <= d. With M empty this is the task-1 rule: the smallest k with energy fraction >= eps.

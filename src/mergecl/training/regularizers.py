@@ -1,4 +1,4 @@
-"""Loss hooks of the classic CL baselines (METHODS.md §1): LwF and EWC."""
+"""Loss hooks of the classic CL baselines (docs/methods.md#lwf, docs/methods.md#ewc): LwF and EWC."""
 
 from __future__ import annotations
 
