@@ -1,19 +1,28 @@
-"""mergecl: continual learning of pretrained models by model merging."""
+"""mergecl: continual learning of pretrained models by model merging.
+
+The public functions, imported on first use (``import mergecl`` stays cheap):
+
+- ``mergecl.run(config)``: train task by task, merge, evaluate; a ``RunOutput`` (typed results and
+  the run directory);
+- ``mergecl.merge(base, finetuned, method)``: merge checkpoints;
+- ``mergecl.export(run_dir, method, out)``: a run's model as a directory transformers loads;
+- ``mergecl.evaluate(model_dir, config)``: a model's accuracy on each task of a config's scenario.
+
+See ``mergecl.api`` for examples.
+"""
 
 from mergecl.errors import MergeclError
 
 __version__ = "0.1.0"
-__all__ = ["MergeclError", "merge", "__version__"]
+__all__ = ["MergeclError", "evaluate", "export", "merge", "run", "__version__"]
+
+_API = ("run", "merge", "export", "evaluate", "RunOutput")
 
 
 def __getattr__(name):
     # Lazy so that `import mergecl` stays cheap and the layers load only when used.
-    if name == "merge":
-        from mergecl.merging.engine import merge
+    if name in _API:
+        from mergecl import api
 
-        return merge
-    if name == "run":
-        from mergecl.experiment.runner import run
-
-        return run
+        return getattr(api, name)
     raise AttributeError(name)

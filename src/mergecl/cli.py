@@ -1,4 +1,4 @@
-"""The `mergecl` command line: merge, run, report.
+"""The `mergecl` command line: merge, run, bench, report, combine, export, eval.
 
 Errors a user can cause (MergeclError) print one line, ``mergecl: error: ...``, and exit 2. A run
 (or bench) in which a method failed -- its model broke: a non-finite loss, weight or output -- still
@@ -298,6 +298,61 @@ def _run_combine(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's model (a method after a step) as a directory that loads without mergecl",
+        description="Write the model METHOD of the run RUN_DIR has after a step as a directory: for Hugging Face "
+        "backbones a model transformers loads (AutoModel + AutoTokenizer; sentence-transformers too when the "
+        "base was one), for others the encoder's weights; plus the head (mergecl_head.safetensors + "
+        "mergecl_head.json: class names, head) and a model card. LoRA adapters are folded in.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--method", required=True, help="a method of the run (e.g. magmax)")
+    p.add_argument("--seed", type=int, default=None, help="a seed of the run (default: its first)")
+    p.add_argument(
+        "--step", type=int, default=None, metavar="T", help="the model after step T, 1-based (default: the last)"
+    )
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="the output directory")
+    p.add_argument("--force", action="store_true", help="replace DIR if it is an earlier mergecl output")
+
+
+def _run_export(args) -> int:
+    from mergecl.experiment.export import export
+
+    started = time.perf_counter()
+    done = export(args.run_dir, args.method, args.out, seed=args.seed, step=args.step, force=args.force)
+    print(f"wrote {done} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="the accuracy of a model directory on each task of a config's scenario",
+        description="Evaluate MODEL (a directory written by mergecl export, or a Hugging Face model directory: its "
+        "zero-shot head is then built from the config's class names) on the test split of every task of CONFIG's "
+        "scenario for one seed, with a run's metrics and table.",
+    )
+    p.add_argument("model", metavar="MODEL", help="the model directory")
+    p.add_argument("config", metavar="CONFIG", help="YAML config or packaged config name (its data and model)")
+    p.add_argument("--seed", type=int, default=None, help="the scenario of this seed (default: the config's first)")
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        metavar="T",
+        help="columns of step T, 1-based (default: the export's, else the last)",
+    )
+
+
+def _run_eval(args) -> int:
+    from mergecl.experiment.evaluate import evaluate
+
+    print(evaluate(args.model, args.config, seed=args.seed, step=args.step).table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mergecl import __version__
 
@@ -317,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_report(sub)
     _add_combine(sub)
+    _add_export(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -365,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _run_bench,
             "report": _run_report,
             "combine": _run_combine,
+            "export": _run_export,
+            "eval": _run_eval,
         }
         return handlers[args.command](args)
     except MergeclError as err:

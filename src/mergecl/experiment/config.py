@@ -7,6 +7,7 @@ model: {name: mlp, in_dim: 64, hidden: [256, 256]}      # see mergecl.models.fac
 train: {optimizer: adamw, lr: 0.001, epochs: 5, batch_size: 32}
 methods: [seq_ft, magmax, average, ties, random_mix, ind_ft+magmax, lwf, ewc, joint]
 method_options: {magmax: {lam: 0.5}, lwf: {lam: 0.3, temperature: 2}, ewc: {lam: 1.0e+6}}
+export: [magmax]          # optional: write RUN/export/magmax/ at the end (first seed, last step)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from mergecl.errors import MergeclError
 from mergecl.training.settings import TrainSettings
@@ -66,6 +67,22 @@ class DataConfig(_Strict):
         return self
 
 
+class ExportConfig(_Strict):
+    """``export:``: the models a run writes at its end, each into ``RUN/export/<method>/`` as
+    ``mergecl export`` does (before ``keep_vectors: false`` deletes the tensors). ``export: [magmax]``
+    (or ``export: magmax``) is short for ``export: {methods: [magmax]}``."""
+
+    methods: list[str] = Field(min_length=1)  # methods of the run
+    seed: int | None = None  # the seed whose models are exported; None: the run's first seed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"methods": [data]}
+        return {"methods": data} if isinstance(data, list) else data
+
+
 class RunConfig(_Strict):
     name: str = "run"
     # a seed seeds numpy too, whose seeds are 0 .. 2**32 - 1
@@ -79,6 +96,26 @@ class RunConfig(_Strict):
     eval_future: bool = True  # full accuracy matrix; False: tasks seen so far only (about half the evaluation)
     keep_vectors: bool = True  # False: delete a seed's tensors once it has finished (its numbers stay)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    export: ExportConfig | None = None  # models to export at the end of the run; None: none
+
+    @model_serializer(mode="wrap")
+    def _without_absent_export(self, handler: Any) -> dict[str, Any]:
+        # a run without ``export:`` records its config as runs made before the key did
+        data = handler(self)
+        if data.get("export", 0) is None:
+            del data["export"]
+        return data
+
+    @model_validator(mode="after")
+    def _check_export(self) -> RunConfig:
+        if self.export is None:
+            return self
+        for name in self.export.methods:
+            if name not in self.methods:
+                raise MergeclError(f"export.methods: {name!r} is not a method of this run ({', '.join(self.methods)})")
+        if self.export.seed is not None and self.export.seed not in self.seeds:
+            raise MergeclError(f"export.seed: {self.export.seed} is not a seed of this run ({self.seeds})")
+        return self
 
     @model_validator(mode="after")
     def _check_model(self) -> RunConfig:

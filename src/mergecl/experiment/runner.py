@@ -113,27 +113,15 @@ class Runner:
     def run(self) -> RunResults:
         for seed in self.config.seeds:
             self.run_seed(seed)
+            self.export_models(seed)  # before keep_vectors: false deletes the tensors
             if not self.config.keep_vectors:
                 self.rundir.remove_seed_tensors(seed)
         self.commit_progress()
         return self.results()
 
     def run_seed(self, seed: int) -> None:
-        data = self.config.data
-        scenario = build_scenario(
-            data.scenario,
-            data.source,
-            data.n_tasks,
-            data.order,
-            seed,
-            val_fraction=data.val_fraction,
-            train_per_class=data.train_per_class,
-            eval_per_class=data.eval_per_class,
-            domain_order=data.domain_order,
-            root=data.root,
-            source_options=data.options,
-        )
-        check_inputs(self.config.model, scenario.tasks[0].train.kind, data.source)  # before any model is built
+        scenario = run_scenario(self.config, seed)
+        check_inputs(self.config.model, scenario.tasks[0].train.kind, self.config.data.source)  # before any model
         self.meta = RunMeta(
             config=self.config.name,
             scenario=scenario.name or scenario.kind,
@@ -158,6 +146,27 @@ class Runner:
         self.zero_shot_logits = {}  # theta_0's logits on this seed's tasks
         for training in dict.fromkeys(spec.training for spec in self.methods):
             self.run_training(seed, training, scenario, learner, base)
+
+    def export_models(self, seed: int) -> None:
+        """The config's ``export:``: each listed method's model after its last step on the export seed,
+        into ``RUN/export/<method>/`` (as ``mergecl export``). An export already there is kept (a
+        resumed run); a method that failed is skipped, said in the log."""
+        wanted = self.config.export
+        if wanted is None or seed != (wanted.seed if wanted.seed is not None else self.config.seeds[0]):
+            return
+        if distributed.is_main():
+            from mergecl.experiment.export import export_model  # it reads the run through this module
+
+            for name in wanted.methods:
+                out = self.rundir.path / "export" / name
+                failed = self.seed_progress(seed).get("failed", {}).get(name)
+                if failed or out.exists():
+                    message = f"export: {name} skipped ({'it failed' if failed else f'{out} is there already'})"
+                else:
+                    message = f"exported {export_model(self.rundir, self.config, self.progress, name, out, seed=seed)}"
+                self.rundir.log(message)
+                self.echo(message)
+        distributed.barrier()
 
     def run_training(self, seed: int, training: str, scenario: Scenario, learner: Learner, base: dict) -> None:
         """Every step of one training (``seq``, ``pam@zero``), each followed by its methods' rows."""
@@ -316,6 +325,24 @@ class Runner:
     def results(self) -> RunResults:
         """The results so far (results.json is their ``to_json()``)."""
         return results_from_progress(self.config, self.progress, self.meta)
+
+
+def run_scenario(config: RunConfig, seed: int) -> Scenario:
+    """The task sequence of a run's seed, as its data config cuts it (seeded: the same every time)."""
+    data = config.data
+    return build_scenario(
+        data.scenario,
+        data.source,
+        data.n_tasks,
+        data.order,
+        seed,
+        val_fraction=data.val_fraction,
+        train_per_class=data.train_per_class,
+        eval_per_class=data.eval_per_class,
+        domain_order=data.domain_order,
+        root=data.root,
+        source_options=data.options,
+    )
 
 
 def results_from_progress(config: RunConfig, progress: dict[str, Any], meta: RunMeta) -> RunResults:

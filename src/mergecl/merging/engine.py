@@ -458,18 +458,27 @@ def merge_checkpoints(
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
 
 
+def companion_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """The files of a model directory other than its weights and model card (config, tokenizer,
+    sentence-transformers modules), by relative name: what makes a directory of new weights load
+    like this one (``merge`` into a directory, ``mergecl export``). Hidden files are left out."""
+    root = Path(directory)
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        hidden = any(part.startswith(".") for part in relative.parts)
+        weights = path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+        if path.is_file() and not hidden and not weights and relative.as_posix() != "README.md":
+            files[relative.as_posix()] = path
+    return files
+
+
 def _companions(base: Source, method: str, opts, rule: Rule, finetuned, info) -> dict[str, Path | bytes]:
     """What makes a directory output loadable like its base: the base directory's files other than
     weights (config, tokenizer, sentence-transformers modules), and a model card (README.md)."""
     files: dict[str, Path | bytes] = {}
     if not isinstance(base, Mapping) and Path(base).is_dir():
-        root = Path(base)
-        for path in sorted(root.rglob("*")):
-            relative = path.relative_to(root)
-            hidden = any(part.startswith(".") for part in relative.parts)
-            weights = path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
-            if path.is_file() and not hidden and not weights and relative.as_posix() != "README.md":
-                files[relative.as_posix()] = path
+        files.update(companion_files(base))
     card = [
         "---",
         "tags: [mergecl, merge]",

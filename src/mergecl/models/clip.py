@@ -26,8 +26,8 @@ from mergecl.errors import MergeclError
 from mergecl.models._util import one_line
 from mergecl.models.heads import build_zero_shot_weights, readable_class_name
 from mergecl.models.images import CLIP_MEAN, CLIP_STD, ImagePreparer
-from mergecl.models.registry import Built, ModelSpec, register_backbone
-from mergecl.models.text import check_local_or_hub, import_transformers, load_tokenizer
+from mergecl.models.registry import Built, ModelSpec, Standalone, register_backbone
+from mergecl.models.text import check_local_or_hub, import_transformers, load_tokenizer, model_directory, saved_files
 from mergecl.options import Options
 
 # A short subset of the standard CLIP ImageNet prompt family ("a photo of a {}." ...).
@@ -141,6 +141,30 @@ def _check_hf_clip(spec: ModelSpec) -> None:
         raise MergeclError("model.tokenizer: a zero_shot head needs a tokenizer for the CLIP text tower")
 
 
+def export_hf_clip(spec: ModelSpec, state: dict[str, torch.Tensor]) -> Standalone | None:
+    """The trained image tower inside the pretrained CLIPModel it came from (its text tower and
+    logit scale unchanged), with the base's config, tokenizer and image processor files. A CLIP
+    built from a bare config (no pretrained) has no text tower to ship: None."""
+    if spec.pretrained is None:
+        return None
+    transformers = import_transformers()
+    weights = transformers.CLIPModel.from_pretrained(str(spec.pretrained)).state_dict()
+    for key, value in state.items():
+        if key not in weights:
+            raise MergeclError(f"hf_clip export: '{key}' of the trained encoder is not a tensor of {spec.pretrained}")
+        weights[key] = value
+    source = model_directory(spec.pretrained)
+    files: dict[str, bytes] = {}
+    if source is None:
+        files = saved_files(transformers.CLIPConfig.from_pretrained(str(spec.pretrained)))
+    tokenizer = cast(HFClipOptions, spec.options).tokenizer
+    if tokenizer is not None:
+        files.update(saved_files(load_tokenizer(tokenizer)))
+    loads = "transformers.CLIPModel.from_pretrained(DIR) (and CLIPProcessor when the base had a preprocessor)"
+    features = "normalize(model.get_image_features(pixel_values)) (visual_projection of the pooled vision output)"
+    return Standalone(weights, source, files, loads, features)
+
+
 @register_backbone(
     "hf_clip",
     summary="Hugging Face CLIP: the image tower trains, the text tower only builds the zero-shot head; "
@@ -152,6 +176,7 @@ def _check_hf_clip(spec: ModelSpec) -> None:
     inputs="images (tensors or PIL)",
     kinds=["tensor", "image_path"],
     check=_check_hf_clip,
+    export=export_hf_clip,
 )
 def build_hf_clip(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
     options = cast(HFClipOptions, spec.options)

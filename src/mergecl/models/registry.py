@@ -20,6 +20,11 @@ The ``model:`` block of a config is a mapping with ``name``, the keys every back
 ``check_model_spec`` checks it against both schemas when the config is read (a one-line
 ``MergeclError`` naming the key) and returns the typed ``ModelSpec`` a builder gets.
 ``describe_backbones()`` lists every backbone with its options, read from the schemas.
+
+A backbone may declare ``export``: its trained encoder as a model that loads without mergecl (a
+``Standalone``: the state dict in its own library's key names, the directory whose config and
+tokenizer files make it loadable; ``mergecl export``). Without one, an export is the encoder's own
+state dict.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
 import torch
@@ -107,6 +113,22 @@ Builder = Callable[[ModelSpec, list[str], torch.device], "Built | nn.Module"]
 
 
 @dataclass(frozen=True)
+class Standalone:
+    """A trained encoder as a model of its own library (what ``Backbone.export`` returns)."""
+
+    weights: dict[str, torch.Tensor]  # its state dict, in the library's key names
+    files_from: Path | None = None  # a model directory whose other files (config, tokenizer) make it loadable
+    files: dict[str, bytes] = field(default_factory=dict)  # more files, by relative name
+    loads_with: str = ""  # how to load it, in one line
+    features: str = ""  # how the head's input is computed from it, in words
+
+
+# (spec, the encoder's state dict with LoRA folded in: keys relative to the encoder) -> a Standalone,
+# or None when this spec has no standalone form
+Exporter = Callable[[ModelSpec, dict[str, torch.Tensor]], "Standalone | None"]
+
+
+@dataclass(frozen=True)
 class Backbone:
     """One backbone's declaration (see the module docstring)."""
 
@@ -121,6 +143,7 @@ class Backbone:
     inputs: str = ""  # what it takes, in words (for listings)
     check: Callable[[ModelSpec], None] | None = field(default=None, compare=False)  # config-time checks across keys
     kinds: tuple[str, ...] = ()  # the data kinds it takes (Split.kind: tensor, text, image_path); (): any
+    export: Exporter | None = field(default=None, compare=False)  # the trained encoder as a standalone model
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -138,6 +161,7 @@ def register_backbone(
     inputs: str = "",
     check: Callable[[ModelSpec], None] | None = None,
     kinds: Sequence[str] = (),
+    export: Exporter | None = None,
 ) -> Any:
     """Register a backbone: ``register_backbone(Backbone(...))`` returns it; ``@register_backbone(name,
     summary=..., options=...)`` over a builder registers ``Backbone(name, ..., build=builder)`` and returns
@@ -151,7 +175,7 @@ def register_backbone(
         _add(
             Backbone(
                 name, summary, build, options, text_side, tuple(templates), targets, pretrained, inputs, check,
-                tuple(kinds),
+                tuple(kinds), export,
             )
         )  # fmt: skip
         return build

@@ -30,7 +30,7 @@ from torch import nn
 from mergecl.errors import MergeclError
 from mergecl.models._util import one_line
 from mergecl.models.heads import build_zero_shot_weights, readable_class_name
-from mergecl.models.registry import Built, ModelSpec, register_backbone
+from mergecl.models.registry import Built, ModelSpec, Standalone, register_backbone
 from mergecl.options import Options
 
 TEXT_TEMPLATES = ("{}", "a request to {}", "the user asks about {}")
@@ -158,6 +158,55 @@ def check_local_or_hub(source: str) -> None:
         raise MergeclError(f"pretrained model directory not found: {source}")
 
 
+def model_directory(pretrained: str | os.PathLike | None) -> Path | None:
+    """The local directory of a text model: the packaged MiniLM (None), a directory, or a hub id's
+    copy in the Hugging Face cache (None if it is not there)."""
+    if pretrained is None:
+        return find_minilm()
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(pretrained), local_files_only=True))
+    except Exception:  # not cached, or no huggingface_hub: the caller writes config and tokenizer itself
+        return None
+
+
+def saved_files(*objects: Any) -> dict[str, bytes]:
+    """What ``save_pretrained`` writes for each object (a config, a tokenizer), by relative name."""
+    import tempfile
+
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for thing in objects:
+            thing.save_pretrained(scratch)
+        for path in sorted(Path(scratch).rglob("*")):
+            if path.is_file():
+                files[path.relative_to(scratch).as_posix()] = path.read_bytes()
+    return files
+
+
+def export_hf_text(spec: ModelSpec, state: dict[str, torch.Tensor]) -> Standalone:
+    """The trained encoder as the Hugging Face model it was loaded as (``model.`` stripped from the
+    keys), with its base's config and tokenizer (and sentence-transformers modules, if any)."""
+    options = cast(HFTextOptions, spec.options)
+    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    source = model_directory(spec.pretrained)
+    files: dict[str, bytes] = {}
+    if source is None:  # a hub id not in the cache: the config and tokenizer as transformers writes them
+        transformers = import_transformers()
+        config = transformers.AutoConfig.from_pretrained(str(spec.pretrained))
+        files = saved_files(config, load_tokenizer(str(spec.pretrained)))
+    loads = "transformers.AutoModel and AutoTokenizer.from_pretrained(DIR)"
+    if source is not None and (source / "modules.json").is_file():
+        loads += "; sentence_transformers.SentenceTransformer(DIR)"
+    pooled = "the mean of last_hidden_state over the attention mask" + (", L2-normalised" if options.normalize else "")
+    features = f"tokenizer(texts, padding=True, truncation=True, max_length={options.max_length}); features: {pooled}"
+    return Standalone(weights, source, files, loads, features)
+
+
 class HFTextOptions(Options):
     max_length: int = Field(128, ge=2, description="tokens kept per text (truncation)")
     normalize: bool = Field(True, description="L2-normalise the pooled features")
@@ -173,6 +222,7 @@ class HFTextOptions(Options):
     lora_targets=["query", "value"],  # BERT-style attention projections
     inputs="lists of strings",
     kinds=["text"],
+    export=export_hf_text,
 )
 def build_hf_text(spec: ModelSpec, class_names: list[str], device: torch.device) -> Built:
     options = cast(HFTextOptions, spec.options)
