@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from mergecl.errors import MergeclError
+from mergecl.plugins import load_plugins
 from mergecl.training.settings import TrainSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -145,6 +146,7 @@ def _error_line(err: ValidationError, source: str) -> str:
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     if not isinstance(data, dict):
         raise MergeclError(f"{source}: the top level must be a mapping of keys")
+    load_plugins()  # a config may name what an installed plugin registers (entry points, $MERGECL_PLUGINS)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
