@@ -215,5 +215,6 @@ def all_rules() -> dict[str, Rule]:
 
 
 def _load_builtins() -> None:
-    import mergecl.merging.rules
-    import mergecl.merging.ties  # noqa: F401  (the built-in rules register on import)
+    # the built-in rules register on import: one module per rule family, one line each
+    import mergecl.merging.rules  # noqa: F401
+    import mergecl.merging.ties  # noqa: F401
