@@ -1,0 +1,252 @@
+"""`mergecl list`, `mergecl run CONFIG --dry-run` and `mergecl completion` (issue 15: a CLI that tells
+what it can do). The expectations are generated from the registries, never written out by hand."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import mergecl.data  # noqa: F401  (the built-in sources register)
+import mergecl.methods  # noqa: F401  (the built-in trainings register)
+import mergecl.models  # noqa: F401  (the built-in backbones register)
+from mergecl.cli import main
+from mergecl.data.registry import SOURCES
+from mergecl.experiment.config import load_config, packaged_configs
+from mergecl.experiment.plan import SECTIONS
+from mergecl.experiment.runner import run_scenario
+from mergecl.merging.registry import all_rules
+from mergecl.methods.registry import cl_rules
+from mergecl.methods.trainings import TRAININGS
+from mergecl.models.registry import BACKBONES
+
+
+def listed(capsys, *args):
+    assert main(["list", *args]) == 0
+    return capsys.readouterr().out
+
+
+def item_line(out: str, name: str) -> str:
+    """The line that lists item ``name`` (two spaces in, the name, then its summary)."""
+    lines = [line for line in out.splitlines() if line.startswith(f"  {name} ")]
+    assert lines, f"{name} is not listed"
+    return lines[0]
+
+
+def block(out: str, name: str) -> list[str]:
+    """The lines under item ``name``: its options."""
+    lines = out.splitlines()
+    start = lines.index(item_line(out, name)) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("      ")), len(lines))
+    return lines[start:end]
+
+
+def shown(value) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value).lower().replace("none", "null")
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def test_list_rules_gives_every_rule_with_its_default_lam_and_options(capsys):
+    out = listed(capsys, "rules")
+    for name, rule in all_rules().items():
+        line = item_line(out, name)
+        assert f"lam {'computed' if rule.lam is None else f'{rule.lam:g}'}" in line, line
+        assert f"granularity {rule.granularity}" in line and rule.summary in line
+        options = block(out, name)
+        for option, spec in rule.options.model_fields.items():
+            assert any(o.startswith(f"      {option} (") and f"default {shown(spec.default)}" in o for o in options)
+        for key in rule.inputs:
+            assert any(o.startswith(f"      input {key}: ") for o in options)
+    assert "every rule also takes:" in out and "      dare (float, default 0.0, >= 0, < 1)" in out
+
+
+def test_list_methods_gives_every_training_method_the_naming_forms_and_the_merge_options(capsys):
+    out = listed(capsys, "methods")
+    for training in TRAININGS.values():
+        assert training.summary in item_line(out, training.method)
+        options = block(out, training.method)
+        for option, spec in training.options.model_fields.items():
+            assert any(o.startswith(f"      {option} (") and f"default {shown(spec.default)}" in o for o in options)
+    for form in ("RULE", "seq_ft+RULE", "ind_ft+RULE", "NAME@TAG"):
+        item_line(out, form)
+    assert ", ".join(cl_rules()) in item_line(out, "RULE")
+    for option in ("lam (float | 'auto' | null, default null)", "lam_grid (", "space ('factors' | 'dense'"):
+        assert f"      {option}" in out
+
+
+def test_list_presets_sources_and_backbones_give_every_registered_one(capsys):
+    out = listed(capsys, "presets")
+    for name, path in packaged_configs().items():
+        first_comment = next(line for line in path.read_text().splitlines() if line.startswith("#"))
+        assert first_comment.lstrip("#").strip() in item_line(out, name)
+    assert "(name: digits-cil)" in item_line(out, "digits")
+    out = listed(capsys, "sources")
+    for name, source in SOURCES.items():
+        assert source.summary in item_line(out, name)
+    assert "hub_id (str, required, length >= 1)" in out
+    out = listed(capsys, "backbones")
+    for name, backbone in BACKBONES.items():
+        assert backbone.summary in item_line(out, name)
+    assert "in_dim (int, required, >= 1): the flattened input size" in out and "model.lora:" in out
+
+
+def test_list_without_a_section_gives_all_and_json_parses(capsys):
+    out = listed(capsys)
+    assert [line.split(" ")[0] for line in out.splitlines() if line and not line.startswith(" ")] == list(SECTIONS)
+    listing = json.loads(listed(capsys, "--json"))
+    assert list(listing) == list(SECTIONS)
+    rules = {item["name"]: item for item in listing["rules"]["items"]}
+    assert {name: item["lam"] for name, item in rules.items()} == {name: r.lam for name, r in all_rules().items()}
+    assert [item["name"] for item in listing["methods"]["items"]] == [t.method for t in TRAININGS.values()]
+    assert [item["name"] for item in listing["presets"]["items"]] == list(packaged_configs())
+    assert [item["name"] for item in listing["sources"]["items"]] == list(SOURCES)
+    assert [item["name"] for item in listing["backbones"]["items"]] == list(BACKBONES)
+    keep = next(f for f in rules["ties"]["options"] if f["name"] == "keep")
+    assert keep["default"] == 0.2 and keep["range"] == "> 0, <= 1"
+    assert json.loads(listed(capsys, "sources", "--json")).keys() == {"sources"}
+
+
+PLUGIN = '''
+from pydantic import Field
+
+from mergecl.merging import register_rule
+from mergecl.methods.trainings import register_training
+from mergecl.options import Options
+
+
+@register_rule("entrywise_min", granularity="stack", lam=0.7)
+def entrywise_min(taus):
+    """The entry-wise smallest task vector."""
+    return taus.min(dim=0).values
+
+
+class FrozenOptions(Options):
+    strength: float = Field(2.5, ge=0, description="how frozen")
+
+
+register_training("frozen", None, continues=False, options=FrozenOptions, summary="a plugin's training")
+'''
+
+
+def test_a_plugin_given_with_plugin_is_listed(tmp_path):
+    (tmp_path / "my_plugin.py").write_text(PLUGIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MERGECL_QUIET="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mergecl", "--plugin", "my_plugin.py", "list"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    line = item_line(done.stdout, "entrywise_min")
+    assert "The entry-wise smallest task vector." in line and "lam 0.7" in line and "granularity stack" in line
+    assert "a plugin's training" in item_line(done.stdout, "frozen")
+    assert "      strength (float, default 2.5, >= 0): how frozen" in done.stdout
+    assert "entrywise_min" in item_line(done.stdout, "RULE")  # a CL method too
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["run", "digits", "--dry-run", "--out", str(out)]) == 0
+    assert main(["run", "digits", "--dry-run"]) == 0  # no --out: runs/NAME-TIME is not made either
+    plan = capsys.readouterr().out
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    config = load_config("digits")
+    scenario = run_scenario(config, config.seeds[0])
+    assert "seeds: 0, 1, 2" in plan and "device: cpu" in plan
+    for i, task in enumerate(scenario.tasks):
+        sizes = f"train {len(task.train)}, val {len(task.val)}, test {len(task.test)}"
+        assert f"  task {i + 1} {task.name!r}: {len(task.classes)} classes" in plan and sizes in plan
+    settings = config.train
+    steps = sum(math.ceil(settings.epochs * math.ceil(len(t.train) / settings.batch_size)) for t in scenario.tasks)
+    assert (
+        f"  seq          -> seq_ft, magmax, average, ties, random_mix (continues from its previous model; {steps} steps"
+        in plan
+    )
+    assert f"  ind          -> ind_ft+magmax (each task from theta_0; {steps} steps per seed)" in plan
+    assert f"training steps: {5 * steps} per seed, {15 * steps} in all" in plan  # seq, ind, lwf, ewc, joint
+    n = len(scenario.tasks)
+    assert f"evaluations: {len(config.methods) * n * n} per seed" in plan  # every model on every task
+    assert "cost estimate: about" in plan and "forward passes" in plan
+
+
+BAD = {
+    "unknown key": "data: {n_taks: 3}\n",
+    "unknown method": "methods: [seq_ft, magmaxx]\n",
+    "bad option": "methods: [seq_ft, magmax]\nmethod_options: {magmax: {lam: -1}}\n",
+    "not YAML": "methods: [seq_ft\n",
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_config_under_dry_run_is_the_same_one_line_error(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(BAD[case])
+    assert main(["run", "bad.yaml", "--dry-run"]) == 2
+    dry = capsys.readouterr().err
+    assert main(["run", "bad.yaml", "--out", "x"]) == 2
+    assert capsys.readouterr().err == dry
+    assert dry.startswith("mergecl: error: bad.yaml: ") and dry.count("\n") == 1, dry
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_dry_run_goes_with_a_config_not_resume(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path), "--dry-run"]) == 2
+    assert "--dry-run goes with a CONFIG" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
+def test_completion_completes_commands_names_and_configs(tmp_path, capsys):
+    assert main(["completion", "bash"]) == 0
+    (tmp_path / "mergecl.bash").write_text(capsys.readouterr().out)
+    probe = """source ./mergecl.bash
+comp() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); _mergecl; echo "${COMPREPLY[*]}"; }
+comp mergecl li
+comp mergecl --plugin x.py r
+comp mergecl run dig
+comp mergecl merge --method magm
+comp mergecl export RUN --method ind_ft+mag
+comp mergecl list ru
+comp mergecl run --dry
+comp mergecl completion z
+"""
+    done = subprocess.run(["bash", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "list",
+        "run report",
+        "digits",
+        "magmax",
+        "ind_ft+magmax",
+        "rules",
+        "--dry-run",
+        "zsh",
+    ]
+    assert main(["completion", "zsh"]) == 0
+    assert "bashcompinit" in capsys.readouterr().out
+
+
+def test_dry_run_counts_final_only_trainings_and_validation_passes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "auto.yaml").write_text(
+        "seeds: [0, 4]\ndata: {source: digits, n_tasks: 3}\nmodel: {name: mlp, in_dim: 64}\neval_val: true\n"
+        "methods: [seq_ft, magmax, joint]\n"
+        "method_options: {magmax: {lam: auto, lam_grid: [0.3, 0.5]}, joint: {final_only: true}}\n"
+    )
+    assert main(["run", "auto.yaml", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.yaml"]
+    config = load_config(tmp_path / "auto.yaml")
+    tasks = run_scenario(config, 0).tasks
+    batch, epochs = config.train.batch_size, config.train.epochs
+    once = math.ceil(epochs * math.ceil(sum(len(t.train) for t in tasks) / batch))
+    assert f"  joint        -> joint (once, on all tasks at the last step: {once} steps per seed)" in plan
+    tests = 2 * 3 * 3 + 3  # seq_ft and magmax: 3 steps x 3 tasks; joint: its last step only
+    assert f"evaluations: {tests} per seed, {2 * tests} in all" in plan and "3 merges per seed" in plan
+    assert f"and {tests + 2 * (1 + 2 + 3)} per seed on validation splits" in plan  # eval_val + 2 lams x seen tasks
