@@ -9,8 +9,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
+from mergecl.errors import MergeclError
 from mergecl.experiment.config import parse_config
 from mergecl.experiment.runner import run
 
@@ -113,3 +115,18 @@ def test_a_merge_that_breaks_the_model_fails_that_method_only(tmp_path):
     for name in ("seq_ft", "magmax", "magmax@auto"):
         assert isinstance(m[name]["final_acc"], float), name
     assert m["magmax@auto"]["step_info"]["lam"] == [0.5, 0.5]
+
+
+def test_a_data_or_backbone_error_leaves_no_run_directory(tmp_path):
+    # the first seed's data is read and checked before the run directory exists: a fixed config
+    # then starts afresh in the same place (no "already holds a run")
+    (tmp_path / "intents.csv").write_text("text,label,split\nhi,greet,train\nbye,leave,train\nyo,greet,test\n")
+    config = {"data": {"source": "files", "root": str(tmp_path / "intents.csv"), "n_tasks": 1}, "methods": ["seq_ft"]}
+    out = tmp_path / "run"
+    with pytest.raises(MergeclError, match=r"model\.name: mlp takes tensors, but data source 'files' gives text"):
+        run(parse_config({**config, "model": {"name": "mlp", "in_dim": 8}}), out=out, echo=lambda m: None)
+    assert not out.exists()
+    bad_column = {**config, "data": {**config["data"], "options": {"text_column": "utterance"}}}
+    with pytest.raises(MergeclError, match="no column 'utterance'"):
+        run(parse_config({**bad_column, "model": {"name": "hf_text"}}), out=out, echo=lambda m: None)
+    assert not out.exists()

@@ -67,8 +67,9 @@ def tuned_keys(learner: Learner) -> list[str]:
 
 
 class Runner:
-    def __init__(self, config: RunConfig, rundir: RunDir, echo=print) -> None:
+    def __init__(self, config: RunConfig, rundir: RunDir, echo=print, scenarios: dict | None = None) -> None:
         self.config = config
+        self.scenarios: dict[int, Scenario] = dict(scenarios or {})  # built already (a new run's first seed)
         self.rundir = rundir
         self.methods = resolve_methods(config.methods)
         self.device = pick_device(config.device)
@@ -120,8 +121,7 @@ class Runner:
         return self.results()
 
     def run_seed(self, seed: int) -> None:
-        scenario = run_scenario(self.config, seed)
-        check_inputs(self.config.model, scenario.tasks[0].train.kind, self.config.data.source)  # before any model
+        scenario = self.scenarios.pop(seed, None) or checked_scenario(self.config, seed)
         self.meta = RunMeta(
             config=self.config.name,
             scenario=scenario.name or scenario.kind,
@@ -345,6 +345,13 @@ def run_scenario(config: RunConfig, seed: int) -> Scenario:
     )
 
 
+def checked_scenario(config: RunConfig, seed: int) -> Scenario:
+    """A seed's scenario, and the backbone checked against its data kind, before any model is built."""
+    scenario = run_scenario(config, seed)
+    check_inputs(config.model, scenario.tasks[0].train.kind, config.data.source)
+    return scenario
+
+
 def results_from_progress(config: RunConfig, progress: dict[str, Any], meta: RunMeta) -> RunResults:
     """The results of a run from its progress.json: a method's entry once it has a row or has failed."""
     methods = {}
@@ -422,6 +429,7 @@ def run(
     """Run a config (None: the embedded default) into ``out``, or continue the run in ``resume``;
     ``seeds`` with ``resume``: run these seeds, a superset of the run's own (adds seeds to a run).
     Returns results.json's content (``RunResults.from_json`` types it) and the run directory."""
+    scenarios: dict[int, Scenario] = {}
     if resume is not None:
         rundir = RunDir(resume)
         config = rundir.open_existing(seeds)  # a run, its config unchanged (but for added seeds); locked
@@ -430,11 +438,14 @@ def run(
             raise MergeclError("seeds= extends a resumed run; a new run takes its seeds from the config")
         if not isinstance(config, RunConfig):
             config = load_config(config)
-        pick_device(config.device)  # before the run directory exists: a fixed config then starts afresh
+        # before the run directory exists, so that a fixed config then starts afresh: the device, and
+        # the first seed's data (a wrong path, column or backbone for the data kind)
+        pick_device(config.device)
+        scenarios[config.seeds[0]] = checked_scenario(config, config.seeds[0])
         rundir = RunDir(distributed.broadcast_object(out if out is not None else default_out(config)))
         rundir.create(config)  # refused unless new or empty; locked
     try:
-        results = Runner(config, rundir, echo).run()
+        results = Runner(config, rundir, echo, scenarios).run()
         if report and distributed.is_main():
             from mergecl.evaluation.report import write_report
 
