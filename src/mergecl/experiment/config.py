@@ -8,6 +8,7 @@ train: {optimizer: adamw, lr: 0.001, epochs: 5, batch_size: 32}
 methods: [seq_ft, magmax, average, ties, random_mix, ind_ft+magmax, lwf, ewc, joint]
 method_options: {magmax: {lam: 0.5}, lwf: {lam: 0.3, temperature: 2}, ewc: {lam: 1.0e+6}}
 export: [magmax]          # optional: write RUN/export/magmax/ at the end (first seed, last step)
+loggers: [csv, tensorboard, {name: wandb, project: x}]   # optional: docs/loggers.md
 """
 
 from __future__ import annotations
@@ -98,14 +99,26 @@ class RunConfig(_Strict):
     keep_vectors: bool = True  # False: delete a seed's tensors once it has finished (its numbers stay)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     export: ExportConfig | None = None  # models to export at the end of the run; None: none
+    # experiment loggers (mergecl/loggers.py): a name or {name: ..., options}; none by default
+    loggers: list[str | dict[str, Any]] = Field(default_factory=list)
 
     @model_serializer(mode="wrap")
     def _without_absent_export(self, handler: Any) -> dict[str, Any]:
-        # a run without ``export:`` records its config as runs made before the key did
+        # a run without ``export:`` (or ``loggers:``) records its config as runs made before the key did
         data = handler(self)
         if data.get("export", 0) is None:
             del data["export"]
+        if data.get("loggers", 0) == []:
+            del data["loggers"]
         return data
+
+    @model_validator(mode="after")
+    def _check_loggers(self) -> RunConfig:
+        from mergecl.loggers import check_logger
+
+        for i, item in enumerate(self.loggers):
+            check_logger(item, f"loggers.{i}")
+        return self
 
     @model_validator(mode="after")
     def _check_export(self) -> RunConfig:

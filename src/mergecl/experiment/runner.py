@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mergecl import distributed
+from mergecl import distributed, loggers
 from mergecl.data.scenarios import build_scenario
 from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
@@ -80,6 +80,7 @@ class Runner:
         self.tuned: list[str] = []
         self.zero_shot_logits: dict[tuple[str, int], torch.Tensor] = {}
         self.lora: list[LoraPair] = []
+        self.loggers: loggers.Loggers | None = None  # the config's loggers, on rank 0 (run())
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -112,12 +113,21 @@ class Runner:
     # --- the run --------------------------------------------------------------------------------
 
     def run(self) -> RunResults:
-        for seed in self.config.seeds:
-            self.run_seed(seed)
-            self.export_models(seed)  # before keep_vectors: false deletes the tensors
-            if not self.config.keep_vectors:
-                self.rundir.remove_seed_tensors(seed)
-        self.commit_progress()
+        if self.config.loggers and distributed.is_main():
+            specs = [loggers.check_logger(item) for item in self.config.loggers]
+            config = self.config.model_dump(mode="json")
+            self.loggers = loggers.open_loggers(specs, self.rundir.path, config, self.config.name)
+        try:
+            for seed in self.config.seeds:
+                self.run_seed(seed)
+                self.export_models(seed)  # before keep_vectors: false deletes the tensors
+                if not self.config.keep_vectors:
+                    self.rundir.remove_seed_tensors(seed)
+            self.commit_progress()
+        finally:
+            if self.loggers is not None:
+                self.loggers.close()
+                self.loggers = None
         return self.results()
 
     def run_seed(self, seed: int) -> None:
@@ -205,6 +215,7 @@ class Runner:
         started = time.perf_counter()
         try:
             weights, info = self.weights(seed, spec, t, base, learner, scenario)
+            merge_time = time.perf_counter() - started
         except MergeclError as err:
             if spec.rule is None or isinstance(err, NonFiniteError):
                 raise
@@ -229,6 +240,11 @@ class Runner:
         spent = time.perf_counter() - started
         progress["method_time"][spec.name] = progress["method_time"].get(spec.name, 0.0) + spent
         self.commit_progress()
+        if self.loggers is not None:
+            self.loggers.evaluation(seed, spec.name, t, rows[t], info or {})
+            if spec.rule is not None:
+                self.loggers.merge_time(seed, spec.name, t, merge_time)
+            self.loggers.commit()
         acc = sum(rows[t][: t + 1]) / (t + 1)
         self.echo(f"seed {seed} step {t + 1}/{len(scenario.tasks)} {spec.name}: ACC {acc:.2f}")
 
@@ -271,7 +287,8 @@ class Runner:
         torch.manual_seed(seed_t)
         started = time.perf_counter()
         step = Step(learner, scenario, t, self.settings, seed_t, self.training_options(training), carried)
-        result = registered.step(step)
+        with loggers.recording(self.loggers.training(seed, training) if self.loggers else None):
+            result = registered.step(step)
         trained = learner.state_dict()
         tau = {k: trained[k].detach().cpu().float() - base[k].float() for k in self.tuned}
         check_finite(tau, "the model after the step")  # never committed: a broken step is not a result
@@ -282,6 +299,8 @@ class Runner:
             info[str(t)] = result.info
             self.rundir.write_json("progress.json", self.progress)
         self.rundir.save_tensors(vector_path, tau, {"stream": training, "task": str(t)})  # file format: "stream"
+        if self.loggers is not None:
+            self.loggers.commit()  # the step's counter is kept with its commit marker
         spent = time.perf_counter() - started
         times = self.seed_progress(seed)["train_time"]
         times[training] = times.get(training, 0.0) + spent

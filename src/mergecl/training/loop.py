@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mergecl import distributed, progress
+from mergecl import distributed, loggers, progress
 from mergecl.data.types import Split
 from mergecl.errors import MergeclError
 from mergecl.models.base import Learner
@@ -235,6 +235,7 @@ class _TaskTraining:
         learner.train()
         self.model = distributed.wrap(learner)  # DDP under torchrun: gradients averaged over processes
         self.world = distributed.world_size()
+        self.recorder = loggers.current()  # None unless the run has loggers (rank 0 only)
 
     def epoch(self, bar: progress.Bar) -> list[float]:
         """One pass over the data in the next seeded order, or up to the last step; its losses."""
@@ -257,13 +258,20 @@ class _TaskTraining:
         (loss * weight if self.world > 1 else loss).backward()
         for hook in self.hooks:
             hook.after_backward(self.learner)
+        norm = None
         if self.settings.grad_clip:
-            nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)  # the norm before clipping
+        if self.recorder is not None and norm is None:  # no clipping: the norm only when a logger wants it
+            grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.step += 1
         for hook in self.hooks:
             hook.after_step(self.learner, self.step)
         self.record(loss, weight, len(index))
+        if self.recorder is not None:
+            self.recorder.train_step(loss=self.stats.losses[-1], lr=lr, grad_norm=float(norm))
 
     def local_share(self, index: Tensor) -> tuple[Split, float]:
         """This process's share of a global batch and its loss weight: every process walks the same
