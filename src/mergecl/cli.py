@@ -268,20 +268,28 @@ def _quiet(quiet: bool):
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="tables and plots of a finished or half-finished run")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--format",
+        default="png,svg",
+        metavar="FMT[,FMT]",
+        help="figure formats, comma-separated among png, svg, pdf (default: png,svg); PNG (300 dpi) is "
+        "always written, report.md shows it; SVG and PDF are vector, for papers",
+    )
 
 
 def _run_report(args) -> int:
     from pathlib import Path
 
-    from mergecl.evaluation.report import format_table, write_report
+    from mergecl.evaluation.report import format_table, parse_formats, write_report
     from mergecl.experiment.rundir import RunDir
 
+    formats = parse_formats(args.format)  # a bad format: one error, before anything is read
     rundir = RunDir(args.run_dir)
     results = rundir.read_json("results.json")
     if results is None:
         raise MergeclError(f"{Path(args.run_dir) / 'results.json'}: no such file (is this a run directory?)")
     try:
-        written = write_report(results, rundir.path)
+        written = write_report(results, rundir.path, formats)
     except OSError as err:  # e.g. a read-only run directory: the tables still print
         print(format_table(results))
         raise MergeclError(f"the report could not be written ({_os_error(err)})") from None

@@ -3,6 +3,7 @@
 import csv
 import re
 import struct
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -10,7 +11,16 @@ import pytest
 from mergecl import atomic as _io
 from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
-from mergecl.evaluation.report import format_table, markdown_table, write_csv, write_report
+from mergecl.evaluation.report import (
+    acc_over_tasks_figure,
+    format_table,
+    heatmap_figure,
+    markdown_table,
+    parse_formats,
+    tradeoff_figure,
+    write_csv,
+    write_report,
+)
 
 FULL = [[90.0, 99.0, 5.0], [95.0, 85.0, 20.0], [60.0, 75.0, 95.0]]  # final 76.67, BWT -20, forgetting 22.5
 HALF = [[90.0, 30.0, 25.0], [95.0, 85.0, 40.0]]  # 2 of 3 steps: final 90, BWT +5, forgetting -5
@@ -162,13 +172,8 @@ def test_write_report_files(tmp_path):
     paths = write_report(results(), out)
     names = [p.name for p in paths]
     assert names[0] == "report.md"
-    assert set(names) == {
-        "report.md",
-        "results.csv",
-        "heatmap_seq_ft.png",
-        "heatmap_magmax.png",
-        "acc_over_tasks.png",
-    }
+    figures = ("heatmap_seq_ft", "heatmap_magmax", "acc_over_tasks", "final_acc_vs_bwt")
+    assert set(names) == {"report.md", "results.csv"} | {f"{f}.{ext}" for f in figures for ext in ("png", "svg")}
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # nothing else: no temp files
     for path in paths:
         assert path.is_file() and path.stat().st_size > 0
@@ -180,7 +185,7 @@ def test_write_report_files(tmp_path):
     assert "- **scenario**: class-incremental" in report
     assert "| seq_ft | 3/3 | 76.67 ± 1.23 |" in report
     assert "| joint | - | 95.00 |" in report
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)  # the PNGs
     assert sorted(links) == sorted(n for n in names if n.endswith(".png"))
     assert all((out / link).is_file() for link in links)
     assert "| c | 60.00 | 75.00 | 95.00 |" in report  # the matrix as text, rows labelled by task name
@@ -211,7 +216,7 @@ def test_odd_method_names_get_distinct_safe_file_names(tmp_path):
     matrix = [[50.0]]
     res = {"methods": {name: {"accuracy_matrix": matrix} for name in ["a/b", "a b", "Seq", "seq", "../x", "λ"]}}
     paths = write_report(res, tmp_path)
-    heatmaps = [p.name for p in paths if p.name.startswith("heatmap_")]
+    heatmaps = [p.name for p in paths if p.name.startswith("heatmap_") and p.suffix == ".png"]
     assert len(heatmaps) == 6 and len({h.lower() for h in heatmaps}) == 6
     assert all(re.fullmatch(r"heatmap_[A-Za-z0-9._-]+\.png", h) for h in heatmaps)
     assert all(p.parent == tmp_path for p in paths)
@@ -265,3 +270,199 @@ def test_bad_results_raise_one_clear_error_and_write_nothing(tmp_path, res, mess
     with pytest.raises(MergeclError, match=message):
         write_report(res, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- figures a paper can use -------------------------------------------------------------------------
+
+SEED_MATRICES = {  # three seeds of two methods; "twin" equals "magmax" on every seed
+    "seq_ft": [
+        FULL,
+        [[88.0, 97.0, 4.0], [93.0, 87.0, 22.0], [55.0, 72.0, 96.0]],
+        [[92.0, 98.0, 6.0], [96.0, 84.0, 18.0], [65.0, 79.0, 94.0]],
+    ],
+    "magmax": [[[90.0, 0.0, 0.0], [92.0, 88.0, 0.0], [91.0, 86.0, 89.0]]] * 2
+    + [[[86.0, 0.0, 0.0], [90.0, 84.0, 0.0], [89.0, 85.0, 83.0]]],
+}
+LONG_NAMES = ["task1 (classes 0-29)", "task2 (classes 30-59)", "task3 (classes 60-89)"]
+
+
+def seeded_results():
+    from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary
+
+    methods = {}
+    for name in ("seq_ft", "magmax", "twin"):
+        rows = SEED_MATRICES["magmax" if name == "twin" else name]
+        per_seed = {str(seed): SeedSummary.of_rows(matrix) for seed, matrix in enumerate(rows)}
+        methods[name] = MethodResult.mean_of(per_seed, {str(seed): 3 for seed in range(3)})
+    methods["joint"] = MethodResult.mean_of({"0": SeedSummary.of_final_row([95.0, 94.0, 93.0])}, {"0": 3})
+    return RunResults(methods, RunMeta(config="seeded", task_names=LONG_NAMES, num_tasks=3, seeds=[0, 1, 2]))
+
+
+def _all_text(fig):
+    fig.canvas.draw()  # lays out the ticks
+    return [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() + ax.get_yticklabels()]
+
+
+def test_every_figure_in_every_format_asked_for(tmp_path):
+    paths = write_report(seeded_results(), tmp_path, "png,svg,pdf")
+    stems = ["heatmap_seq_ft", "heatmap_magmax", "heatmap_twin", "acc_over_tasks", "final_acc_vs_bwt"]
+    names = {p.name for p in paths}
+    for stem in stems:
+        assert {f"{stem}.png", f"{stem}.svg", f"{stem}.pdf"} <= names
+        _assert_real_image(tmp_path / f"{stem}.png", max_px=5000)
+        assert (tmp_path / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert not (tmp_path / "heatmap_joint.png").exists()  # final only: no heatmap
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (tmp_path / "report.md").read_text())
+    assert sorted(links) == sorted(f"{stem}.png" for stem in stems)  # report.md shows the PNGs
+
+
+def test_png_is_at_print_resolution(tmp_path):
+    from PIL import Image
+
+    write_report(seeded_results(), tmp_path, "png")
+    with Image.open(tmp_path / "acc_over_tasks.png") as image:
+        dpi = image.info["dpi"]
+        assert round(dpi[0]) == 300 and image.size[0] >= 1500  # about 7 inches wide at 300 dpi
+    assert not list(tmp_path.glob("*.svg")) and not list(tmp_path.glob("*.pdf"))
+
+
+def test_svg_is_xml_with_the_method_and_task_names_as_text(tmp_path):
+    write_report(seeded_results(), tmp_path, ["svg"])  # PNG comes too: report.md shows it
+    assert (tmp_path / "acc_over_tasks.png").is_file()
+    for stem, words in [
+        ("acc_over_tasks", ["seq_ft", "magmax", "twin"]),
+        ("final_acc_vs_bwt", ["seq_ft", "magmax", "twin"]),
+        ("heatmap_seq_ft", ["seq_ft", "mean over 3 seeds", *LONG_NAMES]),
+    ]:
+        root = ET.parse(tmp_path / f"{stem}.svg").getroot()
+        assert root.tag.endswith("svg")
+        texts = " ".join("".join(el.itertext()) for el in root.iter() if el.tag.endswith("text"))
+        for word in words:
+            assert word in texts, (stem, word)
+
+
+def test_svg_and_png_are_the_same_bytes_when_written_again(tmp_path):
+    write_report(seeded_results(), tmp_path / "a", "png,svg,pdf")
+    write_report(seeded_results(), tmp_path / "b", "png,svg,pdf")
+    for name in ("acc_over_tasks.svg", "acc_over_tasks.png", "acc_over_tasks.pdf"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_acc_over_tasks_draws_a_band_per_method_with_several_seeds():
+    from matplotlib.collections import PolyCollection
+
+    from mergecl.evaluation.report import _band, _style
+
+    results = seeded_results()
+    curves = {"seq_ft": [90.0, 90.0, 76.67], "solo": [80.0, 70.0]}
+    band, n = _band(results.methods["seq_ft"], 3)
+    assert n == 3 and band.shape == (3,) and band[-1] == pytest.approx(results.methods["seq_ft"].std["final_acc"])
+    fig = acc_over_tasks_figure(curves, 3, {"seq_ft": band}, "mean over 3 seeds")
+    (ax,) = [a for a in fig.axes if a.get_lines()]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1  # "solo" has one seed: no band
+    assert "mean over 3 seeds" in ax.get_title()
+    legend = ax.get_legend()
+    assert "std" in legend.get_title().get_text()
+    assert any("seq_ft (76.7 ± " in t.get_text() for t in legend.get_texts())
+    # the band spans mean ± std
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert ys.max() == pytest.approx(max(m + s for m, s in zip(curves["seq_ft"], band, strict=True)))
+    # one seed only: no band at all
+    fig1 = acc_over_tasks_figure(curves, 3)
+    assert not [c for ax in fig1.axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert _style(0) != _style(1)
+
+
+def test_equal_methods_differ_in_colour_line_style_and_marker():
+    results = seeded_results()
+    from mergecl.evaluation import metrics
+
+    curves = {n: metrics.incremental_accs(np.array(results.methods[n].matrix)) for n in ("seq_ft", "magmax", "twin")}
+    assert curves["magmax"] == curves["twin"]
+    fig = acc_over_tasks_figure(curves, 3)
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    magmax = next(v for k, v in lines.items() if k.startswith("magmax"))
+    twin = next(v for k, v in lines.items() if k.startswith("twin"))
+    assert magmax.get_color() != twin.get_color()
+    assert magmax.get_linestyle() != twin.get_linestyle()
+    assert magmax.get_marker() != twin.get_marker()
+    assert magmax.get_markerfacecolor() == "none"  # hollow: a marker under another still shows
+
+
+def test_heatmap_says_what_it_averages_and_never_cuts_a_task_name():
+    results = seeded_results()
+    matrix = np.array(results.methods["seq_ft"].matrix)
+    fig = heatmap_figure("seq_ft", matrix, 3, LONG_NAMES, "mean over 3 seeds")
+    (ax,) = [a for a in fig.axes if a.get_images()]
+    assert "mean over 3 seeds" in ax.get_title()
+    labels = _all_text(fig)
+    assert not any("…" in label for label in labels)
+    for name in LONG_NAMES:  # whole, maybe wrapped over lines
+        assert name in [label.replace("\n", " ") for label in labels]
+
+
+def test_report_heatmap_titles_say_seed_count(tmp_path):
+    write_report(seeded_results(), tmp_path, "svg")
+    assert "mean over 3 seeds" in (tmp_path / "heatmap_magmax.svg").read_text()
+    single = {"methods": {"m": {"accuracy_matrix": FULL, "seeds": None, "coverage": {"7": 3}}}}
+    write_report(single, tmp_path / "one", "svg")
+    assert "seed 7" in (tmp_path / "one" / "heatmap_m.svg").read_text()
+
+
+def test_tradeoff_scatter_one_labelled_point_per_method_with_error_bars():
+    from matplotlib.container import ErrorbarContainer
+
+    results = seeded_results()
+    fig = tradeoff_figure(results)
+    (ax,) = fig.axes
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [c.get_label() for c in bars] == ["seq_ft", "magmax", "twin"]  # joint: final only, no BWT
+    for container in bars:
+        point, _caps, bar_lines = container.lines
+        assert len(point.get_xdata()) == 1 and len(bar_lines) == 2  # one point, bars in x and y
+        assert container.has_xerr and container.has_yerr
+    seq = results.methods["seq_ft"]
+    x, y = bars[0].lines[0].get_xydata()[0]
+    assert (x, y) == pytest.approx((seq.bwt, seq.final_acc))
+    labels = [t.get_text() for t in ax.texts]
+    assert sorted(labels) == ["magmax", "seq_ft", "twin"]
+    # equal points: the labels are not on top of each other
+    offsets = {t.get_text(): t.xyann for t in ax.texts}
+    assert offsets["magmax"] != offsets["twin"]
+    assert "std over seeds" in ax.get_title()
+    assert not any("…" in label for label in _all_text(fig))
+
+
+def test_tradeoff_with_one_seed_has_no_error_bars():
+    fig = tradeoff_figure({"methods": {"m": {"accuracy_matrix": FULL}}})
+    (ax,) = fig.axes
+    (container,) = ax.containers
+    assert not container.has_xerr and not container.has_yerr
+    assert "no error bars" in ax.get_title()
+
+
+@pytest.mark.parametrize(
+    ("text", "formats"),
+    [("png", ("png",)), ("svg", ("png", "svg")), ("PDF, svg", ("png", "svg", "pdf")), (["pdf"], ("png", "pdf"))],
+)
+def test_parse_formats(text, formats):
+    assert parse_formats(text) == formats
+
+
+@pytest.mark.parametrize("text", ["eps", "", "png,jpg"])
+def test_a_bad_format_writes_nothing(tmp_path, text):
+    with pytest.raises(MergeclError, match="choose among png, svg, pdf"):
+        write_report(results(), tmp_path / "out", text)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_report_format(tmp_path, capsys):
+    import json
+
+    from mergecl.cli import main
+
+    (tmp_path / "results.json").write_text(json.dumps(seeded_results().to_json()))
+    assert main(["report", str(tmp_path), "--format", "png,pdf"]) == 0
+    assert (tmp_path / "final_acc_vs_bwt.pdf").is_file() and not (tmp_path / "final_acc_vs_bwt.svg").exists()
+    assert "final_acc_vs_bwt.pdf" in capsys.readouterr().out

@@ -16,8 +16,12 @@ entry holds; here:
   and steps they cover whenever that is not simply every seed at the same step (a note under the
   tables, a ``coverage`` column in the CSV).
 
-Plots use matplotlib's object API (``Figure`` + Agg canvas), never pyplot: no display is needed and the
-caller's global backend is left alone. Every file is written atomically.
+Figures (``write_report``): a heatmap of the accuracy matrix per method (the mean over seeds, said in its
+title), ACC_t over tasks (the mean over seeds, a band of ± 1 std over seeds when there are several) and
+final ACC against BWT (one point per method, error bars of ± 1 std over seeds); each as PNG at 300 dpi
+and, as asked, SVG and PDF (vector, text kept as text). Plots use matplotlib's object API (``Figure``),
+never pyplot: no display is needed and the caller's global backend is left alone. Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -35,17 +39,25 @@ from typing import Any
 import numpy as np
 
 from mergecl.atomic import atomic_write_bytes, atomic_write_text
+from mergecl.errors import MergeclError
 from mergecl.evaluation import metrics
 from mergecl.evaluation.results import MethodResult, RunResults
 
 __all__ = [
+    "DEFAULT_FORMATS",
+    "FORMATS",
     "METRIC_COLUMNS",
+    "acc_over_tasks_figure",
     "acc_over_tasks_png",
     "coverage_notes",
     "failures",
+    "figure_bytes",
     "format_table",
+    "heatmap_figure",
     "heatmap_png",
     "markdown_table",
+    "parse_formats",
+    "tradeoff_figure",
     "write_csv",
     "write_report",
 ]
@@ -227,27 +239,98 @@ def write_csv(results: Results, path: str | os.PathLike[str]) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Plots
+#
+# Every figure is built once and saved in each format asked for: PNG at print resolution (``DPI``),
+# SVG with its text as text (searchable, editable), PDF with TrueType fonts; saved with
+# ``bbox_inches="tight"`` so that no label is cut, and without a date so that the files of the same
+# results are the same bytes. A method keeps its colour, line style and marker (``_style``) in every
+# figure of a report.
+
+FORMATS = ("png", "svg", "pdf")
+DEFAULT_FORMATS = ("png", "svg")  # report.md shows the PNGs; the SVGs are for papers and slides
+DPI = 300
+# Okabe-Ito: told apart also by colour-blind readers and in greyscale together with styles and markers
+_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_TICK_WRAP = 16  # characters per line of a task name on an axis
 
 
-def _figure_png(fig: Any) -> bytes:
+def _style(index: int) -> dict[str, Any]:
+    """The colour, line style and marker of the index-th method: every triple differs for the first 40
+    methods, and lines with equal values stay visible (different dashes, hollow markers of different
+    shapes drawn over each other)."""
+    return {
+        "color": _COLOURS[index % len(_COLOURS)],
+        "linestyle": _LINESTYLES[index % len(_LINESTYLES)],
+        "marker": _MARKERS[index % len(_MARKERS)],
+    }
+
+
+def parse_formats(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"png,svg"`` (or a list) as a tuple of formats, checked; PNG always among them (report.md shows it)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    formats = [item.strip().lower().lstrip(".") for item in items if item.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise MergeclError(
+            f"figure format {', '.join(map(repr, unknown)) or 'list empty'}: choose among {', '.join(FORMATS)}"
+        )
+    return tuple(f for f in FORMATS if f in formats or f == "png")
+
+
+def figure_bytes(fig: Any, fmt: str = "png") -> bytes:
+    """The bytes of a figure in one format (png at ``DPI``, svg with text as text, pdf with TrueType)."""
+    from matplotlib import rc_context
+
+    if fmt not in FORMATS:
+        raise MergeclError(f"figure format {fmt!r}: choose among {', '.join(FORMATS)}")
+    metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "mergecl", "pdf.fonttype": 42}):
+        fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.05, metadata=metadata)
     return buffer.getvalue()
 
 
+def _figure_png(fig: Any) -> bytes:
+    return figure_bytes(fig, "png")
+
+
 def _tick_labels(names: list[str] | None, count: int) -> list[str]:
+    """Full task names (never cut); numbers 1..count when the names are missing or too few."""
     if names and len(names) >= count:
-        return [n if len(n) <= 14 else n[:13] + "…" for n in names[:count]]
+        return [str(n) for n in names[:count]]
     return [str(i + 1) for i in range(count)]
 
 
-def heatmap_png(
-    method: str, matrix: np.ndarray, num_tasks: int | None = None, task_names: list[str] | None = None
-) -> bytes:
-    """PNG bytes of one accuracy matrix: rows = model after step t, columns = task i, cells annotated.
+def _wrapped(label: str) -> str:
+    import textwrap
+
+    return textwrap.fill(label, _TICK_WRAP, break_long_words=False, break_on_hyphens=False) or label
+
+
+def _seed_words(result: MethodResult | None) -> str | None:
+    """What a method's numbers average, in words: "mean over 3 seeds", "seed 0"; None: not known."""
+    if result is None:
+        return None
+    seeds = result.seeds_in_numbers() or (list(result.seeds) if result.seeds else None)
+    if not seeds:
+        return None
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over {len(seeds)} seeds"
+
+
+def heatmap_figure(
+    method: str,
+    matrix: np.ndarray,
+    num_tasks: int | None = None,
+    task_names: list[str] | None = None,
+    seeds: str | None = None,
+) -> Any:
+    """The figure of one accuracy matrix: rows = model after step t, columns = task i, cells annotated.
 
     All ``num_tasks`` rows are drawn; steps not run yet stay grey. The red staircase separates tasks
     already trained (left, ``i <= t``) from future tasks (right: zero-shot / forward transfer).
+    ``seeds`` says what the cells are (e.g. "mean over 3 seeds"), in the title.
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -258,15 +341,15 @@ def heatmap_png(
     grid[:steps, :width] = matrix
     vmax = max(100.0, float(np.nanmax(matrix)))  # percent; never let one method rescale the colours
 
-    side = min(2.0 + 0.75 * size, 22.0)
-    fig = Figure(figsize=(side + 1.6, side), dpi=100, layout="constrained")
+    side = min(1.5 + 0.55 * size, 12.0)
+    fig = Figure(figsize=(side + 1.4, side), layout="constrained")
     ax = fig.add_subplot()
     cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
 
     if size <= 25:  # beyond that the numbers are unreadable; the colours remain
-        fontsize = 10 if size <= 8 else 9  # cells keep a fixed size (the figure grows with T)
+        fontsize = 9 if size <= 8 else 7  # cells keep a fixed size (the figure grows with T)
         for t in range(steps):
             for i in range(width):
                 value = grid[t, i]
@@ -291,45 +374,218 @@ def heatmap_png(
         ys += [t - 0.5, t + 0.5]
     ax.plot(xs, ys, color="#d62728", linewidth=2.0)
 
-    labels = _tick_labels(task_names, size)
-    rotate = bool(task_names) and len(task_names) >= size  # names are long: slant them; numbers stay upright
-    ax.set_xticks(range(size), labels, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-    ax.set_yticks(range(size), labels)
+    labels = [_wrapped(label) for label in _tick_labels(task_names, size)]
+    rotate = bool(task_names) and len(task_names) >= size  # names: slanted; numbers stay upright
+    ax.set_xticks(
+        range(size),
+        labels,
+        rotation=40 if rotate else 0,
+        ha="right" if rotate else "center",
+        rotation_mode="anchor" if rotate else "default",
+        fontsize=8 if rotate else None,
+    )
+    ax.set_yticks(range(size), labels, fontsize=8 if rotate else None)
     ax.set_xlim(-0.5, size - 0.5)
     ax.set_ylim(size - 0.5, -0.5)
     ax.set_xlabel("evaluated on task i")
     ax.set_ylabel("model after training task t")
-    done = "" if steps >= size else f"  ({steps}/{size} tasks done)"
-    ax.set_title(f"{method}{done}")
-    return _figure_png(fig)
+    done = "" if steps >= size else f", {steps}/{size} tasks done"
+    what = f"accuracy (%), {seeds}" if seeds else "accuracy (%)"
+    ax.set_title(f"{method}\n{what}{done}", fontsize=10)
+    return fig
 
 
-def acc_over_tasks_png(curves: Mapping[str, list[float]], num_tasks: int | None = None) -> bytes:
-    """PNG bytes of ``ACC_t`` against the number of tasks trained, one line per method."""
+def heatmap_png(
+    method: str,
+    matrix: np.ndarray,
+    num_tasks: int | None = None,
+    task_names: list[str] | None = None,
+    seeds: str | None = None,
+) -> bytes:
+    """PNG bytes of ``heatmap_figure``."""
+    return _figure_png(heatmap_figure(method, matrix, num_tasks, task_names, seeds))
+
+
+def _band(result: MethodResult, steps: int) -> tuple[np.ndarray, int] | None:
+    """(std over seeds of ACC_t per step, number of seeds) from the per-seed summaries of the seeds
+    in the numbers; None: fewer than two seeds with a matrix of every step."""
+    chosen = result.seeds_in_numbers() or list(result.seeds or {})
+    curves = []
+    for seed in chosen:
+        summary = (result.seeds or {}).get(seed)
+        if summary is None or summary.final_only or not summary.matrix or len(summary.matrix) < steps:
+            continue
+        matrix = metrics.as_accuracy_matrix(summary.matrix[:steps])
+        curves.append(metrics.incremental_accs(matrix))
+    if len(curves) < 2:
+        return None
+    return np.std(np.asarray(curves, dtype=float), axis=0, ddof=1), len(curves)
+
+
+def acc_over_tasks_figure(
+    curves: Mapping[str, list[float]],
+    num_tasks: int | None = None,
+    bands: Mapping[str, list[float] | np.ndarray] | None = None,
+    seeds: str | None = None,
+) -> Any:
+    """``ACC_t`` against the number of tasks trained, one line per method; ``bands[method]``: the std over
+    seeds per step, drawn as a shaded band of ± 1 std around the line (said in the legend's title).
+    ``seeds`` (e.g. "mean over 3 seeds") goes in the title."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9.5, 4.8), dpi=100, layout="constrained")
+    bands = bands or {}
+    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
     ax = fig.add_subplot()
     longest = max([len(c) for c in curves.values()] + [num_tasks or 0, 1])
-    styles = [("-", "o"), ("--", "s"), (":", "^")]  # the 10 colours repeat: a new line style per round
     lines = []
     for i, (method, accs) in enumerate(curves.items()):
-        linestyle, marker = styles[i // 10 % len(styles)]
-        label = f"{method} ({accs[-1]:.1f})" if accs else method
-        (line,) = ax.plot(range(1, len(accs) + 1), accs, f"C{i % 10}", ls=linestyle, marker=marker, ms=4, label=label)
+        style = _style(i)
+        xs = np.arange(1, len(accs) + 1)
+        band = bands.get(method)
+        label = method
+        if accs:
+            final = f"{accs[-1]:.1f}" + (f" ± {float(band[len(accs) - 1]):.1f}" if band is not None else "")
+            label = f"{method} ({final})"
+        (line,) = ax.plot(
+            xs,
+            accs,
+            **style,
+            linewidth=1.6,
+            markersize=6.5 - 0.4 * (i % 4),
+            markerfacecolor="none",
+            markeredgewidth=1.3,
+            label=label,
+            zorder=3,
+        )
+        if band is not None and accs:
+            spread = np.asarray(band, dtype=float)[: len(accs)]
+            mean = np.asarray(accs, dtype=float)
+            ax.fill_between(xs, mean - spread, mean + spread, color=style["color"], alpha=0.15, lw=0, zorder=2)
         lines.append((accs[-1] if accs else float("-inf"), line))
     top = max([max(c) for c in curves.values() if c] + [100.0])
     ax.set_ylim(0.0, top * 1.02)
     ax.set_xlim(0.75, longest + 0.25)
     ax.set_xticks(range(1, longest + 1) if longest <= 25 else np.linspace(1, longest, 10, dtype=int))
     ax.set_xlabel("tasks trained")
-    ax.set_ylabel("ACC_t: mean accuracy on tasks seen (%)")
-    ax.set_title("Accuracy over tasks")
+    ax.set_ylabel("ACC$_t$: mean accuracy on tasks seen (%)")
+    ax.set_title("Accuracy over tasks" + (f" ({seeds})" if seeds else ""), fontsize=11)
     ax.grid(True, alpha=0.3)
     if curves:  # outside the axes, best final ACC first
         ranked = [line for _, line in sorted(lines, key=lambda pair: -pair[0])]
-        ax.legend(handles=ranked, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="final ACC")
-    return _figure_png(fig)
+        title = "final ACC ± std\n(band: ± 1 std over seeds)" if bands else "final ACC"
+        ax.legend(
+            handles=ranked, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title=title, title_fontsize=8
+        )
+    return fig
+
+
+def acc_over_tasks_png(
+    curves: Mapping[str, list[float]],
+    num_tasks: int | None = None,
+    bands: Mapping[str, list[float] | np.ndarray] | None = None,
+    seeds: str | None = None,
+) -> bytes:
+    """PNG bytes of ``acc_over_tasks_figure``."""
+    return _figure_png(acc_over_tasks_figure(curves, num_tasks, bands, seeds))
+
+
+def _tradeoff_points(results: RunResults) -> list[tuple[int, str, MethodResult]]:
+    """(style index, name, result) of the methods with both a final ACC and a BWT."""
+    return [
+        (i, name, result)
+        for i, (name, result) in enumerate(results.methods.items())
+        if result.failed is None and result.final_acc is not None and result.bwt is not None
+    ]
+
+
+def tradeoff_figure(results: Results) -> Any:
+    """Final ACC against BWT, one point per method (the stability/plasticity picture), with error bars
+    of ± 1 std over seeds where the run has several; each point labelled with its method."""
+    from matplotlib.figure import Figure
+
+    results = RunResults.read(results)
+    points = _tradeoff_points(results)
+    fig = Figure(figsize=(6.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    with_std = False
+    offsets = _label_offsets(points)
+    for i, name, result in points:
+        style = _style(i)
+        xerr, yerr = result.std.get("bwt"), result.std.get("final_acc")
+        with_std = with_std or xerr is not None or yerr is not None
+        ax.errorbar(
+            [result.bwt],
+            [result.final_acc],
+            xerr=None if xerr is None else [xerr],
+            yerr=None if yerr is None else [yerr],
+            color=style["color"],
+            marker=style["marker"],
+            markersize=7,
+            markerfacecolor="none",
+            markeredgewidth=1.5,
+            linestyle="none",
+            elinewidth=1.0,
+            capsize=3,
+            label=name,
+            zorder=3,
+        )
+        ax.annotate(
+            name,
+            (result.bwt, result.final_acc),
+            xytext=offsets[name],
+            textcoords="offset points",
+            fontsize=8,
+            color=style["color"],
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            zorder=4,
+        )
+    ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=1)
+    if points:  # every point and its error bars inside, the line BWT = 0 too, room for the labels
+        xlo = [r.bwt - r.std.get("bwt", 0.0) for _, _, r in points] + [0.0]
+        xhi = [r.bwt + r.std.get("bwt", 0.0) for _, _, r in points] + [0.0]
+        ylo = [r.final_acc - r.std.get("final_acc", 0.0) for _, _, r in points]
+        yhi = [r.final_acc + r.std.get("final_acc", 0.0) for _, _, r in points]
+        xpad = max(0.5, 0.06 * (max(xhi) - min(xlo)))
+        ypad = max(0.5, 0.06 * (max(yhi) - min(ylo)))
+        ax.set_xlim(min(xlo) - xpad, max(xhi) + 3 * xpad)
+        ax.set_ylim(min(ylo) - ypad, max(yhi) + ypad)
+    ax.set_xlabel("BWT (%): stability (0 = no forgetting, negative = forgetting)")
+    ax.set_ylabel("final ACC (%): mean accuracy on all tasks")
+    seeds = _run_seed_words(results)
+    bars = "error bars: ± 1 std over seeds" if with_std else "single seed: no error bars"
+    ax.set_title(
+        f"Final accuracy vs backward transfer\n({seeds}; {bars})"
+        if seeds
+        else f"Final accuracy vs backward transfer\n({bars})",
+        fontsize=10,
+    )
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _label_offsets(points: list[tuple[int, str, MethodResult]]) -> dict[str, tuple[float, float]]:
+    """The offset (points) of each method's label from its point: up and right, and one line lower for
+    each point placed before it close by, so that the labels of equal or near points never overlap."""
+    xs = [r.bwt for _, _, r in points]
+    ys = [r.final_acc for _, _, r in points]
+    xspan = (max(xs) - min(xs)) or 1.0 if xs else 1.0
+    yspan = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+    placed: list[tuple[float, float, int]] = []
+    offsets = {}
+    for _, name, r in sorted(points, key=lambda p: -(p[2].final_acc or 0.0)):
+        x, y = r.bwt / xspan, r.final_acc / yspan
+        near = [line for px, py, line in placed if abs(px - x) < 0.12 and abs(py - y) < 0.08]
+        line = next(n for n in range(len(placed) + 1) if n not in near)
+        placed.append((x, y, line))
+        offsets[name] = (7.0, 5.0 - 11.0 * line)
+    return offsets
+
+
+def _run_seed_words(results: RunResults) -> str | None:
+    """What the numbers of the run average, when every method with numbers says the same."""
+    words = {_seed_words(r) for r in results.methods.values() if r.failed is None and r.steps is not None}
+    words.discard(None)
+    return words.pop() if len(words) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +626,9 @@ def _failure_list(messages: list[str]) -> str:
     return "".join(f"- {_md_escape(message)}\n" for message in messages)
 
 
-def _report_markdown(results: RunResults, heatmaps: list[tuple[str, np.ndarray, str]], has_curves: bool) -> str:
+def _report_markdown(
+    results: RunResults, heatmaps: list[tuple[str, np.ndarray, str]], has_curves: bool, has_tradeoff: bool
+) -> str:
     run = results.run.to_json()
     title = results.run.title
     parts = [f"# mergecl report{f': {title}' if title else ''}\n"]
@@ -391,12 +649,22 @@ def _report_markdown(results: RunResults, heatmaps: list[tuple[str, np.ndarray, 
         "the union of all test sets with a head over all classes; tasks = steps done / tasks.\n",
     ]
     if has_curves:
-        parts += ["## Accuracy over tasks\n", "![ACC_t per method](acc_over_tasks.png)\n"]
+        parts += [
+            "## Accuracy over tasks\n",
+            "![ACC_t per method](acc_over_tasks.png)\n",
+            "Mean over seeds; the shaded band is ± 1 std over seeds (when the run has several).\n",
+        ]
+    if has_tradeoff:
+        parts += [
+            "## Final ACC vs BWT\n",
+            "![final ACC against BWT per method](final_acc_vs_bwt.png)\n",
+            "One point per method; error bars: ± 1 std over seeds (when the run has several).\n",
+        ]
     if heatmaps:
         parts.append("## Accuracy matrices\n")
         parts.append(
             "Row t = model after training task t, column i = test set of task i (italic in the "
-            "images: tasks not trained yet).\n"
+            "images: tasks not trained yet); the mean over the seeds in the numbers.\n"
         )
         names = _task_names(results)
         for name, matrix, filename in heatmaps:
@@ -409,29 +677,49 @@ def _report_markdown(results: RunResults, heatmaps: list[tuple[str, np.ndarray, 
     return "\n".join(parts)
 
 
-def write_report(results: Results, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write report.md, results.csv, ``heatmap_<method>.png`` per method and ``acc_over_tasks.png``.
+def write_report(
+    results: Results, out_dir: str | os.PathLike[str], formats: str | tuple[str, ...] | list[str] = DEFAULT_FORMATS
+) -> list[Path]:
+    """Write report.md, results.csv and the figures: ``heatmap_<method>``, ``acc_over_tasks`` and
+    ``final_acc_vs_bwt``, each in every format of ``formats`` (see ``parse_formats``; PNG always, since
+    report.md shows the PNGs).
 
     Works on half-finished runs (fewer matrix rows than tasks). Methods without an accuracy matrix of
-    every step (final only, failed) appear in the tables only. Returns the paths written, report.md first.
+    every step (final only, failed) appear in the tables and the scatter only (final only: in neither,
+    it has no BWT). Returns the paths written, report.md first.
     """
     out = Path(out_dir)
-    results = RunResults.read(results)  # checks everything before the first file is written
+    formats = parse_formats(formats)  # checked, like the results, before the first file is written
+    results = RunResults.read(results)
     num_tasks = results.num_tasks
     names = _task_names(results)
     matrices = {name: _matrix(result) for name, result in results.methods.items()}
     matrices = {name: matrix for name, matrix in matrices.items() if matrix is not None}
     taken: set[str] = set()
-    heatmaps = [(name, matrix, f"heatmap_{_slug(name, taken)}.png") for name, matrix in matrices.items()]
+    heatmaps = [(name, matrix, f"heatmap_{_slug(name, taken)}") for name, matrix in matrices.items()]
     curves = {name: metrics.incremental_accs(matrix) for name, matrix in matrices.items()}
+    bands = {}
+    for name, curve in curves.items():
+        band = _band(results.methods[name], len(curve))
+        if band is not None:
+            bands[name] = band[0]
+    has_tradeoff = bool(_tradeoff_points(results))
 
     written = [out / "report.md", out / "results.csv"]
     images = []
-    for name, matrix, filename in heatmaps:
-        images.append(atomic_write_bytes(out / filename, heatmap_png(name, matrix, num_tasks, names)))
+
+    def save(fig: Any, stem: str) -> None:
+        for fmt in formats:
+            images.append(atomic_write_bytes(out / f"{stem}.{fmt}", figure_bytes(fig, fmt)))
+
+    for name, matrix, stem in heatmaps:
+        save(heatmap_figure(name, matrix, num_tasks, names, _seed_words(results.methods[name])), stem)
     if curves:
-        images.append(atomic_write_bytes(out / "acc_over_tasks.png", acc_over_tasks_png(curves, num_tasks)))
+        save(acc_over_tasks_figure(curves, num_tasks, bands, _run_seed_words(results)), "acc_over_tasks")
+    if has_tradeoff:
+        save(tradeoff_figure(results), "final_acc_vs_bwt")
     write_csv(results, out / "results.csv")
     # report.md last: once it exists, everything it links to exists too.
-    atomic_write_text(out / "report.md", _report_markdown(results, heatmaps, bool(curves)))
+    heatmap_pngs = [(name, matrix, f"{stem}.png") for name, matrix, stem in heatmaps]
+    atomic_write_text(out / "report.md", _report_markdown(results, heatmap_pngs, bool(curves), has_tradeoff))
     return written + images
