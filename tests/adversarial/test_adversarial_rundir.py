@@ -436,6 +436,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_no_half_run(tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # as from a terminal: a shell's background job (`cmd &`) starts with SIGINT ignored, and
+            # mergecl rightly keeps a parent's choice to ignore it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         for out in outs
     ]
