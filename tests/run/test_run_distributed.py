@@ -9,6 +9,7 @@ distributions, so float rounding of batch-size-dependent kernels grows to ~1e-2 
 may move a test prediction or two: LwF accuracies agree within 1.5 points.
 """
 
+import fcntl
 import json
 import os
 import signal
@@ -96,6 +97,18 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(single):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert marker.exists() and not (run_dir / "seed0" / "became" / "task2.safetensors").exists()
+    # the killed workers release the run's lock when the kernel has torn them down, which can take
+    # longer than the 2 s a resume waits: wait for it as a user would (the message says to)
+    with open(run_dir / ".mergecl.lock", "rb") as handle:
+        deadline = time.time() + 60
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the killed run's lock was never released"
+                time.sleep(0.1)
     finished("run", "--resume", run_dir, "--quiet", "--nproc", 2)
     assert_same_run(single / "one", run_dir)
 
