@@ -34,6 +34,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from mergecl.options import RANGE_WORDS
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "reference" / "config.md"
 
@@ -108,15 +110,6 @@ DESCRIPTIONS = {
     "method_options.pam.merge": "the global model after a task: the running mean of the task models, or the "
     "mean of the previous global model and the task model",
 }
-
-_BOUNDS = (
-    ("ge", ">="),
-    ("gt", ">"),
-    ("le", "<="),
-    ("lt", "<"),
-    ("min_length", "length >="),
-    ("max_length", "length <="),
-)
 
 
 # --- reading a schema ---------------------------------------------------------------------------
@@ -212,7 +205,7 @@ def type_name(annotation: Any) -> str:
 
 def _bounds(metadata: list[Any]) -> list[str]:
     flat = [inner for m in metadata for inner in (m.metadata if isinstance(m, FieldInfo) else [m])]
-    return [f"{symbol} {_show(getattr(m, attr))}" for m in flat for attr, symbol in _BOUNDS if hasattr(m, attr)]
+    return [f"{symbol} {_show(getattr(m, attr))}" for m in flat for attr, symbol in RANGE_WORDS if hasattr(m, attr)]
 
 
 def constraints(info: Any) -> str:

@@ -72,7 +72,7 @@ class Logger:
     """One experiment logger: metrics at a step of a series; ``flush`` at a run's commits."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        raise NotImplementedError("each logger adapter writes its own records")  # the interface: adapters override it
 
     def flush(self) -> None:
         pass

@@ -15,6 +15,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergecl.errors import MergeclError
 
+# a field's constraints as a reader writes them (pydantic's metadata attribute -> symbol), for listings
+RANGE_WORDS = (
+    ("ge", ">="),
+    ("gt", ">"),
+    ("le", "<="),
+    ("lt", "<"),
+    ("min_length", "length >="),
+    ("max_length", "length <="),
+)
+
 
 class Options(BaseModel):
     """A method's options (none: a method without options). Subclasses declare fields."""

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergecl.options import RANGE_WORDS
+
 SECTIONS = ("methods", "rules", "presets", "sources", "backbones")
 FILES_IN_WORDS = {  # Source.files, in words
     "data_root": "a folder: <data root>/{name}, or the one data.root names",
@@ -26,14 +28,6 @@ FILES_IN_WORDS = {  # Source.files, in words
     "packaged": "shipped inside mergecl or one of its dependencies",
     "hub": "fetched by the loader from a hub (data.root: the hub's cache)",
 }
-_RANGES = (
-    ("ge", ">="),
-    ("gt", ">"),
-    ("le", "<="),
-    ("lt", "<"),
-    ("min_length", "length >="),
-    ("max_length", "length <="),
-)
 
 
 # --- the catalogue --------------------------------------------------------------------------------
@@ -58,7 +52,9 @@ def schema_fields(schema: Any, skip: Sequence[str] = ()) -> list[dict[str, Any]]
     for key, info in schema.model_fields.items():
         if key in skip:
             continue
-        ranges = [f"{symbol} {getattr(m, attr)}" for m in info.metadata for attr, symbol in _RANGES if hasattr(m, attr)]
+        ranges = [
+            f"{symbol} {getattr(m, attr)}" for m in info.metadata for attr, symbol in RANGE_WORDS if hasattr(m, attr)
+        ]
         entry: dict[str, Any] = {"name": key, "type": _type_name(info.annotation)}
         if info.is_required():
             entry["required"] = True
