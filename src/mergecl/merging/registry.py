@@ -216,6 +216,8 @@ def all_rules() -> dict[str, Rule]:
 
 def _load_builtins() -> None:
     # the built-in rules register on import: one module per rule family, one line each
+    import mergecl.merging.continual_ties  # noqa: F401
+    import mergecl.merging.dop  # noqa: F401
     import mergecl.merging.iso  # noqa: F401
     import mergecl.merging.opcm  # noqa: F401
     import mergecl.merging.rules  # noqa: F401
