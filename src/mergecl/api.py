@@ -16,7 +16,6 @@ checkpoint out. Every function raises ``mergecl.MergeclError`` (one line) for a 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +93,7 @@ def run(
 
     if quiet:
         progress.set_quiet(True)
-    echo = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+    echo = (lambda message: None) if quiet else progress.write
     if resume is not None and config is not None:
         raise MergeclError("give either a config or resume=RUN_DIR, not both")
     config = None if resume is not None else as_config(config)

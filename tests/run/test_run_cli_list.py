@@ -4,16 +4,18 @@ what it can do). The expectations are generated from the registries, never writt
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import mergecl.data  # noqa: F401  (the built-in sources register)
 import mergecl.methods  # noqa: F401  (the built-in trainings register)
 import mergecl.models  # noqa: F401  (the built-in backbones register)
-from mergecl.cli import main
+from mergecl.cli import DEFAULT_RUN_TIME, main
 from mergecl.data.registry import SOURCES
 from mergecl.experiment.config import load_config, packaged_configs
 from mergecl.experiment.plan import SECTIONS
@@ -230,6 +232,55 @@ comp mergecl completion z
     ]
     assert main(["completion", "zsh"]) == 0
     assert "bashcompinit" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed here (the bash test still runs)")
+def test_the_zsh_completion_parses_loads_in_a_bare_zsh_and_completes(tmp_path, capsys):
+    assert main(["completion", "zsh"]) == 0
+    (tmp_path / "mergecl.zsh").write_text(capsys.readouterr().out)
+    assert subprocess.run(["zsh", "-n", "mergecl.zsh"], cwd=tmp_path).returncode == 0  # it parses
+    # zsh -f reads no zshrc, so no compinit ran: the script loads it (bashcompinit needs its compdef)
+    probe = """source ./mergecl.zsh || exit 3
+print -r -- "${_comps[mergecl]}"
+setopt ksharrays  # as zsh's _bash_complete calls a bash completion function: arrays from 0
+comp() {
+    COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=(); _mergecl; print -r -- "${COMPREPLY[*]}"
+}
+comp mergecl li
+comp mergecl --plugin x.py r
+comp mergecl run dig
+comp mergecl merge --method magm
+comp mergecl export RUN --method ind_ft+mag
+comp mergecl list ru
+comp mergecl run --dry
+comp mergecl completion z
+"""
+    env = dict(os.environ, HOME=str(tmp_path))  # compinit writes its ~/.zcompdump here
+    done = subprocess.run(["zsh", "-f", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    registered, *replies = done.stdout.splitlines()
+    assert "_mergecl" in registered  # `complete -F _mergecl mergecl` became a zsh completion
+    # zsh's compgen hands every candidate to zsh, whose completion matches them against the word typed
+    words = [line.split()[-1] for line in probe.splitlines() if line.startswith("comp mergecl")]
+    matched = [
+        " ".join(w for w in reply.split() if w.startswith(word)) for reply, word in zip(replies, words, strict=True)
+    ]
+    assert matched == ["list", "run report", "digits", "magmax", "ind_ft+magmax", "rules", "--dry-run", "zsh"]
+
+
+def test_run_help_says_what_the_default_runs_and_the_time_the_readme_measured(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    minutes, seconds = map(int, re.search(r"`mergecl run` (\d+) min (\d+) s", readme).groups())
+    assert DEFAULT_RUN_TIME == f"about {round(minutes + seconds / 60)} minutes on 2 CPU cores"
+    default = load_config(None)
+    assert DEFAULT_RUN_TIME in text and f"{len(default.seeds)} seeds" in text
+    assert f"methods {', '.join(default.methods)};" in text
+    assert "seconds-long smoke run" in text and "seconds-long smoke run" in readme
+    assert "mergecl list" in text and "mergecl completion" in text
 
 
 def test_dry_run_counts_final_only_trainings_and_validation_passes(tmp_path, monkeypatch, capsys):

@@ -34,7 +34,7 @@ from mergecl.experiment.runner import Runner, pick_device, run_scenario
 from mergecl.merging.checkpoints import read_safetensors
 from mergecl.models.factory import build_learner
 from mergecl.models.registry import check_inputs, check_model_spec
-from mergecl.training.loop import accuracy_from_logits, predict_logits
+from mergecl.training.loop import accuracy_from_logits, predict_splits
 
 __all__ = ["Evaluation", "as_config", "evaluate"]
 
@@ -129,7 +129,7 @@ def evaluate(
         raise MergeclError(f"step {step}: out of range; the scenario has steps 1-{last}")
     t = step - 1
     tasks = scenario.tasks if config.eval_future else scenario.tasks[: t + 1]
-    logits = [predict_logits(learner, task.test, config.train.eval_batch_size) for task in tasks]
+    logits = predict_splits(learner, [task.test for task in tasks], config.train.eval_batch_size, f"evaluating {name}")
     row = Runner.row(scenario, t, "test", logits)
     all_class = None
     if t == last - 1:  # as a run: the all-class accuracy of the model after the last step

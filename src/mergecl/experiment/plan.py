@@ -287,15 +287,53 @@ def _steps(examples: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * math.ceil(examples / batch_size)))
 
 
+def plan_trainings(config: Any, train_sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """The trainings of a run of ``config`` (a checked ``RunConfig``) on tasks of ``train_sizes``
+    training examples: each with the methods sharing it and its optimiser steps per task and per seed
+    as the training loop counts them (0 where it trains nothing; a final-only training all at the
+    last task). The plan (``--dry-run``) prints them; the runner's whole-run bar counts them."""
+    from mergecl.methods.registry import resolve_methods
+    from mergecl.methods.trainings import registered_training
+    from mergecl.options import read_options
+
+    settings = config.train
+    per_task = [_steps(size, settings.batch_size, settings.epochs) for size in train_sizes]
+    specs = resolve_methods(config.methods)
+    trainings = []
+    for training in dict.fromkeys(spec.training for spec in specs):
+        registered = registered_training(training)
+        methods = [spec for spec in specs if spec.training == training]
+        keys = [training] + [spec.name for spec in methods if spec.rule is None]
+        key = next((k for k in keys if k in config.method_options), training)
+        options = read_options(registered.options, config.method_options.get(key, {}), f"method_options.{key}")
+        final_only = bool(getattr(options, "final_only", False))
+        if registered.step is None:
+            steps = [0] * len(per_task)
+        elif final_only:  # trained once, at the last step, on every task
+            steps = [0] * (len(per_task) - 1) + [_steps(sum(train_sizes), settings.batch_size, settings.epochs)]
+        else:
+            steps = per_task
+        trainings.append(
+            {
+                "training": training,
+                "summary": registered.summary,
+                "continues": registered.continues,
+                "final_only": final_only,
+                "methods": [spec.name for spec in methods],
+                "steps_per_task": steps,
+                "steps_per_seed": sum(steps),
+            }
+        )
+    return trainings
+
+
 def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, Any]:
     """The plan of a run of ``config`` (a checked ``RunConfig``; ``source``: where it was read from):
     JSON-able; builds the first seed's scenario (loads the data), builds no model, writes nothing."""
     from mergecl.experiment.runner import pick_device, run_scenario
     from mergecl.methods.merged import LAM_GRID
     from mergecl.methods.registry import resolve_methods
-    from mergecl.methods.trainings import registered_training
     from mergecl.models.registry import check_inputs
-    from mergecl.options import read_options
 
     device = pick_device(config.device)
     seed = config.seeds[0]
@@ -314,32 +352,8 @@ def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, A
     ]
     n = len(tasks)
     settings = config.train
-    per_task_steps = [_steps(task["train"], settings.batch_size, settings.epochs) for task in tasks]
+    trainings = plan_trainings(config, [task["train"] for task in tasks])
     specs = resolve_methods(config.methods)
-    trainings = []
-    for training in dict.fromkeys(spec.training for spec in specs):
-        registered = registered_training(training)
-        methods = [spec for spec in specs if spec.training == training]
-        keys = [training] + [spec.name for spec in methods if spec.rule is None]
-        key = next((k for k in keys if k in config.method_options), training)
-        options = read_options(registered.options, config.method_options.get(key, {}), f"method_options.{key}")
-        final_only = bool(getattr(options, "final_only", False))
-        if registered.step is None:
-            steps = 0
-        elif final_only:  # trained once, at the last step, on every task
-            steps = _steps(sum(task["train"] for task in tasks), settings.batch_size, settings.epochs)
-        else:
-            steps = sum(per_task_steps)
-        trainings.append(
-            {
-                "training": training,
-                "summary": registered.summary,
-                "continues": registered.continues,
-                "final_only": final_only,
-                "methods": [spec.name for spec in methods],
-                "steps_per_seed": steps,
-            }
-        )
     final = {name for t in trainings if t["final_only"] for name in t["methods"]}
     zero_shot = {name for t in trainings if t["steps_per_seed"] == 0 and not t["final_only"] for name in t["methods"]}
     # evaluations: a model (a method after a step) on a task's test split; zero-shot's once per task

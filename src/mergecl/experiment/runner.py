@@ -24,6 +24,7 @@ from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary, mean_per_step
 from mergecl.experiment.config import RunConfig, load_config
+from mergecl.experiment.plan import plan_trainings
 from mergecl.experiment.rundir import RunDir
 from mergecl.methods.merged import TaskVectors, merged_model
 from mergecl.methods.registry import MethodSpec, resolve_methods
@@ -33,7 +34,8 @@ from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, lora_pairs
 from mergecl.models.registry import check_inputs
 from mergecl.options import Options, read_options
-from mergecl.training.loop import NonFiniteError, accuracy_from_logits, check_finite, predict_logits
+from mergecl.progress import run_part, whole_run  # progress.json's dict is `progress` here
+from mergecl.training.loop import NonFiniteError, accuracy_from_logits, check_finite, predict_splits
 
 
 def step_seed(seed: int, training: str, t: int) -> int:
@@ -81,6 +83,7 @@ class Runner:
         self.zero_shot_logits: dict[tuple[str, int], torch.Tensor] = {}
         self.lora: list[LoraPair] = []
         self.loggers: loggers.Loggers | None = None  # the config's loggers, on rank 0 (run())
+        self.planned: dict[str, list[int]] = {}  # training -> its planned steps per task (run())
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -118,17 +121,30 @@ class Runner:
             config = self.config.model_dump(mode="json")
             self.loggers = loggers.open_loggers(specs, self.rundir.path, config, self.config.name)
         try:
-            for seed in self.config.seeds:
-                self.run_seed(seed)
-                self.export_models(seed)  # before keep_vectors: false deletes the tensors
-                if not self.config.keep_vectors:
-                    self.rundir.remove_seed_tensors(seed)
+            per_seed = self.plan_steps()
+            with whole_run(len(self.config.seeds) * per_seed, f"run {self.config.name}"):
+                for seed in self.config.seeds:
+                    with run_part(per_seed):
+                        self.run_seed(seed)
+                    self.export_models(seed)  # before keep_vectors: false deletes the tensors
+                    if not self.config.keep_vectors:
+                        self.rundir.remove_seed_tensors(seed)
             self.commit_progress()
         finally:
             if self.loggers is not None:
                 self.loggers.close()
                 self.loggers = None
         return self.results()
+
+    def plan_steps(self) -> int:
+        """The training steps the run plans per seed (for the whole-run bar), counted as ``--dry-run``
+        counts them, on the first seed's tasks (the scenario the run builds first, kept for that seed)."""
+        first = self.config.seeds[0]
+        if first not in self.scenarios:
+            self.scenarios[first] = checked_scenario(self.config, first)
+        sizes = [len(task.train) for task in self.scenarios[first].tasks]
+        self.planned = {t["training"]: t["steps_per_task"] for t in plan_trainings(self.config, sizes)}
+        return sum(map(sum, self.planned.values()))
 
     def run_seed(self, seed: int) -> None:
         scenario = self.scenarios.pop(seed, None) or checked_scenario(self.config, seed)
@@ -155,7 +171,8 @@ class Runner:
         self.tuned, self.lora = tuned_keys(learner), lora_pairs(learner)
         self.zero_shot_logits = {}  # theta_0's logits on this seed's tasks
         for training in dict.fromkeys(spec.training for spec in self.methods):
-            self.run_training(seed, training, scenario, learner, base)
+            with run_part(sum(self.planned.get(training, []))):
+                self.run_training(seed, training, scenario, learner, base)
 
     def export_models(self, seed: int) -> None:
         """The config's ``export:``: each listed method's model after its last step on the export seed,
@@ -194,8 +211,10 @@ class Runner:
                     rows.extend([None] * (t + 1 - len(rows)))
                 continue
             if registered_training(training).step is not None:
+                planned = self.planned.get(training, [])
                 try:
-                    carried = self.train_or_load(seed, training, t, scenario, learner, base, carried)
+                    with run_part(planned[t] if t < len(planned) else 0):
+                        carried = self.train_or_load(seed, training, t, scenario, learner, base, carried)
                 except NonFiniteError as err:  # every method of this training fails; other trainings go on
                     self.fail(seed, methods, t, err)
                     return
@@ -258,9 +277,11 @@ class Runner:
         keeps them across steps for a model that does not change)."""
         tasks = scenario.tasks if self.config.eval_future and not seen_only else scenario.tasks[: t + 1]
         cache = {} if cache is None else cache
-        for i, task in enumerate(tasks):
-            if (split, i) not in cache:
-                cache[split, i] = predict_logits(learner, getattr(task, split), self.settings.eval_batch_size)
+        todo = [i for i in range(len(tasks)) if (split, i) not in cache]
+        splits = [getattr(tasks[i], split) for i in todo]
+        desc = f"evaluating on {split} (step {t + 1}/{len(scenario.tasks)})"
+        for i, logits in zip(todo, predict_splits(learner, splits, self.settings.eval_batch_size, desc), strict=True):
+            cache[split, i] = logits
         return [cache[split, i] for i in range(len(tasks))]
 
     @staticmethod

@@ -245,6 +245,7 @@ class _TaskTraining:
                 break
             self.train_step(index)
             bar.update(1)
+            progress.run_step()  # the whole run's bar, when a run is going
             if self.step % 10 == 0:
                 bar.set_postfix(loss=f"{self.stats.final_loss:.3f}")
         return self.stats.losses[first:]
@@ -335,9 +336,10 @@ class _TaskTraining:
 
 
 @torch.no_grad()
-def predict_logits(learner: Learner, data: Split, batch_size: int = 256) -> Tensor:
+def predict_logits(learner: Learner, data: Split, batch_size: int = 256, bar: progress.Bar | None = None) -> Tensor:
     """Logits over ALL classes, [N, num_classes] (fp32, on the CPU): computed once, they give the
-    accuracy over any set of columns (``accuracy_from_logits``) without another forward pass."""
+    accuracy over any set of columns (``accuracy_from_logits``) without another forward pass.
+    ``bar`` advances by one per batch (``eval_batches`` of them)."""
     learner.eval()
     if len(data) == 0:
         return torch.zeros(0, 0)
@@ -350,12 +352,26 @@ def predict_logits(learner: Learner, data: Split, batch_size: int = 256) -> Tens
         if out is None:
             out = torch.zeros(len(data), logits.shape[1])
         out[index] = logits
+        if bar is not None:
+            bar.update(1)
     width = distributed.broadcast_object(None if out is None else out.shape[1])  # a process may have no share
     out = distributed.all_reduce_sum(out if out is not None else torch.zeros(len(data), width))
     broken = int((~torch.isfinite(out)).any(dim=1).sum())
     if broken:
         raise NonFiniteError(f"the model's outputs are not finite on {broken} of {len(data)} examples")
     return out
+
+
+def eval_batches(n: int, batch_size: int) -> int:
+    """The batches ``predict_logits`` runs on this process for ``n`` examples (its share of them)."""
+    return len(distributed.shard(torch.arange(n)).split(batch_size)) if n else 0
+
+
+def predict_splits(learner: Learner, splits: Sequence[Split], batch_size: int, desc: str) -> list[Tensor]:
+    """``predict_logits`` of each split, under one progress bar of all their batches."""
+    total = sum(eval_batches(len(split), batch_size) for split in splits)
+    with progress.bar(total, desc, unit="batch", enabled=total > 0) as bar:
+        return [predict_logits(learner, split, batch_size, bar) for split in splits]
 
 
 def accuracy_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[int]) -> float:
