@@ -515,3 +515,24 @@ def test_a_class_incremental_run_on_real_data_from_a_csv(tmp_path: Path) -> None
         row = entry["accuracy_matrix"][-1]
         assert len(row) == 2 and all(math.isfinite(a) for a in row), (name, row)
         assert math.isfinite(entry["final_acc"]) and entry["final_acc"] > 100 / 12 * 2, (name, entry["final_acc"])
+
+
+def test_test_fraction_carves_a_seeded_stratified_test_split_from_a_file_without_a_split_column(tmp_path):
+    rows = [{"text": f"example {i}", "label": "abc"[i % 3]} for i in range(30)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(MergeclError, match="no column 'split'"):
+        get_source("files", root=plain)  # without test_fraction the split column is required
+    first = get_source("files", root=plain, test_fraction=0.2)
+    again = get_source("files", root=plain, test_fraction=0.2)
+    assert Counter(first.test.labels.tolist()) == {0: 2, 1: 2, 2: 2}  # a fifth of each label
+    assert len(first.train) == 24 and list(first.test.inputs) == list(again.test.inputs)
+    assert not set(first.test.inputs) & set(first.train.inputs)
+    split = tmp_path / "split.jsonl"  # a file with the column keeps its own split
+    split.write_text(
+        "".join(json.dumps({**row, "split": "test" if i < 3 else "train"}) + "\n" for i, row in enumerate(rows))
+    )
+    own = get_source("files", root=split, test_fraction=0.2)
+    assert list(own.test.inputs) == ["example 0", "example 1", "example 2"]
+    with pytest.raises(MergeclError, match="test_fraction"):
+        parse_config({"data": {"source": "files", "root": str(plain), "options": {"test_fraction": 1.5}}})

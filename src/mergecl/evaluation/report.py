@@ -610,7 +610,7 @@ def _format_meta(value: Any) -> str:
     return str(value)
 
 
-def _matrix_markdown(matrix: np.ndarray, names: list[str] | None) -> str:
+def matrix_markdown(matrix: np.ndarray, names: list[str] | None) -> str:
     labels = _tick_labels(names, matrix.shape[1])
     lines = [
         "| after \\ on | " + " | ".join(_md_escape(x) for x in labels) + " |",
@@ -672,7 +672,7 @@ def _report_markdown(
             parts += [
                 f"### {_md_escape(name)}\n",
                 f"![{alt}]({filename})\n",
-                _matrix_markdown(matrix, names),
+                matrix_markdown(matrix, names),
             ]
     return "\n".join(parts)
 

@@ -235,6 +235,11 @@ def load_config(path: str | Path | None = None) -> RunConfig:
     """Read and validate a YAML config (a path or a packaged name); None = the embedded default.
     Bounded: at most MAX_CONFIG_BYTES, and MAX_CONFIG_VALUES once aliases are expanded."""
     path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
+    return parse_config(read_yaml(path) or {}, str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, read safely and bounded (see ``load_config``); one-line errors."""
     text = _read_bounded(path)
     try:
         data = safe_load_bounded(text)
@@ -244,7 +249,7 @@ def load_config(path: str | Path | None = None) -> RunConfig:
         raise MergeclError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     except RecursionError:
         raise MergeclError(f"{path}: nested too deeply to be a config") from None
-    return parse_config(data or {}, str(path))
+    return data
 
 
 def dump_config(config: RunConfig) -> str:

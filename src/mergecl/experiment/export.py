@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from mergecl.models.heads import LinearHead, ZeroShotHead
 from mergecl.models.lora import lora_pairs
 from mergecl.models.registry import Standalone, check_model_spec
 
-__all__ = ["HEAD_INFO", "HEAD_WEIGHTS", "Exported", "export", "export_model", "read_head"]
+__all__ = ["HEAD_INFO", "HEAD_WEIGHTS", "Exported", "export", "export_model", "read_head", "write_model"]
 
 HEAD_WEIGHTS = "mergecl_head.safetensors"
 HEAD_INFO = "mergecl_head.json"
@@ -134,10 +134,40 @@ def export_model(
     base = rundir.load_tensors(rundir.base_path(seed))
     weights = _weights(config, spec, seed, t, base, paths, learner, seed_progress)
     learner.load_state_dict(weights)
+    info = {
+        "mergecl_export": EXPORT_VERSION,
+        "run": str(rundir.path),
+        "config": config.name,
+        "method": method,
+        "seed": seed,
+        "step": t + 1,
+        "num_steps": len(scenario.tasks),
+        "class_names": list(scenario.class_names),
+        "scenario": scenario.kind,
+        "tasks": [{"name": task.name, "classes": list(task.classes)} for task in scenario.tasks],
+        "classes_seen": scenario.seen_classes(t),
+    }
+    own_format, what = write_model(
+        out, learner, config.model, info, lambda info, what: _card(rundir, info, seed_progress, what)
+    )
+    return Exported(out, method, seed, t + 1, len(scenario.tasks), own_format, what)
+
+
+def write_model(
+    out: Path,
+    learner: Learner,
+    model_spec: Mapping[str, Any],
+    info: dict[str, Any],
+    card: Callable[[dict[str, Any], str], str],
+) -> tuple[bool, str]:
+    """Write ``learner`` (built from ``model_spec``; its LoRA adapters are folded in, in place) as
+    an export directory ``out`` (see the module docstring), atomically. ``info``: what
+    mergecl_head.json records besides the model's own entries (class names, tasks, where the model
+    comes from); ``card(info, what)``: the model card. Returns (a model of its own library?, what
+    the directory holds, in words)."""
     encoder = _plain_state(learner.encoder)
     head, head_info = _head(learner.head)
-
-    model = check_model_spec(config.model)
+    model = check_model_spec(model_spec)
     standalone = model.backbone.export(model, encoder) if model.backbone.export is not None else None
     own_format = standalone is not None
     if standalone is None:
@@ -152,35 +182,26 @@ def export_model(
         what = f"loads with {standalone.loads_with}"
     what += f"; the head in {HEAD_WEIGHTS} + {HEAD_INFO}"
     info = {
-        "mergecl_export": EXPORT_VERSION,
-        "run": str(rundir.path),
-        "config": config.name,
-        "method": method,
-        "seed": seed,
-        "step": t + 1,
-        "num_steps": len(scenario.tasks),
+        **info,
         "backbone": model.name,
-        "model": {key: value for key, value in config.model.items() if key != "lora"},  # adapters folded in
+        "model": {key: value for key, value in model_spec.items() if key != "lora"},  # adapters folded in
         "format": "standalone" if own_format else "encoder_state",
         "loads_with": standalone.loads_with,
         "features": standalone.features,
         "head": head_info,
-        "class_names": list(scenario.class_names),
-        "scenario": scenario.kind,
-        "tasks": [{"name": task.name, "classes": list(task.classes)} for task in scenario.tasks],
-        "classes_seen": scenario.seen_classes(t),
     }
     files: dict[str, Path | bytes] = dict(companion_files(standalone.files_from)) if standalone.files_from else {}
     files.update(standalone.files)
     files[HEAD_WEIGHTS] = save(head, metadata={"format": "pt"})
     files[HEAD_INFO] = (json.dumps(info, indent=1) + "\n").encode("utf-8")
-    files["README.md"] = _card(rundir, info, seed_progress, what).encode("utf-8")
+    files["README.md"] = card(info, what).encode("utf-8")
     tensors = {key: value.detach().cpu().contiguous() for key, value in standalone.weights.items()}
     specs = [(key, value.dtype, tuple(value.shape)) for key, value in tensors.items()]
     chunks = (value.reshape(-1) for value in tensors.values())
-    metadata = {"format": "pt", "mergecl_export": json.dumps({k: info[k] for k in ("method", "seed", "step")})}
+    where = {k: info[k] for k in ("method", "seed", "step") if k in info}
+    metadata = {"format": "pt", "mergecl_export": json.dumps(where)}
     write_checkpoint(out, specs, chunks, metadata, extra_files=files)
-    return Exported(out, method, seed, t + 1, len(scenario.tasks), own_format, what)
+    return own_format, what
 
 
 def read_head(directory: str | os.PathLike) -> tuple[dict[str, Any], nn.Module] | None:

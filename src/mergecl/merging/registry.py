@@ -23,6 +23,9 @@ declaration says what it needs, so the engine pays only for that:
 - ``prepare``: whole-model passes before the merge (TIES's model-wide threshold, BECAME's sums).
   It gets a ``MergeView`` and the options and returns ``Prepared``: keyword arguments for ``fn``
   per tensor, a computed lam, and info to report.
+- ``running``: how the rule goes on from its own state when one more task vector arrives
+  (``Running``), so that a model kept up to date task after task (``mergecl learn``) stores one
+  tensor per tensor, whatever the number of tasks. A rule without it keeps every task vector there.
 
 A rule without ``inputs`` is also a continual-learning method: ``RULE`` merges the Seq-FT task
 vectors of a run after every step, ``ind_ft+RULE`` the Ind-FT ones.
@@ -76,6 +79,17 @@ class Input:
 
     per_task: bool = True  # one per task vector; False: exactly one
     non_negative: bool = False  # e.g. a Fisher or a precision: a negative value is an error
+
+
+@dataclass(frozen=True)
+class Running:
+    """A rule as a running state of one tensor's shape: the state after task 1 is tau_1;
+    ``update(state, tau_t, t, generator)`` (t: the 0-based index of tau_t, >= 1) gives the next one
+    and may edit ``state`` in place; ``finish(state, count)`` is the merged task vector. A rule that
+    draws takes its draws from ``generator``, seeded per tensor and task."""
+
+    update: Callable[[Tensor, Tensor, int, torch.Generator], Tensor]
+    finish: Callable[[Tensor, int], Tensor] = lambda state, count: state
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,7 @@ class Rule:
     max_models: int | None = None  # e.g. BECAME merges exactly one trained model
     prepare: Callable[[MergeView, Options], Prepared] | None = None
     passes: Callable[[Options], int] = lambda options: 0  # reads ``prepare`` makes (for the progress bar)
+    running: Running | None = None  # None: no running form (mergecl learn keeps every task vector)
 
     @property
     def continual(self) -> bool:
@@ -163,6 +178,7 @@ def register_rule(
     max_models: int | None = None,
     prepare: Callable[[MergeView, Options], Prepared] | None = None,
     passes: Callable[[Options], int] | None = None,
+    running: Running | None = None,
 ):
     """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
 
@@ -193,6 +209,7 @@ def register_rule(
             max_models,
             prepare,
             passes or (lambda options: 0),
+            running,
         )
         return fn
 

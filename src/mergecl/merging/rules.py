@@ -21,11 +21,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergecl.merging.registry import Draw, Input, MergeView, Prepared, register_rule
+from mergecl.merging.registry import Draw, Input, MergeView, Prepared, Running, register_rule
 from mergecl.options import Options
 
 
-@register_rule("average")
+@register_rule("average", running=Running(lambda total, tau, t, g: total.add_(tau), lambda total, n: total / n))
 def average(taus: Iterable[Tensor]) -> Tensor:
     """theta_0 + lam * mean_t tau_t (weight averaging of the fine-tuned models)."""
     total, count = None, 0
@@ -35,7 +35,7 @@ def average(taus: Iterable[Tensor]) -> Tensor:
     return total.div_(count)
 
 
-@register_rule("task_arithmetic", lam=0.3)
+@register_rule("task_arithmetic", lam=0.3, running=Running(lambda total, tau, t, g: total.add_(tau)))
 def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
     """theta_0 + lam * sum_t tau_t (task arithmetic, Ilharco et al.)."""
     total = None
@@ -44,7 +44,7 @@ def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
     return total
 
 
-@register_rule("magmax", lam=0.5)
+@register_rule("magmax", lam=0.5, running=Running(lambda best, tau, t, g: magmax([best, tau])))
 def magmax(taus: Iterable[Tensor]) -> Tensor:
     """Each entry takes the signed tau_t of largest |tau_t|; ties go to the later task.
 
@@ -68,6 +68,7 @@ def magmax(taus: Iterable[Tensor]) -> Tensor:
 @register_rule(
     "random_mix",
     draws={"pick": Draw("mix", lambda n, g, num_tasks: torch.randint(num_tasks, (n,), generator=g, dtype=torch.int64))},
+    running=Running(lambda mixed, tau, t, g: reservoir_step(mixed, tau, t, g)),
 )
 def random_mix(taus: Iterable[Tensor], pick: Tensor) -> Tensor:
     """Each entry copies tau_k, k uniform at random (seeded): pick[entry] = k."""
@@ -80,6 +81,14 @@ def random_mix(taus: Iterable[Tensor], pick: Tensor) -> Tensor:
         torch.sub(pick, t, out=take).abs_().clamp_(max=1.0).neg_().add_(1.0)
         mixed.lerp_(tau, take)
     return mixed
+
+
+def reservoir_step(mixed: Tensor, tau: Tensor, t: int, generator: torch.Generator) -> Tensor:
+    """random_mix as a running state (reservoir sampling): each entry takes tau_t's value with
+    probability 1/(t+1) (t 0-based), so after T tasks it holds each task's with probability 1/T,
+    as random_mix's draw gives; the draws themselves differ from random_mix's."""
+    take = torch.rand(mixed.shape, generator=generator) * (t + 1) < 1.0
+    return torch.where(take, tau, mixed)
 
 
 class OneOverTOptions(Options):

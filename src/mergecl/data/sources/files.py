@@ -4,7 +4,9 @@ Parquet, or a Hugging Face ``save_to_disk`` folder (docs/sources.md).
 The data (``data.root``) is one of:
 
 - one file with a split column (``split_column``, default ``split``; values train, validation
-  (or val, valid, dev) and test, case-insensitive, other values through ``split_values``);
+  (or val, valid, dev) and test, case-insensitive, other values through ``split_values``); with
+  ``test_fraction``, a file without that column is split too: that share of each label's rows,
+  seeded (the same every time), is the test split;
 - a folder and the options ``train:``, ``test:`` and optionally ``validation:``: files relative to it;
 - a folder holding ``train.<ext>``, ``test.<ext>`` and optionally ``validation.<ext>`` (or
   ``val``/``valid``/``dev``), ext one of .csv .tsv .jsonl .json .parquet (text formats also gzipped);
@@ -45,6 +47,7 @@ from pydantic import Field
 
 from mergecl.data._files import path_split
 from mergecl.data.registry import register_source
+from mergecl.data.splits import stratified_split
 from mergecl.data.types import Dataset, Split
 from mergecl.errors import MergeclError
 from mergecl.options import Options
@@ -324,6 +327,18 @@ def _by_split_column(table: Table, column: str, values: dict[str, list[str]]) ->
     return {split: part for split, part in parts.items() if part.rows}
 
 
+def _carved(table: Table, label_column: str, fraction: float) -> dict[str, Part]:
+    """One file without a split column: ``fraction`` of each label's rows (seeded, the same every
+    time) are the test split, the rest train."""
+    whole = _whole(table)
+    keys = [str(_label(table, i, label_column)) for i in whole.rows]
+    strata = {key: k for k, key in enumerate(sorted(set(keys)))}
+    keep, take = stratified_split(torch.tensor([strata[key] for key in keys]), fraction, seed=0)
+    if len(take) == 0:
+        raise MergeclError(f"{table.path}: too few rows to carve a test split of {fraction:g} from them")
+    return {"train": Part(table, keep.tolist()), "test": Part(table, take.tolist())}
+
+
 def _saved_to_disk(root: Path) -> bool:
     """A folder written by ``save_to_disk``: a DatasetDict's or a Dataset's marker files."""
     return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
@@ -489,6 +504,7 @@ def load_files(
     delimiter: str | None = None,
     encoding: str = "utf-8",
     name: str | None = None,
+    test_fraction: float | None = None,
 ) -> Dataset:
     """A labelled data set from your files (see the module docstring and docs/sources.md)."""
     root = Path(root).expanduser()
@@ -516,7 +532,14 @@ def load_files(
     if root.is_file():
         if given:
             raise MergeclError(f"{root} is a file: {', '.join(given)}: name files in a folder (root: the folder)")
-        parts = _by_split_column(read(root, True), split_column, values)
+        if test_fraction is None:
+            parts = _by_split_column(read(root, True), split_column, values)
+        else:  # the file's split column if it has one, else a seeded stratified carve
+            table = read(root, False)
+            if split_column in table.columns:
+                parts = _by_split_column(read(root, True), split_column, values)
+            else:
+                parts = _carved(table, label_column, test_fraction)
     elif format == "hf_disk" or (format == "auto" and not given and _saved_to_disk(root)):
         if given:
             raise MergeclError(f"{root}: {', '.join(given)}: do not apply to a save_to_disk folder (its splits)")
@@ -608,6 +631,12 @@ class FilesOptions(Options):
     delimiter: str | None = Field(None, min_length=1, max_length=1, description="CSV/TSV: default ',' / tab")
     encoding: str = Field("utf-8", min_length=1, description="text files' encoding")
     name: str | None = Field(None, min_length=1, description="the data set's name in reports (default: root's)")
+    test_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="one file without a split column: this share of each label's rows (seeded) is the test split",
+    )
 
 
 register_source(
