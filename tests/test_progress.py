@@ -146,6 +146,32 @@ def test_the_run_bar_counts_planned_steps_and_ends_full():
         pass
 
 
+def test_a_notebook_widget_follows_the_run_bar_s_total(monkeypatch):
+    """tqdm.notebook draws an IntProgress made with the first total: it must follow the total down."""
+
+    class Widget:  # the parts of a tqdm.notebook bar the run's bar touches
+        def __init__(self, total, desc, **options):
+            self.total, self.n, self.refreshed = total, 0, 0
+            self.container = types.SimpleNamespace(children=[None, types.SimpleNamespace(max=total), None])
+
+        def update(self, n=1):
+            self.n += n
+
+        def refresh(self):
+            self.refreshed += 1
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress, "bar", Widget)
+    with progress.whole_run(10) as run:
+        with progress.run_part(6):
+            progress.run_step(2)
+        with progress.run_part(4):  # done already (a resume)
+            pass
+    assert (run.bar.n, run.bar.total, run.bar.container.children[1].max) == (2, 2, 2) and run.bar.refreshed == 2
+
+
 def test_a_run_shows_one_bar_over_its_planned_steps_that_ends_full(tmp_path, monkeypatch):
     """A tiny real run: the whole-run bar's total is the plan's training steps (--dry-run's), it ends
     full, the task bars are drawn below it, and evaluations have bars of batches."""

@@ -157,11 +157,13 @@ class RunProgress:
             self.bar.update(n)
 
     def _drop(self, n: int) -> None:
-        if n > 0:
-            self.total -= n
-            if hasattr(self.bar, "refresh"):
-                self.bar.total = self.total
-                self.bar.refresh()
+        self.total -= n
+        if n and not isinstance(self.bar, NullBar):
+            self.bar.total = self.total
+            widget = getattr(self.bar, "container", None)  # tqdm.notebook: its IntProgress keeps its first max
+            if widget is not None:
+                widget.children[1].max = self.total
+            self.bar.refresh()
 
 
 _run: RunProgress | None = None
