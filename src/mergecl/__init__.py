@@ -5,6 +5,7 @@ The public functions, imported on first use (``import mergecl`` stays cheap):
 - ``mergecl.run(config)``: train task by task, merge, evaluate; a ``RunOutput`` (typed results and
   the run directory);
 - ``mergecl.merge(base, finetuned, method)``: merge checkpoints;
+- ``mergecl.merge_continual(base, finetuned, method)``: the merged model after every step of a stream;
 - ``mergecl.export(run_dir, method, out)``: a run's model as a directory transformers loads;
 - ``mergecl.evaluate(model_dir, config)``: a model's accuracy on each task of a config's scenario.
 
@@ -14,9 +15,9 @@ See ``mergecl.api`` for examples.
 from mergecl.errors import MergeclError
 
 __version__ = "0.1.0"
-__all__ = ["MergeclError", "evaluate", "export", "merge", "run", "__version__"]
+__all__ = ["MergeclError", "evaluate", "export", "merge", "merge_continual", "run", "__version__"]
 
-_API = ("run", "merge", "export", "evaluate", "RunOutput")
+_API = ("run", "merge", "merge_continual", "export", "evaluate", "RunOutput")
 
 
 def __getattr__(name):

@@ -10,7 +10,9 @@ Your data in, your model out, in Python::
     check = mergecl.evaluate(model.path, "my-run.yaml")          # its accuracy on each task
 
 ``merge`` is the merge engine's (``mergecl.merging.engine.merge``): checkpoints in, a merged
-checkpoint out. Every function raises ``mergecl.MergeclError`` (one line) for a mistake of the caller.
+checkpoint out; ``merge_continual`` (``mergecl.merging.continual``) the merged model after every
+step of an ordered stream of checkpoints. Every function raises ``mergecl.MergeclError`` (one line)
+for a mistake of the caller.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from mergecl.evaluation.results import MethodResult, RunResults
 from mergecl.experiment.config import RunConfig
 from mergecl.experiment.evaluate import Evaluation, as_config, evaluate
 from mergecl.experiment.export import Exported, export
+from mergecl.merging.continual import merge_continual
 from mergecl.merging.engine import merge
 
-__all__ = ["Evaluation", "Exported", "RunOutput", "evaluate", "export", "merge", "run"]
+__all__ = ["Evaluation", "Exported", "RunOutput", "evaluate", "export", "merge", "merge_continual", "run"]
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,13 @@ def _add_merge(sub) -> None:
     p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints, in task order")
     p.add_argument("--method", required=True, help="merge rule (see below)")
     p.add_argument("--base", required=True, help="the base (pretrained) checkpoint theta_0")
-    p.add_argument("-o", "--out", required=True, help="output: X.safetensors, or a directory (HF layout, sharded)")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="output: X.safetensors, or a directory (HF layout, sharded); with --continual a directory of "
+        "step1, step2, ...",
+    )
     p.add_argument(
         "--force", action="store_true", help="replace an existing OUT (only an earlier mergecl output, never an input)"
     )
@@ -94,6 +100,20 @@ def _add_merge(sub) -> None:
         help="the FT files are task vectors tau_t (e.g. a run's seedN/STREAM/task_T.safetensors), not weights",
     )
     p.add_argument("--max-shard-size", default="5GB", help="directory output: shard size (default 5GB)")
+    p.add_argument(
+        "--continual",
+        action="store_true",
+        help="the continual-merging protocol: merge FT1..FTs for every step s and write each to OUT/stepS "
+        "(OUT a directory). Rules with a running form (average, task_arithmetic, magmax, random_mix) go on "
+        "from a running state: O(1) reads per step, whatever the number of checkpoints; every other rule "
+        "merges FT1..FTs from scratch at step s (O(T^2) reads in all)",
+    )
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="with --continual: merge from scratch at every step even where the rule has a running form "
+        "(random_mix then draws exactly as a plain merge of FT1..FTs does)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     group = p.add_argument_group("merge options (from the rules' declarations)")
     for dest, (flag, kwargs) in _option_flags().items():
@@ -105,6 +125,10 @@ def _run_merge(args) -> int:
 
     started = time.perf_counter()
     options = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
+    if args.recompute and not args.continual:
+        raise MergeclError("--recompute goes with --continual")
+    if args.continual:
+        return _run_continual_merge(args, options, started)
     result = merge_checkpoints(
         args.base,
         args.finetuned,
@@ -121,6 +145,30 @@ def _run_merge(args) -> int:
         f"wrote {result.path} ({args.method}, {len(args.finetuned)} checkpoints, "
         f"{time.perf_counter() - started:.1f}s{extra})"
     )
+    return 0
+
+
+def _run_continual_merge(args, options: dict, started: float) -> int:
+    from mergecl.merging.continual import continual_merges, uses_running
+
+    how = "running state" if uses_running(args.method, args.recompute) else "merged from scratch each step"
+    steps = continual_merges(
+        args.base,
+        args.finetuned,
+        args.method,
+        out=args.out,
+        force=args.force,
+        task_vectors=args.task_vectors,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet,
+        recompute=args.recompute,
+        **options,
+    )
+    for step, result in enumerate(steps, 1):
+        extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
+        print(f"wrote {result.path} ({args.method}, step {step}/{len(args.finetuned)}{extra})")
+    seconds = time.perf_counter() - started
+    print(f"continual {args.method} over {len(args.finetuned)} checkpoints ({how}): {seconds:.1f}s")
     return 0
 
 

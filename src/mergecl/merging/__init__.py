@@ -3,6 +3,7 @@ the streaming merge engine. ``register_rule`` adds a rule from any module (docs/
 
 from mergecl.merging import rules, ties
 from mergecl.merging.checkpoints import open_checkpoint, write_checkpoint
+from mergecl.merging.continual import continual_merges, merge_continual
 from mergecl.merging.engine import MergeResult, merge, merge_checkpoints
 from mergecl.merging.registry import Draw, Input, Prepared, Rule, all_rules, get_rule, register_rule
 
@@ -13,9 +14,11 @@ __all__ = [
     "Prepared",
     "Rule",
     "all_rules",
+    "continual_merges",
     "get_rule",
     "merge",
     "merge_checkpoints",
+    "merge_continual",
     "open_checkpoint",
     "register_rule",
     "rules",
