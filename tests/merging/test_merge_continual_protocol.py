@@ -88,6 +88,11 @@ def test_cli_every_step_equals_a_plain_merge_of_the_first_s(tmp_path, capsys, me
     assert "ft1.safetensors`, `ft2.safetensors` (in this order)" in (step_path(out, 2) / "README.md").read_text()
 
 
+def test_the_public_function():
+    assert mergecl.merge_continual is merge_continual and "merge_continual" in mergecl.__all__
+    assert ">>>" in merge_continual.__doc__
+
+
 def test_which_rules_run_from_a_state():
     assert uses_running("average") and uses_running("magmax") and uses_running("random_mix")
     assert not uses_running("average", recompute=True)

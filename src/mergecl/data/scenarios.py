@@ -15,11 +15,17 @@ A source that gives its own tasks (``Dataset.given_tasks``: the ``files`` source
 is not cut: class- and task-incremental scenarios make one task per ``class_groups`` entry (the
 classes of the task's rows; ``n_tasks`` null or equal, ``order`` not a list), domain-incremental
 ones one task per domain (the task of each example).
+
+Task orders (a run's ``data.orders``): ``task_orders(n, seed, count)`` gives ``count`` distinct
+orders of a scenario's n tasks, the first the scenario's own, and ``reorder`` puts its tasks in one
+of them. They permute the tasks as cut (a class group, a given task, a domain, a permutation), so
+every order of one seed has the same tasks, splits and subsamples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,9 +50,11 @@ __all__ = [
     "class_order",
     "domain_incremental",
     "permuted",
+    "reorder",
     "split_classes",
     "subsample_per_class",
     "task_incremental",
+    "task_orders",
     "with_val",
 ]
 
@@ -301,3 +309,31 @@ def build_scenario(
             task.val = subsample_per_class(task.val, eval_per_class, seed + task.index)
             task.test = subsample_per_class(task.test, eval_per_class, seed + task.index)
     return scenario
+
+
+def task_orders(n: int, seed: int, count: int) -> list[list[int]]:
+    """``count`` distinct orders of n tasks: the identity first, then seeded random permutations
+    (a generator seeded from ``seed``; one equal to an earlier order is drawn again). Order k does
+    not depend on ``count``: asking for more orders keeps the first ones."""
+    possible = 1
+    for i in range(2, n + 1):
+        possible *= i
+        if possible >= count:
+            break
+    if count > possible:
+        raise MergeclError(f"data.orders is {count}, but {n} task(s) have only {possible} different orders")
+    rng = np.random.RandomState(zlib.crc32(f"{seed}:task orders".encode()))
+    orders = [list(range(n))]
+    while len(orders) < count:
+        drawn = [int(i) for i in rng.permutation(n)]
+        if drawn not in orders:
+            orders.append(drawn)
+    return orders
+
+
+def reorder(scenario: Scenario, order: Sequence[int]) -> Scenario:
+    """The scenario with its tasks in ``order`` (task i of the result is task ``order[i]``), renumbered."""
+    if sorted(order) != list(range(len(scenario.tasks))):
+        raise MergeclError(f"a task order must list each of the {len(scenario.tasks)} tasks once, got {list(order)}")
+    tasks = [dataclasses.replace(scenario.tasks[old], index=new) for new, old in enumerate(order)]
+    return dataclasses.replace(scenario, tasks=tasks)

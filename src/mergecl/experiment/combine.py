@@ -17,7 +17,7 @@ from typing import Any
 
 from mergecl.atomic import atomic_directory, atomic_write_text
 from mergecl.errors import MergeclError
-from mergecl.experiment.config import RunConfig, dump_config, load_config
+from mergecl.experiment.config import RunConfig, dump_config, load_config, run_seeds
 from mergecl.experiment.rundir import RunDir
 
 FREE = ("seeds", "keep_vectors")  # the config keys the runs may differ in: they change no number
@@ -53,11 +53,11 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
     progress: dict[str, Any] = {"seeds": {}}
     for rundir, config in zip(dirs, configs, strict=True):
         own = rundir.read_progress()["seeds"]
-        progress["seeds"].update({str(seed): own[str(seed)] for seed in config.seeds if str(seed) in own})
+        progress["seeds"].update({str(seed): own[str(seed)] for seed in run_seeds(config) if str(seed) in own})
 
     with atomic_directory(target.path) as staging:  # a failure leaves no half-combined run
         for rundir, config in zip(dirs, configs, strict=True):
-            for seed in config.seeds:
+            for seed in run_seeds(config):  # with data.orders, each seed's orders too
                 if rundir.seed_dir(seed).is_dir():  # absent when the run kept no tensors
                     shutil.copytree(rundir.seed_dir(seed), staging / rundir.seed_dir(seed).name, copy_function=_link)
         RunDir(staging).record(combined)  # a run like any other: resumable, and locked when resumed
@@ -65,7 +65,7 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
         RunDir(staging).write_json("progress.json", progress)
         # what the run was: the first run's metadata (its scenario and tasks), with every seed
         meta = RunMeta.from_json((dirs[0].read_json("results.json") or {}).get("run"))
-        meta = dataclasses.replace(meta, seeds=seeds, combined_from=[str(rundir.path) for rundir in dirs])
+        meta = dataclasses.replace(meta, seeds=run_seeds(combined), combined_from=[str(rundir.path) for rundir in dirs])
         results = results_from_progress(combined, progress, meta)
         RunDir(staging).write_json("results.json", results.to_json())
     write_report(results, target.path)

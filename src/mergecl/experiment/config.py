@@ -47,6 +47,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf names train.lr here
 
 
+ORDER_STRIDE = 1_000_000  # order k of seed s runs as seed s + k * ORDER_STRIDE
+MAX_ORDERS = 1000  # so that every such seed stays below 2**32 (numpy's seeds)
+
+
+def run_seeds(config: RunConfig) -> list[int]:
+    """The seeds a run runs: each config seed, and with ``data.orders: K`` its orders 1..K-1 as the
+    seeds ``seed + k * ORDER_STRIDE`` (seed-major: 0, 1000000, 1, 1000001, ...)."""
+    return [seed + k * ORDER_STRIDE for seed in config.seeds for k in range(config.data.orders)]
+
+
+def seed_and_order(config: RunConfig, run_seed: int) -> tuple[int, int]:
+    """(the config seed, the order k) of one of ``run_seeds(config)``."""
+    if config.data.orders == 1:
+        return run_seed, 0
+    return run_seed % ORDER_STRIDE, run_seed // ORDER_STRIDE
+
+
 class DataConfig(_Strict):
     source: str = "digits"
     root: str | None = None
@@ -58,6 +75,17 @@ class DataConfig(_Strict):
     train_per_class: int | None = Field(None, ge=1)
     eval_per_class: int | None = Field(None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)  # checked against the source's declared schema
+    # random task orders per seed, results over every (seed, order): order 0 is the scenario's own, order k
+    # the same tasks in a seeded random order, run as seed + k * 1,000,000 (docs/sources.md, Task orders)
+    orders: int = Field(1, ge=1, le=MAX_ORDERS)
+
+    @model_serializer(mode="wrap")
+    def _without_one_order(self, handler: Any) -> dict[str, Any]:
+        # a run of one order records its config as runs made before the key did
+        data = handler(self)
+        if data.get("orders", 0) == 1:
+            del data["orders"]
+        return data
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -118,6 +146,15 @@ class RunConfig(_Strict):
 
         for i, item in enumerate(self.loggers):
             check_logger(item, f"loggers.{i}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_orders(self) -> RunConfig:
+        if self.data.orders > 1 and any(seed >= ORDER_STRIDE for seed in self.seeds):
+            raise MergeclError(
+                f"seeds: with data.orders > 1 every seed is below {ORDER_STRIDE:,} (order k of seed s runs as "
+                f"seed s + k x {ORDER_STRIDE:,})"
+            )
         return self
 
     @model_validator(mode="after")

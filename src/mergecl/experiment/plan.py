@@ -330,6 +330,7 @@ def plan_trainings(config: Any, train_sizes: Sequence[int]) -> list[dict[str, An
 def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, Any]:
     """The plan of a run of ``config`` (a checked ``RunConfig``; ``source``: where it was read from):
     JSON-able; builds the first seed's scenario (loads the data), builds no model, writes nothing."""
+    from mergecl.experiment.config import run_seeds
     from mergecl.experiment.runner import pick_device, run_scenario
     from mergecl.methods.merged import LAM_GRID
     from mergecl.methods.registry import resolve_methods
@@ -378,13 +379,13 @@ def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, A
     train_examples = sum(t["steps_per_seed"] for t in trainings) * settings.batch_size
     eval_examples = round(evaluated * mean_test)
     eval_examples += round(val_evaluated * sum(task["val"] for task in tasks) / n)
-    seeds = len(config.seeds)
+    seeds = len(run_seeds(config))  # with data.orders, each seed's orders are seeds of the run
     return {
         "config": source,
         "name": config.name,
         "out": str(out) if out is not None else None,
         "device": str(device),
-        "seeds": list(config.seeds),
+        "seeds": run_seeds(config),
         "scenario": {
             "kind": scenario.kind,
             "name": scenario.name,

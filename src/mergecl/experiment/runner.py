@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from mergecl import distributed, loggers
-from mergecl.data.scenarios import build_scenario
+from mergecl.data.scenarios import build_scenario, reorder, task_orders
 from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary, mean_per_step
-from mergecl.experiment.config import RunConfig, load_config
+from mergecl.experiment.config import RunConfig, load_config, run_seeds, seed_and_order
 from mergecl.experiment.plan import plan_trainings
 from mergecl.experiment.rundir import RunDir
 from mergecl.methods.merged import TaskVectors, merged_model
@@ -122,8 +122,9 @@ class Runner:
             self.loggers = loggers.open_loggers(specs, self.rundir.path, config, self.config.name)
         try:
             per_seed = self.plan_steps()
-            with whole_run(len(self.config.seeds) * per_seed, f"run {self.config.name}"):
-                for seed in self.config.seeds:
+            seeds = run_seeds(self.config)  # the config's seeds, and with data.orders each one's orders
+            with whole_run(len(seeds) * per_seed, f"run {self.config.name}"):
+                for seed in seeds:
                     with run_part(per_seed):
                         self.run_seed(seed)
                     self.export_models(seed)  # before keep_vectors: false deletes the tensors
@@ -152,14 +153,19 @@ class Runner:
             config=self.config.name,
             scenario=scenario.name or scenario.kind,
             kind=scenario.kind,
-            task_names=[task.name for task in scenario.tasks],
+            # several task orders: position i is another task in each order, so no task has a name
+            task_names=[task.name for task in scenario.tasks] if self.config.data.orders == 1 else None,
             num_tasks=len(scenario.tasks),
-            seeds=list(self.config.seeds),
+            seeds=run_seeds(self.config),
             machine=f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"{self.device.type}, torch {torch.__version__}, {distributed.world_size()} process(es)",
         )
         if self.finished(seed, self.methods, len(scenario.tasks)):
             return  # a resume, or seeds added: no model to build, no theta_0 to write
+        if self.config.data.orders > 1:
+            config_seed, k = seed_and_order(self.config, seed)
+            names = ", ".join(task.name for task in scenario.tasks)
+            self.rundir.log(f"seed {seed}: task order {k} of seed {config_seed}: {names}")
         torch.manual_seed(seed)
         learner = build_learner(self.config.model, scenario.class_names, self.device)
         base_path = self.rundir.base_path(seed)
@@ -368,9 +374,11 @@ class Runner:
 
 
 def run_scenario(config: RunConfig, seed: int) -> Scenario:
-    """The task sequence of a run's seed, as its data config cuts it (seeded: the same every time)."""
+    """The task sequence of a run's seed, as its data config cuts it (seeded: the same every time);
+    order k of seed s (``data.orders``) is seed s's scenario with its tasks in ``task_orders``' k-th order."""
     data = config.data
-    return build_scenario(
+    seed, k = seed_and_order(config, seed)
+    scenario = build_scenario(
         data.scenario,
         data.source,
         data.n_tasks,
@@ -383,12 +391,16 @@ def run_scenario(config: RunConfig, seed: int) -> Scenario:
         root=data.root,
         source_options=data.options,
     )
+    if k == 0:
+        return scenario
+    return reorder(scenario, task_orders(len(scenario.tasks), seed, k + 1)[k])
 
 
 def checked_scenario(config: RunConfig, seed: int) -> Scenario:
     """A seed's scenario, and the backbone checked against its data kind, before any model is built."""
     scenario = run_scenario(config, seed)
     check_inputs(config.model, scenario.tasks[0].train.kind, config.data.source)
+    task_orders(len(scenario.tasks), seed, config.data.orders)  # as many different orders as asked for
     return scenario
 
 
@@ -396,7 +408,7 @@ def results_from_progress(config: RunConfig, progress: dict[str, Any], meta: Run
     """The results of a run from its progress.json: a method's entry once it has a row or has failed."""
     methods = {}
     for spec in resolve_methods(config.methods):
-        result = method_result(spec, config.seeds, progress, meta)
+        result = method_result(spec, run_seeds(config), progress, meta)
         if result is not None:
             methods[spec.name] = result
     return RunResults(methods, meta)

@@ -120,8 +120,11 @@ def continual_merges(
 
 def merge_continual(base: Source, finetuned: Sequence[Source], method: str = "average", **options: Any) -> list:
     """The continual-merging protocol (``continual_merges``) as a list: step s's merged state dict,
-    or with ``out`` the path it was written to (``OUT/stepS``): e.g. ``merge_continual("base.safetensors",
-    ["ft1.safetensors", "ft2.safetensors"], "magmax", out="steps")`` is ``[steps/step1, steps/step2]``.
+    or with ``out`` the path it was written to (``OUT/stepS``). The arguments are ``merge``'s, plus
+    ``recompute`` (merge from scratch at every step even where the rule has a running form).
+
+    >>> merge_continual("base.safetensors", ["ft1.safetensors", "ft2.safetensors"], out="steps")  # doctest: +SKIP
+    [PosixPath('steps/step1'), PosixPath('steps/step2')]
     """
     return [r.state if r.state is not None else r.path for r in continual_merges(base, finetuned, method, **options)]
 
