@@ -73,6 +73,8 @@ def _option_flags() -> dict[str, tuple[str, dict]]:
 
 
 def _add_merge(sub) -> None:
+    from mergecl.merging.continual import running_rules
+
     p = sub.add_parser(
         "merge",
         help="merge fine-tuned checkpoints into a base checkpoint (out of core)",
@@ -104,9 +106,9 @@ def _add_merge(sub) -> None:
         "--continual",
         action="store_true",
         help="the continual-merging protocol: merge FT1..FTs for every step s and write each to OUT/stepS "
-        "(OUT a directory). Rules with a running form (average, task_arithmetic, magmax, random_mix) go on "
-        "from a running state: O(1) reads per step, whatever the number of checkpoints; every other rule "
-        "merges FT1..FTs from scratch at step s (O(T^2) reads in all)",
+        f"(OUT a directory). Rules with a running form ({', '.join(running_rules())}) go on from a running "
+        "state: O(1) reads per step, whatever the number of checkpoints; every other rule merges FT1..FTs "
+        "from scratch at step s (O(T^2) reads in all)",
     )
     p.add_argument(
         "--recompute",

@@ -13,7 +13,14 @@ import mergecl
 from mergecl import MergeclError, merge
 from mergecl.cli import main
 from mergecl.merging import continual
-from mergecl.merging.continual import STATE_PREFIX, continual_merges, merge_continual, step_path, uses_running
+from mergecl.merging.continual import (
+    STATE_PREFIX,
+    continual_merges,
+    merge_continual,
+    running_rules,
+    step_path,
+    uses_running,
+)
 from mergecl.merging.engine import RNG_BLOCK, _Merge
 
 T = 4
@@ -97,6 +104,7 @@ def test_which_rules_run_from_a_state():
     assert uses_running("average") and uses_running("magmax") and uses_running("random_mix")
     assert not uses_running("average", recompute=True)
     assert not uses_running("ties") and not uses_running("opcm") and not uses_running("fisher")
+    assert running_rules()[:4] == ["average", "task_arithmetic", "magmax", "random_mix"]
 
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "magmax"])

@@ -55,7 +55,7 @@ from mergecl.merging.engine import (
     merge_checkpoints,
     read_merge_options,
 )
-from mergecl.merging.registry import RNG_BLOCK, Rule, get_rule
+from mergecl.merging.registry import RNG_BLOCK, Rule, all_rules, get_rule
 from mergecl.progress import bar as progress_bar
 
 STATE_PREFIX = ".mergecl-running-"  # the running state's temporary directory inside OUT
@@ -70,6 +70,11 @@ def uses_running(method: str, recompute: bool = False) -> bool:
     """Whether a continual merge by ``method`` goes on from a running state (O(1) reads per step)."""
     rule = get_rule(method)
     return not recompute and rule.running is not None and not rule.inputs and rule.prepare is None
+
+
+def running_rules() -> list[str]:
+    """The rules a continual merge runs from a running state (``uses_running``), plugins' included."""
+    return [name for name in all_rules() if uses_running(name)]
 
 
 def continual_merges(
