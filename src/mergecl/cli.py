@@ -1,4 +1,4 @@
-"""The `mergecl` command line: merge, run, bench, report, combine, export, eval, list, completion.
+"""The `mergecl` command line: merge, run, bench, report, combine, export, eval, learn, list, completion.
 
 Errors a user can cause (MergeclError) print one line, ``mergecl: error: ...``, and exit 2. A run
 (or bench) in which a method failed -- its model broke: a non-finite loss, weight or output -- still
@@ -466,6 +466,79 @@ def _run_list(args) -> int:
     return 0
 
 
+LEARN_REFUSED = 3  # the exit status of a learn add whose model the gate kept as a candidate
+
+
+def _add_learn(sub) -> None:
+    p = sub.add_parser(
+        "learn",
+        help="keep one model up to date as tasks arrive: init, add, promote, reject, status",
+        description="A model directory learns one task per `add`: it trains on the new task from its current "
+        "state, updates the merge, evaluates the new model on the held-out data of every task learned so far, "
+        "writes a report and exports the model (DIR/model, a loadable directory). If an earlier task drops "
+        f"more than max_drop points, the model is kept as DIR/candidate and add exits with status {LEARN_REFUSED}: "
+        "`promote` accepts it, `reject` drops it.",
+    )
+    learn = p.add_subparsers(dest="learn_command", required=True)
+    init = learn.add_parser(
+        "init",
+        help="make a model directory",
+        description="Make DIR with LEARN.yaml's model, method, training settings, data columns and promotion "
+        "policy. Without --config: the packaged all-MiniLM-L6-v2 with a zero-shot head, Seq-FT + MagMax at lam "
+        "0.5, the embedded default's training settings, max_drop 5 points. The keys: docs/guides/learn.md.",
+    )
+    init.add_argument("directory", metavar="DIR")
+    init.add_argument("--config", metavar="LEARN.yaml", default=None, help="the learn config (default: the defaults)")
+    add = learn.add_parser(
+        "add",
+        help="learn one more task from a file",
+        description="Train task NAME from FILE (CSV, TSV, JSON lines, Parquet: columns text and label by default, "
+        "config data: to change; an optional split column train/validation/test, else a seeded 20%% test carve), "
+        "merge, evaluate every task learned so far, report, and promote the model unless the gate refuses it "
+        f"(exit status {LEARN_REFUSED}).",
+    )
+    add.add_argument("directory", metavar="DIR")
+    add.add_argument("--task", required=True, metavar="NAME", help="the new task's name")
+    add.add_argument("--data", required=True, metavar="FILE", help="the new task's examples")
+    add.add_argument(
+        "--max-drop", type=float, default=None, metavar="POINTS", help="this add's gate (default: the policy's)"
+    )
+    add.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    for name, text in (("promote", "accept the candidate model"), ("reject", "drop the candidate model")):
+        learn.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".").add_argument(
+            "directory", metavar="DIR"
+        )
+    status = learn.add_parser("status", help="tasks, metrics, models and state size of a model directory")
+    status.add_argument("directory", metavar="DIR")
+    status.add_argument("--json", action="store_true", help="print the same as JSON")
+
+
+def _run_learn(args) -> int:
+    import dataclasses
+    import json
+
+    from mergecl.experiment import learn
+
+    if args.learn_command == "init":
+        print(learn.init(args.directory, args.config))
+        return 0
+    if args.learn_command == "add":
+        done = learn.add(args.directory, args.task, args.data, max_drop=args.max_drop, echo=_quiet(args.quiet))
+        print(done)
+        return 0 if done.promoted else LEARN_REFUSED
+    if args.learn_command in ("promote", "reject"):
+        print(getattr(learn, args.learn_command)(args.directory))
+        return 0
+    found = learn.status(args.directory)
+    if args.json:
+        fields = {f.name: getattr(found, f.name) for f in dataclasses.fields(found) if f.name != "config"}
+        fields.update(config=found.config.model_dump(mode="json"), acc=found.acc, bwt=found.bwt)
+        print(json.dumps(fields, indent=1, default=str))
+    else:
+        print(found)
+    return 0
+
+
 SHELLS = ("bash", "zsh")
 
 
@@ -575,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_combine(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_learn(sub)
     _add_list(sub)
     _add_completion(sub)
     return parser
@@ -627,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             "combine": _run_combine,
             "export": _run_export,
             "eval": _run_eval,
+            "learn": _run_learn,
             "list": _run_list,
             "completion": lambda args: print(_completion_script(parser, args.shell), end="") or 0,
         }
