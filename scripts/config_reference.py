@@ -320,6 +320,10 @@ def all_sections() -> list[tuple[str, list[Row]]]:
                                                        *rows(EngineOptions, "method_options.RULE.")]))  # fmt: skip
     for name, rule in builtin_cl_rules().items():
         sections.append((f"rule `{name}`", list(rows(rule.options, f"method_options.{name}."))))
+    from mergecl.experiment.learn import LearnConfig, LearnPolicy
+
+    sections.append(("learn", list(rows(LearnConfig, nested=False))))
+    sections.append(("learn.policy", list(rows(LearnPolicy, "policy."))))
     return sections
 
 
@@ -444,6 +448,18 @@ def render() -> str:
         lam = "computed by the rule" if rule.lam is None else _show(rule.lam)
         out += [f"#### `{name}`", "", f"{_summary(rule.summary)} (default lam: {lam}).", ""]
         out += table(sections[f"rule `{name}`"])
+    out += [
+        "## Learn config",
+        "",
+        "`mergecl learn init DIR --config LEARN.yaml` ([Keeping a model up to date](../guides/learn.md)): every",
+        "key optional; `model`, `method_options` and `train` are the blocks of a run config above, `data` the",
+        "options of the `files` source (each task's file; no `train`/`test`/`task_column`).",
+        "",
+        *table(sections["learn"]),
+        "### `policy`",
+        "",
+        *table(sections["learn.policy"]),
+    ]
     return "\n".join(out).rstrip("\n") + "\n"
 
 

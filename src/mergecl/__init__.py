@@ -7,7 +7,9 @@ The public functions, imported on first use (``import mergecl`` stays cheap):
 - ``mergecl.merge(base, finetuned, method)``: merge checkpoints;
 - ``mergecl.merge_continual(base, finetuned, method)``: the merged model after every step of a stream;
 - ``mergecl.export(run_dir, method, out)``: a run's model as a directory transformers loads;
-- ``mergecl.evaluate(model_dir, config)``: a model's accuracy on each task of a config's scenario.
+- ``mergecl.evaluate(model_dir, config)``: a model's accuracy on each task of a config's scenario;
+- ``mergecl.learn``: one model kept up to date task after task (``learn.init(dir)``,
+  ``learn.add(dir, task, data_file)``, ``learn.promote``, ``learn.reject``, ``learn.status``).
 
 See ``mergecl.api`` for examples.
 """
@@ -15,9 +17,9 @@ See ``mergecl.api`` for examples.
 from mergecl.errors import MergeclError
 
 __version__ = "0.1.0"
-__all__ = ["MergeclError", "evaluate", "export", "merge", "merge_continual", "run", "__version__"]
+__all__ = ["MergeclError", "evaluate", "export", "learn", "merge", "merge_continual", "run", "__version__"]
 
-_API = ("run", "merge", "merge_continual", "export", "evaluate", "RunOutput")
+_API = ("run", "merge", "merge_continual", "export", "evaluate", "learn", "RunOutput")
 
 
 def __getattr__(name):

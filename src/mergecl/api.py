@@ -9,6 +9,12 @@ Your data in, your model out, in Python::
     model = mergecl.export(done.path, "magmax", "magmax-model")  # a directory transformers loads
     check = mergecl.evaluate(model.path, "my-run.yaml")          # its accuracy on each task
 
+One model kept up to date as tasks arrive (``mergecl learn`` on the command line)::
+
+    mergecl.learn.init("intent-model")                                  # the defaults: MiniLM, Seq-FT + MagMax
+    done = mergecl.learn.add("intent-model", "banking", "banking.csv")  # train, merge, evaluate, gate
+    print(done.row, done.promoted, mergecl.learn.status("intent-model").matrix)
+
 ``merge`` is the merge engine's (``mergecl.merging.engine.merge``): checkpoints in, a merged
 checkpoint out; ``merge_continual`` (``mergecl.merging.continual``) the merged model after every
 step of an ordered stream of checkpoints. Every function raises ``mergecl.MergeclError`` (one line)
@@ -25,13 +31,14 @@ from typing import Any
 
 from mergecl.errors import MergeclError
 from mergecl.evaluation.results import MethodResult, RunResults
+from mergecl.experiment import learn
 from mergecl.experiment.config import RunConfig
 from mergecl.experiment.evaluate import Evaluation, as_config, evaluate
 from mergecl.experiment.export import Exported, export
 from mergecl.merging.continual import merge_continual
 from mergecl.merging.engine import merge
 
-__all__ = ["Evaluation", "Exported", "RunOutput", "evaluate", "export", "merge", "merge_continual", "run"]
+__all__ = ["Evaluation", "Exported", "RunOutput", "evaluate", "export", "learn", "merge", "merge_continual", "run"]
 
 
 @dataclass(frozen=True)

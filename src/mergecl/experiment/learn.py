@@ -110,7 +110,11 @@ class LearnConfig(Options):
     model: dict[str, Any] = Field(default_factory=_default_model, description="the model block of a run config")
     method: str = Field("magmax", description="any method of mergecl run: seq_ft, magmax, ind_ft+ties, pam, ...")
     method_options: dict[str, Any] = Field(default_factory=dict, description="the method's options")
-    train: TrainSettings = Field(default_factory=_default_train, description="the train block of a run config")
+    train: TrainSettings = Field(
+        default_factory=_default_train,
+        description="the train block of a run config; default: the embedded default run's "
+        "(src/mergecl/configs/clinc150-mini-cil.yaml)",
+    )
     data: dict[str, Any] = Field(
         default_factory=dict,
         description="how --data files are read: options of the files source (text_column, label_column, "
@@ -196,6 +200,10 @@ class AddResult:
 
 @dataclass(frozen=True)
 class LearnStatus:
+    """A model directory as ``mergecl learn status`` shows it: the promoted tasks, the accuracy
+    matrix of the promoted models, the history of adds and decisions, the models, and the size of
+    the method's state on disk."""
+
     path: Path
     config: LearnConfig
     tasks: list[str]  # promoted tasks, in order
@@ -479,6 +487,7 @@ def init(directory: str | os.PathLike, config: LearnConfig | str | os.PathLike |
 
 
 def status(directory: str | os.PathLike) -> LearnStatus:
+    """What the model directory holds: tasks, accuracy matrix, history, models, state size."""
     learn = LearnDir(directory).open()
     try:
         return _status(learn)
@@ -827,7 +836,8 @@ def _report(learn: LearnDir, scenario, k, before, row, matrix, drops, limit, pro
         lines.append(f"| {name} | {was:.2f} | {row[i]:.2f} | {row[i] - was:+.2f} |")
     lines += [
         "",
-        f"'before' is the model before this add ({previous}); for the new task, its accuracy there (zero-shot). ",
+        f"'before' is the model before this add ({previous}); for the new task, its accuracy there (zero-shot).",
+        "",
         "## Accuracy matrix (row: the model after task t; column: the task evaluated on)",
         "",
         matrix_markdown(grid, names),
