@@ -236,6 +236,7 @@ def _load_builtins() -> None:
     import mergecl.merging.continual_ties  # noqa: F401
     import mergecl.merging.dop  # noqa: F401
     import mergecl.merging.iso  # noqa: F401
+    import mergecl.merging.knots  # noqa: F401
     import mergecl.merging.opcm  # noqa: F401
     import mergecl.merging.rules  # noqa: F401
     import mergecl.merging.ties  # noqa: F401
