@@ -35,6 +35,14 @@ def _merge_help() -> str:
     return "\n".join(lines)
 
 
+def _flag_bool(text: str) -> bool:
+    """A yes/no merge option as typed: true/false (also yes/no, on/off, 1/0)."""
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return words[text.lower()]
+
+
 def _option_flags() -> dict[str, tuple[str, dict]]:
     """argparse flags for every merge option, derived from the schemas (the engine's, then each
     rule's, then each rule's inputs): dest -> (flag, keyword arguments). Unset flags stay None, so
@@ -55,6 +63,8 @@ def _option_flags() -> dict[str, tuple[str, dict]]:
             kwargs = {"default": None, "help": f"{spec.description or option} (default {spec.default}; {owner})"}
             if choices:
                 kwargs["choices"] = list(choices)
+            elif kind[0] is bool:  # strict options take no text: true/false become a bool here
+                kwargs.update(metavar="true|false", type=_flag_bool)
             else:
                 kwargs["metavar"] = option.upper()
                 if kind[0] in (int, float):

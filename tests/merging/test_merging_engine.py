@@ -355,6 +355,19 @@ def test_cli_merge_and_errors(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_cli_takes_yes_no_rule_options_as_true_or_false(tmp_path):
+    base, fts = make_models(t=2)
+    base_path, ft_paths = save_all(tmp_path, base, fts)
+    out = tmp_path / "dop.safetensors"
+    done = run_cli(
+        "merge", "--method", "dop", "--mgda", "false", "--ema", "no", "--base", base_path, "-o", str(out), *ft_paths
+    )
+    assert done.returncode == 0, done.stderr
+    assert_same(load_file(str(out)), merge(base, fts, "dop", mgda=False, ema=False))
+    bad = run_cli("merge", "--method", "dop", "--mgda", "maybe", "--base", base_path, "-o", str(out), *ft_paths)
+    assert bad.returncode == 2 and "expected true or false, got 'maybe'" in bad.stderr
+
+
 def test_cli_help_lists_every_rule_and_default():
     done = run_cli("merge", "--help")
     assert done.returncode == 0
