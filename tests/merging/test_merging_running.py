@@ -48,3 +48,26 @@ def test_random_mix_running_picks_every_task_with_the_same_chance():
     assert torch.all((mixed >= 1) & (mixed <= count))
     assert torch.allclose(shares, torch.full((count,), 1 / count), atol=0.01), shares
     assert not torch.equal(mixed, _fold(all_rules()["random_mix"].running, taus, seed=4))  # seeded draws
+
+
+def test_opcm_running_form_with_its_coefficient_gives_the_engines_opcm_merge():
+    """OPCM's running form keeps S_t and one norm per task; its coefficient, recomputed at each step
+    from them, gives the engine's OPCM model (its prepare's model-wide rescaling)."""
+    from mergecl.merging.engine import merge
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"w1": (6, 5), "w2": (4, 6), "b": (5,)}
+    base = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    taus = [{key: 0.1 * torch.randn(shape, generator=generator) for key, shape in shapes.items()} for _ in range(4)]
+    running = all_rules()["opcm"].running
+    state = {key: tau.clone() for key, tau in taus[0].items()}
+    norms = []
+    for t, tau in enumerate(taus):
+        norms.append(sum(float(v.double().square().sum()) for v in tau.values()) ** 0.5)
+        if t:
+            state = {key: running.update(state[key], tau[key], t, None, alpha=0.3) for key in state}
+        merged_norm = sum(float(v.double().square().sum()) for v in state.values()) ** 0.5
+        factor = running.coefficient(norms, merged_norm)
+        expected = merge(base, taus[: t + 1], "opcm", task_vectors=True, alpha=0.3, lam=0.8)
+        for key in base:
+            assert torch.allclose(base[key] + 0.8 * factor * state[key], expected[key], atol=1e-6), (t, key)

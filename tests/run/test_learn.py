@@ -1,11 +1,11 @@
 """`mergecl learn`: one model kept up to date task after task, across separate commands.
 
 The equivalence test runs the real packaged all-MiniLM-L6-v2 on real Banking77 intents (the subset
-shipped in the package), three tasks of three intents, through ``init`` + three ``add``s and through
-``mergecl run`` over the same tasks and settings: the accuracy matrices must be equal, for a rule
-with a running form (MagMax over Seq-FT: O(1) state) and a rule that keeps every task vector (TIES
-over Ind-FT). The other tests check the gate, promote / reject, the kept versions, the state
-sizes, the lock, a killed add and the one-line errors.
+shipped in the package), two tasks of three intents, through ``init`` + two ``add``s and through
+``mergecl run`` over the same tasks and settings: the accuracy matrices must be equal, for rules
+with a running form (MagMax, and OPCM with its model-wide coefficient, over Seq-FT: O(1) state) and
+a rule that keeps every task vector (TIES over Ind-FT). The other tests check the gate, promote /
+reject, the kept versions, the state sizes, the lock, a killed add and the one-line errors.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytest.importorskip("transformers")
 
 TRAIN = {"optimizer": "adamw", "lr": 3.0e-4, "weight_decay": 0.1, "epochs": 1, "batch_size": 16, "warmup_steps": 2,
          "grad_clip": 1.0, "eval_batch_size": 64}  # fmt: skip
-TASKS = 3
+TASKS = 2
 PER_TASK = 3  # intents
 
 
@@ -78,7 +78,7 @@ def test_init_and_adds_give_the_accuracy_matrix_of_a_run_over_the_same_tasks(tmp
         json.dumps({**json.loads(line), "task": f"task{t + 1}"}) + "\n"
         for t, path in enumerate(task_files) for line in path.read_text().splitlines()
     ))  # fmt: skip
-    methods = ["magmax", "ind_ft+ties"]  # Seq-FT alone: the gate test below
+    methods = ["magmax", "ind_ft+ties", "opcm"]  # Seq-FT alone: the gate test below
     config = parse_config({
         "name": "learn-equivalence",
         "seeds": [0],
@@ -93,13 +93,14 @@ def test_init_and_adds_give_the_accuracy_matrix_of_a_run_over_the_same_tasks(tmp
         status = _learn_all(tmp_path, method, task_files)
         expected = results["methods"][method]["accuracy_matrix"]  # None beyond the tasks seen
         assert status.matrix == [row[: t + 1] for t, row in enumerate(expected)], method
-        assert status.tasks == ["task1", "task2", "task3"]
-    # the running form keeps one state whatever the number of tasks; TIES keeps every task vector
-    magmax = learn.status(tmp_path / "model-magmax")
+        assert status.tasks == ["task1", "task2"]
+    # a running form keeps one state whatever the number of tasks (OPCM: and one norm per task);
+    # TIES keeps every task vector
+    magmax, opcm = learn.status(tmp_path / "model-magmax"), learn.status(tmp_path / "model-opcm")
     ties = learn.status(tmp_path / "model-ind_ft-ties")
-    assert sum(1 for f in magmax.state_files if f.startswith("vectors")) == 0
+    assert not any(f.startswith("vectors") for f in [*magmax.state_files, *opcm.state_files])
     assert sum(1 for f in ties.state_files if f.startswith("vectors")) == TASKS
-    assert "O(1)" in str(magmax) and "every task vector is kept" in str(ties)
+    assert "O(1)" in str(magmax) and "O(1)" in str(opcm) and "every task vector is kept" in str(ties)
 
 
 # --- the gate, promote, reject, versions ------------------------------------------------------

@@ -71,7 +71,7 @@ from mergecl.models.lora import lora_pairs
 from mergecl.models.registry import check_model_spec
 from mergecl.options import Options, read_options
 from mergecl.plugins import load_plugins
-from mergecl.training.loop import accuracy_from_logits, check_finite, predict_logits
+from mergecl.training.loop import accuracy_from_logits, check_finite, predict_logits, predict_splits
 from mergecl.training.settings import TrainSettings
 
 __all__ = ["AddResult", "LearnConfig", "LearnStatus", "add", "init", "promote", "reject", "status"]
@@ -253,11 +253,18 @@ def _state_words(config: LearnConfig) -> str:
 
 
 def _running(config: LearnConfig) -> bool:
-    """The merge goes on from a running state (its rule declares one and no option needs every vector)."""
+    """The merge goes on from a running state: its rule declares one (with its coefficient, for a
+    rule whose ``prepare`` computes one), and no option needs every vector."""
     spec = config.spec
-    if spec.rule is None or get_rule(spec.rule).running is None:
+    rule = get_rule(spec.rule) if spec.rule is not None else None
+    if rule is None or rule.running is None or (rule.prepare is not None and rule.running.coefficient is None):
         return False
-    return set(config.method_options) <= {"lam", "lam_grid", "seed"}
+    return set(config.method_options) <= {"lam", "lam_grid", "seed", *rule.options.model_fields}
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The norm of a whole model's tensors (float64 sums)."""
+    return sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2 for v in tensors.values()) ** 0.5
 
 
 # --- the directory ------------------------------------------------------------------------------
@@ -702,7 +709,8 @@ def _evaluate(learner, weights, scenario: Scenario, t: int, batch_size: int, spl
     """Row t of the accuracy matrix: the model ``weights`` on tasks 0..t (the runner's row)."""
     check_finite(weights, "the model to evaluate")
     learner.load_state_dict(weights)
-    logits = [predict_logits(learner, getattr(task, split), batch_size) for task in scenario.tasks[: t + 1]]
+    splits = [getattr(task, split) for task in scenario.tasks[: t + 1]]
+    logits = predict_splits(learner, splits, batch_size, f"evaluating ({split})")
     return Runner.row(scenario, t, split, logits)
 
 
@@ -742,6 +750,8 @@ def _merged(learn: LearnDir, k: int, tau, base, tuned, learner, validate, record
         rule = get_rule(spec.rule)
         running = rule.running
         assert running is not None
+        own = {key: options[key] for key in rule.options.model_fields if key in options}
+        norms = json.loads((folder / "info.json").read_text()).get("task_norms", []) if k > 1 or tau is None else []
         if tau is None:
             merge_state = learn.files.load_tensors(folder / "merge.safetensors")
         elif k == 1:
@@ -751,15 +761,21 @@ def _merged(learn: LearnDir, k: int, tau, base, tuned, learner, validate, record
             draw_seed = options.get("seed", config.seed)
             for key in tuned:
                 generator = torch.Generator().manual_seed(zlib.crc32(f"{draw_seed}:running:{key}:{t}".encode()))
-                merge_state[key] = running.update(merge_state[key], tau[key], t, generator)
+                merge_state[key] = running.update(merge_state[key], tau[key], t, generator, **own)
         # theta_0 + lam * (the rule's merged task vector): task arithmetic over that one vector is
         # the engine's same computation (and lam: auto its same choice)
         unit = {key: running.finish(value.clone(), k) for key, value in merge_state.items()}
+        info: dict[str, Any] = {}
+        if running.coefficient is not None:  # e.g. OPCM's rescaling to the mean task-vector norm
+            norms = norms + ([_norm(tau)] if tau is not None else [])
+            factor = running.coefficient(norms, _norm(unit))
+            unit = {key: value * factor for key, value in unit.items()}
+            info = {"lambda": factor, "task_norms": norms}
         scaled = {key: options[key] for key in ("lam", "lam_grid") if key in options}
         scaled.setdefault("lam", rule.lam)
         vectors = TaskVectors([unit], base, tuned, lambda x: x, lora_pairs(learner))
         merged = merged_model("task_arithmetic", vectors, scaled, config.seed, validate, "method_options")
-        return merged.state, merged.info, merge_state
+        return merged.state, {**merged.info, **info}, merge_state
     if tau is not None:
         learn.files.save_tensors(learn.vector_path(k), tau)
     paths = [learn.vector_path(i) for i in range(1, k + 1)]

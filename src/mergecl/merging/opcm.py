@@ -18,7 +18,8 @@ projection only sees S_{t-1}'s singular vectors and the cumulative share, which 
 alone, so the last rescaling is the only one that counts.)
 
 mergecl's engine hands the rule each tensor's task vectors in task order; the fold keeps S only,
-so memory is O(1) in the number of tasks. The model-wide norms need a pass of their own
+so memory is O(1) in the number of tasks. Its running form (``mergecl learn``) keeps S and one norm
+per task: the coefficient is recomputed from them at each step. The model-wide norms need a pass of their own
 (``prepare``), which runs the same fold once more. The thin SVD stands in for the release's full
 one: every zeroed entry lies in the leading min(m, n) block, so the result is the same.
 """
@@ -31,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergecl.merging.registry import MergeView, Prepared, register_rule
+from mergecl.merging.registry import MergeView, Prepared, Running, register_rule
 from mergecl.options import Options
 
 
@@ -61,6 +62,15 @@ def opcm_project(merged: Tensor, tau: Tensor, alpha: float = 0.5) -> Tensor:
     return tau - u @ removed @ vh
 
 
+def opcm_step(merged: Tensor, tau: Tensor, alpha: float = 0.5) -> Tensor:
+    """S_t from S_{t-1} (edited in place) and tau_t: a weight matrix's tau_t projected first."""
+    if merged.dim() == 2:
+        merged += opcm_project(merged, tau, alpha)
+    else:
+        merged += tau
+    return merged
+
+
 def opcm_fold(taus: Iterable[Tensor], alpha: float = 0.5, norms: list[float] | None = None) -> Tensor:
     """S_T of one tensor, folded over its task vectors in task order; ``norms`` (if given) gets each
     task vector's squared norm."""
@@ -68,13 +78,13 @@ def opcm_fold(taus: Iterable[Tensor], alpha: float = 0.5, norms: list[float] | N
     for tau in taus:
         if norms is not None:
             norms.append(float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2)
-        if merged is None:
-            merged = tau.clone()
-        elif merged.dim() == 2:
-            merged += opcm_project(merged, tau, alpha)
-        else:
-            merged += tau
+        merged = tau.clone() if merged is None else opcm_step(merged, tau, alpha)
     return merged
+
+
+def opcm_coefficient(task_norms: list[float], merged_norm: float) -> float:
+    """lambda_T = mean_t ||tau_t|| / ||S_T||, the norms over the whole model (1 if S_T is zero)."""
+    return sum(task_norms) / len(task_norms) / merged_norm if merged_norm > 0 else 1.0
 
 
 def _coefficient(view: MergeView, options: Options) -> Prepared:
@@ -86,8 +96,7 @@ def _coefficient(view: MergeView, options: Options) -> Prepared:
         merged = opcm_fold(chunk.taus, options.alpha, norms)
         merged_sq += float(torch.linalg.vector_norm(merged, dtype=torch.float64)) ** 2
         task_sq = [total + n for total, n in zip(task_sq, norms, strict=True)]
-    average = sum(n**0.5 for n in task_sq) / len(task_sq)
-    scale = average / merged_sq**0.5 if merged_sq > 0 else 1.0
+    scale = opcm_coefficient([n**0.5 for n in task_sq], merged_sq**0.5)
     lam = getattr(options, "lam", None)
     lam = 1.0 if lam is None else lam
     return Prepared(lam=lam * scale, info={"lambda": scale})
@@ -100,6 +109,7 @@ def _coefficient(view: MergeView, options: Options) -> Prepared:
     options=OpcmOptions,
     prepare=_coefficient,
     passes=lambda options: 1,
+    running=Running(lambda merged, tau, t, g, alpha=0.5: opcm_step(merged, tau, alpha), coefficient=opcm_coefficient),
     summary="in task order, each weight matrix's new task vector projected off the merged one's singular "
     "directions; rescaled to the mean task vector norm (OPCM)",
 )

@@ -84,12 +84,17 @@ class Input:
 @dataclass(frozen=True)
 class Running:
     """A rule as a running state of one tensor's shape: the state after task 1 is tau_1;
-    ``update(state, tau_t, t, generator)`` (t: the 0-based index of tau_t, >= 1) gives the next one
-    and may edit ``state`` in place; ``finish(state, count)`` is the merged task vector. A rule that
-    draws takes its draws from ``generator``, seeded per tensor and task."""
+    ``update(state, tau_t, t, generator, **options)`` (t: the 0-based index of tau_t, >= 1; the
+    rule's own options) gives the next one and may edit ``state`` in place; ``finish(state, count)``
+    is the merged task vector. A rule that draws takes its draws from ``generator``, seeded per
+    tensor and task. A rule with a ``prepare`` that computes its coefficient says how it goes on:
+    ``coefficient(task_norms, merged_norm)``, from every task vector's whole-model norm (kept by
+    the holder: one number per task) and the finished vector's; without it, such a rule's running
+    form is not used."""
 
-    update: Callable[[Tensor, Tensor, int, torch.Generator], Tensor]
+    update: Callable[..., Tensor]
     finish: Callable[[Tensor, int], Tensor] = lambda state, count: state
+    coefficient: Callable[[list[float], float], float] | None = None
 
 
 @dataclass(frozen=True)
