@@ -285,3 +285,18 @@ def test_a_killed_add_leaves_the_model_and_state_and_the_same_add_gives_the_same
     expected = learn.add(reference, "rates", small_files[1], echo=lambda m: None)
     assert done.row == expected.row and done.before == expected.before
     assert sorted(p.name for p in (killed / "state").iterdir()) == ["2"]  # the state after 1 task is gone
+
+
+def test_a_lora_model_learns_with_pam_and_exports_a_plain_model(tmp_path, small_files):
+    """PAM on a LoRA model: its state is the LoRA factors (kilobytes, not the model), and the
+    exported model has the adapters folded in (the keys of the plain transformers model)."""
+    d = tmp_path / "pam"
+    learn.init(d, _config(tmp_path, method="pam", model={"name": "hf_text", "head": "zero_shot", "lora": {"rank": 4}}))
+    for t in range(2):
+        done = learn.add(d, f"task{t + 1}", small_files[t], max_drop=100.0, echo=lambda m: None)
+    status = learn.status(d)
+    assert len(status.matrix) == 2 and done.promoted and status.state_bytes < 2**20
+    from safetensors.torch import load_file
+
+    keys = load_file(d / "model" / "model.safetensors")
+    assert not any("lora" in key for key in keys) and any(key.endswith("query.weight") for key in keys)
