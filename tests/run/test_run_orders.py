@@ -105,3 +105,29 @@ def test_two_orders_run_as_two_seeds_and_order_0_is_the_run_of_before(tmp_path):
         "1",
         "1000001",
     }
+
+
+def test_ind_ft_is_trained_once_per_seed_and_shared_by_every_order(tmp_path):
+    """Ind-FT's task vector of a task does not depend on the order (it starts from theta_0, which
+    every order of a seed shares): order k's step t is order 0's vector of the same task, copied,
+    not trained again; Seq-FT is trained in each order."""
+    from safetensors.torch import load_file
+
+    config = with_orders(3, methods=["ind_ft", "ind_ft+average", "seq_ft"])
+    run(config, out=tmp_path / "run", report=False, echo=lambda message: None)
+    orders = task_orders(3, 0, 3)
+    seed_dir = lambda seed: tmp_path / "run" / f"seed{seed}"  # noqa: E731
+    assert torch.equal(load_file(seed_dir(0) / "base.safetensors")["head.weight"],
+                       load_file(seed_dir(2_000_000) / "base.safetensors")["head.weight"])  # fmt: skip
+    for k in (1, 2):
+        for t, j in enumerate(orders[k]):
+            mine = load_file(seed_dir(k * 1_000_000) / "ind" / f"task{t}.safetensors")
+            first = load_file(seed_dir(0) / "ind" / f"task{j}.safetensors")
+            assert mine.keys() == first.keys() and all(torch.equal(mine[key], first[key]) for key in mine)
+    log = (tmp_path / "run" / "logs" / "run.log").read_text()
+    assert log.count("of seed 0's order") == 6  # 2 orders x 3 tasks copied
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert (
+        "ind" not in progress["seeds"]["1000000"]["train_time"]
+        and progress["seeds"]["1000000"]["train_time"]["seq"] > 0
+    )

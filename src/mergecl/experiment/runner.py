@@ -23,7 +23,7 @@ from mergecl.data.scenarios import build_scenario, reorder, task_orders
 from mergecl.data.types import Scenario
 from mergecl.errors import MergeclError
 from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSummary, mean_per_step
-from mergecl.experiment.config import RunConfig, load_config, run_seeds, seed_and_order
+from mergecl.experiment.config import ORDER_STRIDE, RunConfig, load_config, run_seeds, seed_and_order
 from mergecl.experiment.plan import plan_trainings
 from mergecl.experiment.rundir import RunDir
 from mergecl.methods.merged import TaskVectors, merged_model
@@ -128,8 +128,10 @@ class Runner:
                     with run_part(per_seed):
                         self.run_seed(seed)
                     self.export_models(seed)  # before keep_vectors: false deletes the tensors
-                    if not self.config.keep_vectors:
-                        self.rundir.remove_seed_tensors(seed)
+                    config_seed, k = seed_and_order(self.config, seed)
+                    if not self.config.keep_vectors and k == self.config.data.orders - 1:
+                        for order in range(self.config.data.orders):  # after its last order: shared steps
+                            self.rundir.remove_seed_tensors(config_seed + order * ORDER_STRIDE)
             self.commit_progress()
         finally:
             if self.loggers is not None:
@@ -166,7 +168,7 @@ class Runner:
             config_seed, k = seed_and_order(self.config, seed)
             names = ", ".join(task.name for task in scenario.tasks)
             self.rundir.log(f"seed {seed}: task order {k} of seed {config_seed}: {names}")
-        torch.manual_seed(seed)
+        torch.manual_seed(seed_and_order(self.config, seed)[0])  # every order of a seed: one theta_0
         learner = build_learner(self.config.model, scenario.class_names, self.device)
         base_path = self.rundir.base_path(seed)
         if distributed.broadcast_object(base_path.exists()):  # rank 0's view: it may be writing it now
@@ -302,6 +304,19 @@ class Runner:
         if vector_path.exists():
             return self.rundir.load_tensors(state_path) if state_path.exists() else carried
         registered = registered_training(training)
+        # variants of a training (pam@zero, pam@p25) share their seeds: they differ only in options
+        seed_t = step_seed(seed, registered.name, t)
+        config_seed, k = seed_and_order(self.config, seed)
+        if registered.independent and k > 0:  # task t of order k is task j of order 0: trained once
+            j = task_orders(len(scenario.tasks), config_seed, k + 1)[k][t]
+            seed_t = step_seed(config_seed, registered.name, j)  # as order 0 trains it
+            shared = self.rundir.vector_path(config_seed, training, j)
+            if distributed.broadcast_object(shared.exists()):
+                self.rundir.save_tensors(
+                    vector_path, self.rundir.load_tensors(shared), {"stream": training, "task": str(t)}
+                )
+                self.rundir.log(f"seed {seed} {training} task {t + 1}: task {j + 1} of seed {config_seed}'s order")
+                return carried
         start = base
         if t > 0 and registered.continues:
             start = self.rebuild(base, self.rundir.load_tensors(self.rundir.vector_path(seed, training, t - 1)))
@@ -309,8 +324,6 @@ class Runner:
         if t > 0 and carried is None and previous_state.exists():
             carried = self.rundir.load_tensors(previous_state)
         learner.load_state_dict(start)
-        # variants of a training (pam@zero, pam@p25) share their seeds: they differ only in options
-        seed_t = step_seed(seed, registered.name, t)
         torch.manual_seed(seed_t)
         started = time.perf_counter()
         step = Step(learner, scenario, t, self.settings, seed_t, self.training_options(training), carried)

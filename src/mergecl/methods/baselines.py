@@ -77,6 +77,7 @@ register_training(
     plain_step,
     method="ind_ft",
     continues=False,
+    independent=True,
     summary="independent fine-tuning: every task starts from theta_0",
 )
 register_training(

@@ -104,6 +104,9 @@ class Training:
     continues: bool  # True: step t starts from the training's model after t-1; False: from theta_0
     step: Callable[[Step], StepResult] | None  # None: no training, the model is theta_0 (zero-shot)
     options: type[Options] = Options  # the schema of method_options.<method>; default: no options
+    # step t depends on task t alone (from theta_0, no carried state): its task vector is the same in
+    # every task order of a seed (data.orders), so the runner trains it once per seed
+    independent: bool = False
 
 
 TRAININGS: dict[str, Training] = {}  # by name, in the order registered
@@ -117,6 +120,7 @@ def register_training(
     method: str | None = None,
     continues: bool = True,
     options: type[Options] = Options,
+    independent: bool = False,
 ) -> Training:
     """Declare a training method: the training ``name`` and the plain method ``method`` (default:
     the same name) that a config lists. Registering a name again replaces it only from the module
@@ -135,7 +139,9 @@ def register_training(
             raise MergeclError(f"register_training: {clash} is registered already (by {_OWNERS[other.name]})")
     for other in replaced:  # re-registered by the module that declared it: replaced
         del TRAININGS[other.name]
-    TRAININGS[name] = training = Training(name, method, summary, continues, step, options)
+    if independent and continues:
+        raise MergeclError(f"register_training {name}: an independent training starts from theta_0 (continues=False)")
+    TRAININGS[name] = training = Training(name, method, summary, continues, step, options, independent)
     _OWNERS[name] = owner
     return training
 
