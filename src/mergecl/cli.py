@@ -139,19 +139,12 @@ def _run_merge(args) -> int:
     options = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
     if args.recompute and not args.continual:
         raise MergeclError("--recompute goes with --continual")
+    # the output and the reading of the inputs, as a plain and a continual merge take them
+    options.update(out=args.out, force=args.force, task_vectors=args.task_vectors, progress=not args.quiet)
+    options["max_shard_size"] = args.max_shard_size
     if args.continual:
         return _run_continual_merge(args, options, started)
-    result = merge_checkpoints(
-        args.base,
-        args.finetuned,
-        args.method,
-        out=args.out,
-        force=args.force,
-        task_vectors=args.task_vectors,
-        max_shard_size=args.max_shard_size,
-        progress=not args.quiet,
-        **options,
-    )
+    result = merge_checkpoints(args.base, args.finetuned, args.method, **options)
     extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
     print(
         f"wrote {result.path} ({args.method}, {len(args.finetuned)} checkpoints, "
@@ -164,18 +157,7 @@ def _run_continual_merge(args, options: dict, started: float) -> int:
     from mergecl.merging.continual import continual_merges, uses_running
 
     how = "running state" if uses_running(args.method, args.recompute) else "merged from scratch each step"
-    steps = continual_merges(
-        args.base,
-        args.finetuned,
-        args.method,
-        out=args.out,
-        force=args.force,
-        task_vectors=args.task_vectors,
-        max_shard_size=args.max_shard_size,
-        progress=not args.quiet,
-        recompute=args.recompute,
-        **options,
-    )
+    steps = continual_merges(args.base, args.finetuned, args.method, recompute=args.recompute, **options)
     for step, result in enumerate(steps, 1):
         extra = f", lambda*={result.info['lambda']:.4f}" if "lambda" in result.info else ""
         print(f"wrote {result.path} ({args.method}, step {step}/{len(args.finetuned)}{extra})")

@@ -623,10 +623,7 @@ def _add(learn: LearnDir, name: str, data: Path, max_drop: float | None, echo) -
     now = time.strftime("%Y-%m-%d %H:%M:%S")
     acc, bwt = metrics.final_acc(matrix), metrics.bwt(matrix)
     if promoted:
-        ledger["tasks"].append(entry)
-        ledger["matrix"] = matrix
-        ledger["promoted"] = k
-        ledger["versions"] = [*ledger["versions"], k][-config.policy.keep_versions :]
+        _promote(learn, entry, row, k)
         ledger["history"].append(
             {"date": now, "event": "promoted", "task": name, "version": k, "acc": acc, "bwt": bwt, "seconds": seconds}
         )
@@ -660,41 +657,50 @@ def _add(learn: LearnDir, name: str, data: Path, max_drop: float | None, echo) -
 
 def promote(directory: str | os.PathLike) -> LearnStatus:
     """Accept the candidate an add's gate refused: it becomes the model."""
-    learn = LearnDir(directory).open()
-    try:
-        ledger = learn.ledger
-        candidate = ledger["candidate"]
-        if not candidate:
-            raise MergeclError(f"{learn.path}: no candidate model to promote")
-        ledger["tasks"].append(candidate["task"])
-        ledger["matrix"].append(candidate["row"])
-        ledger["promoted"] = candidate["version"]
-        ledger["versions"] = [*ledger["versions"], candidate["version"]][-learn.config.policy.keep_versions :]
-        ledger["candidate"] = None
-        ledger["history"].append(_event("promoted by hand", candidate))
-        learn.commit()
-        learn.tidy()
-        return _status(learn)
-    finally:
-        learn.close()
+
+    def accept(learn: LearnDir, candidate: dict[str, Any]) -> None:
+        _promote(learn, candidate["task"], candidate["row"], candidate["version"])
+        learn.ledger["history"].append(_event("promoted by hand", candidate))
+
+    return _decide(directory, "promote", accept)
 
 
 def reject(directory: str | os.PathLike) -> LearnStatus:
     """Drop the candidate: the model and the state stay as they were before its add."""
+
+    def drop(learn: LearnDir, candidate: dict[str, Any]) -> None:
+        learn.ledger["history"].append(_event("rejected", candidate))
+
+    return _decide(directory, "reject", drop)
+
+
+def _decide(directory: str | os.PathLike, verb: str, decide: Callable[[LearnDir, dict[str, Any]], None]) -> LearnStatus:
+    """Promote or reject the waiting candidate: ``decide`` edits the ledger, which is then committed;
+    the next ``tidy`` removes what the ledger no longer names (a rejected candidate's state, model
+    and data)."""
     learn = LearnDir(directory).open()
     try:
-        ledger = learn.ledger
-        candidate = ledger["candidate"]
+        candidate = learn.ledger["candidate"]
         if not candidate:
-            raise MergeclError(f"{learn.path}: no candidate model to reject")
-        ledger["candidate"] = None
-        ledger["history"].append(_event("rejected", candidate))
+            raise MergeclError(f"{learn.path}: no candidate model to {verb}")
+        learn.ledger["candidate"] = None
+        decide(learn, candidate)
         learn.commit()
         learn.tidy()
-        (learn.path / candidate["task"]["data"]).unlink(missing_ok=True)
+        if verb == "reject":
+            (learn.path / candidate["task"]["data"]).unlink(missing_ok=True)
         return _status(learn)
     finally:
         learn.close()
+
+
+def _promote(learn: LearnDir, entry: dict[str, Any], row: list[float], version: int) -> None:
+    """The ledger with task ``entry`` learned: its row, the promoted version, the versions kept."""
+    ledger = learn.ledger
+    ledger["tasks"].append(entry)
+    ledger["matrix"].append(row)
+    ledger["promoted"] = version
+    ledger["versions"] = [*ledger["versions"], version][-learn.config.policy.keep_versions :]
 
 
 def _event(event: str, candidate: dict[str, Any]) -> dict[str, Any]:
