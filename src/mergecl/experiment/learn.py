@@ -757,7 +757,9 @@ def _merged(learn: LearnDir, k: int, tau, base, tuned, learner, validate, record
         running = rule.running
         assert running is not None
         own = {key: options[key] for key in rule.options.model_fields if key in options}
-        norms = json.loads((folder / "info.json").read_text()).get("task_norms", []) if k > 1 or tau is None else []
+        norms: list[float] = []  # the task vectors' norms so far: only a rule with a coefficient keeps them
+        if running.coefficient is not None and (k > 1 or tau is None):
+            norms = json.loads((folder / "info.json").read_text())["task_norms"]
         if tau is None:
             merge_state = learn.files.load_tensors(folder / "merge.safetensors")
         elif k == 1:
