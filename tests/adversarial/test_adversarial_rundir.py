@@ -39,20 +39,40 @@ QUIET = dict(echo=lambda message: None, report=False)
 ENV = dict(os.environ, MERGECL_QUIET="1", OMP_NUM_THREADS="1")
 
 
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry under ``root``, hidden ones too: bytes of files, targets of links, dirs as such."""
+def snapshot(root: Path, live: bool = False) -> dict[str, object]:
+    """Every entry under ``root``, hidden ones too: bytes of files, targets of links, dirs as such.
+
+    ``live``: a run is writing under ``root``; its temp files come and go, so they are left out."""
     seen: dict[str, object] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             key = str(path.relative_to(root))
-            if path.is_symlink():
-                seen[key] = f"-> {os.readlink(path)}"
-            elif path.is_dir():
-                seen[key] = "<dir>"
-            else:
-                seen[key] = path.read_bytes()
+            if live and name.endswith(".tmp"):
+                continue
+            try:
+                if path.is_symlink():
+                    seen[key] = f"-> {os.readlink(path)}"
+                elif path.is_dir():
+                    seen[key] = "<dir>"
+                else:
+                    seen[key] = path.read_bytes()
+            except FileNotFoundError:
+                if not live:
+                    raise
     return seen
+
+
+def settled_snapshot(root: Path, deadline: float) -> dict[str, object]:
+    """A live run's directory once two looks 0.2 s apart agree (its start-up writes are done)."""
+    before = snapshot(root, live=True)
+    while time.time() < deadline:
+        time.sleep(0.2)
+        now = snapshot(root, live=True)
+        if now == before:
+            return now
+        before = now
+    raise AssertionError(f"{root} kept changing")
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -102,7 +122,7 @@ def test_a_second_process_on_a_running_run_refuses_at_once_and_the_lock_dies_wit
         while not (out / MARKER).exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         assert (out / MARKER).exists() and first.poll() is None, "the first run did not start"
-        before = snapshot(out)
+        before = settled_snapshot(out, deadline)
         started = time.perf_counter()
         assert main(["run", "--resume", str(out)]) == 2  # this process is the second one
         assert one_error_line(capsys) == (
@@ -112,7 +132,7 @@ def test_a_second_process_on_a_running_run_refuses_at_once_and_the_lock_dies_wit
         refused = f"mergecl: error: {out}: already holds a run; continue it with --resume {out}\n"
         assert one_error_line(capsys) == refused
         assert time.perf_counter() - started < 5.0 and first.poll() is None, "refused at once, while it runs"
-        assert {k: v for k, v in snapshot(out).items() if k in before} == before
+        assert {k: v for k, v in snapshot(out, live=True).items() if k in before} == before
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
