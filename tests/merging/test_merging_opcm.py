@@ -93,3 +93,25 @@ def test_cli_and_run_config(tmp_path):
         }
     )
     assert "opcm" in config.methods and "ind_ft+opcm" in config.methods
+
+
+def test_an_embedding_table_is_added_not_projected_as_the_release_treats_nn_embedding():
+    """The release projects nn.Linear weights only; an nn.Embedding's table goes through
+    ``merge_other_parameters`` (a plain sum), as its biases do. mergecl sees names: ``plain_names``."""
+    g = torch.Generator().manual_seed(5)
+    base = {
+        "embeddings.word_embeddings.weight": torch.randn(20, 6, generator=g),
+        "fc.weight": torch.randn(6, 6, generator=g),
+    }
+    taus = [{k: 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    table = "embeddings.word_embeddings.weight"
+    summed = opcm_fold(iter([tau[table] for tau in taus]), name=table)
+    torch.testing.assert_close(summed, sum(tau[table] for tau in taus))
+    projected = opcm_fold(iter([tau[table] for tau in taus]), plain_names=None, name=table)
+    assert not torch.allclose(projected, summed)
+    merged = merge(base, taus, "opcm", task_vectors=True)
+    as_matrix = merge(base, taus, "opcm", task_vectors=True, plain_names="")  # "": every 2-D tensor projected
+    scale = (merged["fc.weight"] - base["fc.weight"]).norm() / (as_matrix["fc.weight"] - base["fc.weight"]).norm()
+    assert not torch.allclose(scale, torch.tensor(1.0))  # the model-wide coefficient sees the table's sum
+    direction = merged[table] - base[table]
+    torch.testing.assert_close(direction / direction.norm(), summed / summed.norm(), rtol=0, atol=1e-6)

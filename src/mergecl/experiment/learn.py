@@ -42,7 +42,6 @@ import os
 import re
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +61,7 @@ from mergecl.experiment.config import load_config, read_yaml
 from mergecl.experiment.export import EXPORT_VERSION, write_model
 from mergecl.experiment.rundir import RunDir
 from mergecl.experiment.runner import Runner, pick_device, step_seed, tuned_keys
-from mergecl.merging.registry import get_rule
-from mergecl.methods.merged import TaskVectors, merged_model
+from mergecl.methods.merged import RunningMerge, TaskVectors, merged_model, running_form
 from mergecl.methods.registry import MethodSpec, method_schema, resolve_method
 from mergecl.methods.trainings import Step, eval_classes, registered_training
 from mergecl.models.factory import build_learner
@@ -255,16 +253,8 @@ def _state_words(config: LearnConfig) -> str:
 def _running(config: LearnConfig) -> bool:
     """The merge goes on from a running state: its rule declares one (with its coefficient, for a
     rule whose ``prepare`` computes one), and no option needs every vector."""
-    spec = config.spec
-    rule = get_rule(spec.rule) if spec.rule is not None else None
-    if rule is None or rule.running is None or (rule.prepare is not None and rule.running.coefficient is None):
-        return False
-    return set(config.method_options) <= {"lam", "lam_grid", "seed", *rule.options.model_fields}
-
-
-def _norm(tensors: dict[str, torch.Tensor]) -> float:
-    """The norm of a whole model's tensors (float64 sums)."""
-    return sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2 for v in tensors.values()) ** 0.5
+    rule = config.spec.rule
+    return rule is not None and running_form(rule, config.method_options) is not None
 
 
 # --- the directory ------------------------------------------------------------------------------
@@ -751,39 +741,19 @@ def _merged(learn: LearnDir, k: int, tau, base, tuned, learner, validate, record
     options = dict(config.method_options)
     if recorded_lam is not None:
         options.update(lam="auto", lam_grid=[recorded_lam])
-    t = k - 1
     if _running(config):
-        rule = get_rule(spec.rule)
-        running = rule.running
-        assert running is not None
-        own = {key: options[key] for key in rule.options.model_fields if key in options}
-        norms: list[float] = []  # the task vectors' norms so far: only a rule with a coefficient keeps them
-        if running.coefficient is not None and (k > 1 or tau is None):
-            norms = json.loads((folder / "info.json").read_text())["task_norms"]
-        if tau is None:
-            merge_state = learn.files.load_tensors(folder / "merge.safetensors")
-        elif k == 1:
-            merge_state = {key: value.clone() for key, value in tau.items()}
-        else:
-            merge_state = learn.files.load_tensors(folder / "merge.safetensors")
-            draw_seed = options.get("seed", config.seed)
-            for key in tuned:
-                generator = torch.Generator().manual_seed(zlib.crc32(f"{draw_seed}:running:{key}:{t}".encode()))
-                merge_state[key] = running.update(merge_state[key], tau[key], t, generator, **own)
-        # theta_0 + lam * (the rule's merged task vector): task arithmetic over that one vector is
-        # the engine's same computation (and lam: auto its same choice)
-        unit = {key: running.finish(value.clone(), k) for key, value in merge_state.items()}
-        info: dict[str, Any] = {}
-        if running.coefficient is not None:  # e.g. OPCM's rescaling to the mean task-vector norm
-            norms = norms + ([_norm(tau)] if tau is not None else [])
-            factor = running.coefficient(norms, _norm(unit))
-            unit = {key: value * factor for key, value in unit.items()}
-            info = {"lambda": factor, "task_norms": norms}
-        scaled = {key: options[key] for key in ("lam", "lam_grid") if key in options}
-        scaled.setdefault("lam", rule.lam)
-        vectors = TaskVectors([unit], base, tuned, lambda x: x, lora_pairs(learner))
-        merged = merged_model("task_arithmetic", vectors, scaled, config.seed, validate, "method_options")
-        return merged.state, {**merged.info, **info}, merge_state
+        running = RunningMerge(spec.rule, options, config.seed)
+        if tau is None or k > 1:  # the state after k (tau None) or k - 1 tasks, as stored
+            running.state = learn.files.load_tensors(folder / "merge.safetensors")
+            running.count = k if tau is None else k - 1
+            if running.running.coefficient is not None:  # e.g. OPCM: one norm per task, kept in info
+                running.task_norms = json.loads((folder / "info.json").read_text())["task_norms"]
+        if tau is not None:
+            running.add(tau)
+        vectors = TaskVectors([], base, tuned, learn.files.load_tensors, lora_pairs(learner))
+        merged = running.model(vectors, validate, "method_options")
+        info = {**merged.info, **({"task_norms": running.task_norms} if "lambda" in merged.info else {})}
+        return merged.state, info, running.state
     if tau is not None:
         learn.files.save_tensors(learn.vector_path(k), tau)
     paths = [learn.vector_path(i) for i in range(1, k + 1)]

@@ -26,7 +26,8 @@ from mergecl.evaluation.results import MethodResult, RunMeta, RunResults, SeedSu
 from mergecl.experiment.config import ORDER_STRIDE, RunConfig, load_config, run_seeds, seed_and_order
 from mergecl.experiment.plan import plan_trainings
 from mergecl.experiment.rundir import RunDir
-from mergecl.methods.merged import TaskVectors, merged_model
+from mergecl.merging.registry import get_rule
+from mergecl.methods.merged import RunningMerge, TaskVectors, merged_model, running_form
 from mergecl.methods.registry import MethodSpec, resolve_methods
 from mergecl.methods.trainings import Step, eval_classes, registered_training
 from mergecl.models.base import Learner
@@ -84,6 +85,7 @@ class Runner:
         self.lora: list[LoraPair] = []
         self.loggers: loggers.Loggers | None = None  # the config's loggers, on rank 0 (run())
         self.planned: dict[str, list[int]] = {}  # training -> its planned steps per task (run())
+        self.running: dict[str, RunningMerge] = {}  # method -> its merge's running state (this seed)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -178,6 +180,7 @@ class Runner:
         base = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
         self.tuned, self.lora = tuned_keys(learner), lora_pairs(learner)
         self.zero_shot_logits = {}  # theta_0's logits on this seed's tasks
+        self.running = {}
         for training in dict.fromkeys(spec.training for spec in self.methods):
             with run_part(sum(self.planned.get(training, []))):
                 self.run_training(seed, training, scenario, learner, base)
@@ -376,8 +379,31 @@ class Runner:
 
         vectors = TaskVectors(paths, base, self.tuned, self.rundir.load_tensors, self.lora)
         options = self.config.method_options.get(spec.name, {})
-        merged = merged_model(spec.rule, vectors, options, seed, validate, f"method_options.{spec.name}")
+        where = f"method_options.{spec.name}"
+        running = self.running_merge(seed, spec, paths, options)
+        if running is not None:
+            merged = running.model(vectors, validate, where)
+        else:
+            merged = merged_model(spec.rule, vectors, options, seed, validate, where)
         return merged.state, merged.info
+
+    def running_merge(self, seed: int, spec: MethodSpec, paths: list[Path], options: dict) -> RunningMerge | None:
+        """The method's merge after tau_1..tau_t (``paths``) from the state it had after t - 1 (kept
+        from the step before, or rebuilt from the stored vectors after a resume): one task vector a
+        step. Only for a rule whose running form is its merge (declared, no random draws: the same
+        numbers as merging 1..t at every step, which costs O(t) a step: sequential rules like OPCM)."""
+        assert spec.rule is not None
+        if running_form(spec.rule, options) is None or get_rule(spec.rule).draws:
+            return None
+        running = self.running.get(spec.name)
+        if running is None or running.count not in (len(paths) - 1, len(paths)):
+            running = RunningMerge(spec.rule, options, seed)
+            for path in paths[:-1]:
+                running.add(self.rundir.load_tensors(path))
+        if running.count < len(paths):
+            running.add(self.rundir.load_tensors(paths[-1]))
+        self.running[spec.name] = running
+        return running
 
     # --- results --------------------------------------------------------------------------------
 

@@ -205,6 +205,8 @@ def _folder(job: _Merge, running, previous, t: int, seed: int):
     Draws come from a generator seeded by (seed, tensor, t) per RNG block (per tensor for a
     ``tensor`` rule), so the result does not depend on chunking or threads."""
 
+    own = job.rule_options
+
     def compute(entry, start: int, stop: int) -> Tensor:
         base = job._read_base(entry, start, stop)
         tau = job._tau(t, entry, start, stop, base, job.buffers.get(("tau",), stop - start, base.dtype))
@@ -212,13 +214,16 @@ def _folder(job: _Merge, running, previous, t: int, seed: int):
             return tau.clone()
         state = previous.read(entry.key, start, stop).to(base.dtype, copy=True)
         generator = torch.Generator()
+        kwargs = {**own, "name": entry.key} if running.named else own
         if job.rule.granularity == "tensor":
             generator.manual_seed(zlib.crc32(f"{seed}:running:{entry.key}:{t}".encode()))
-            return running.update(state.reshape(entry.shape), tau.reshape(entry.shape), t, generator).reshape(-1)
+            return running.update(state.reshape(entry.shape), tau.reshape(entry.shape), t, generator, **kwargs).reshape(
+                -1
+            )
         for lo in range(0, stop - start, RNG_BLOCK):  # chunks start on block boundaries
             hi = min(lo + RNG_BLOCK, stop - start)
             generator.manual_seed(zlib.crc32(f"{seed}:running:{entry.key}:{t}:{(start + lo) // RNG_BLOCK}".encode()))
-            block = running.update(state[lo:hi], tau[lo:hi], t, generator)
+            block = running.update(state[lo:hi], tau[lo:hi], t, generator, **kwargs)
             if block.data_ptr() != state[lo:hi].data_ptr():
                 state[lo:hi].copy_(block)
         return state

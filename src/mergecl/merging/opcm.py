@@ -9,7 +9,9 @@ running vector is S_1 = tau_1 and, for t > 1,
   C = U^T tau_t V, the entries C_ii (every i) and C_ij with i, j < k are zeroed, k being the first
   index at which the cumulative share of the singular values, cumsum(s) / sum(s), exceeds
   ``alpha`` (the k leading directions hold at most alpha of the sum); P(tau_t) = tau_t - U C_zeroed V^T;
-- every other tensor (biases, norms, convolution kernels): S_t = S_{t-1} + tau_t.
+- every other tensor (biases, norms, convolution kernels, and 2-D tensors named by
+  ``plain_names``: embedding tables, which the release, working on modules, never projects, since
+  only ``nn.Linear`` weights are): S_t = S_{t-1} + tau_t.
 
 The merged model is theta_0 + lam_T S_T with one model-wide coefficient lam_T = mean_t ||tau_t|| /
 ||S_T||, the norms taken over the whole model: the merged task vector is rescaled to the average
@@ -33,7 +35,12 @@ from pydantic import Field
 from torch import Tensor
 
 from mergecl.merging.registry import MergeView, Prepared, Running, register_rule
+from mergecl.merging.tsv import is_matrix
 from mergecl.options import Options
+
+# the release projects the weights of nn.Linear modules only; mergecl sees tensors, not modules:
+# 2-D tensors are weight matrices unless named so (embedding tables: word, position, token type)
+PLAIN_NAMES = "embed"
 
 
 class OpcmOptions(Options):
@@ -43,6 +50,11 @@ class OpcmOptions(Options):
         le=1,
         description="the leading singular directions of the merged task vector that hold at most this share "
         "of its singular value sum are protected as a block (the diagonal always is)",
+    )
+    plain_names: str | None = Field(
+        PLAIN_NAMES,
+        description="regex on tensor names: 2-D tensors it matches are added, not projected (the release "
+        "projects nn.Linear weights only, not embedding tables); '': project every 2-D tensor",
     )
 
 
@@ -62,23 +74,32 @@ def opcm_project(merged: Tensor, tau: Tensor, alpha: float = 0.5) -> Tensor:
     return tau - u @ removed @ vh
 
 
-def opcm_step(merged: Tensor, tau: Tensor, alpha: float = 0.5) -> Tensor:
-    """S_t from S_{t-1} (edited in place) and tau_t: a weight matrix's tau_t projected first."""
-    if merged.dim() == 2:
+def opcm_step(
+    merged: Tensor, tau: Tensor, alpha: float = 0.5, plain_names: str | None = PLAIN_NAMES, name: str = ""
+) -> Tensor:
+    """S_t from S_{t-1} (edited in place) and tau_t: a weight matrix's tau_t projected first
+    (``name``: the tensor's, for ``plain_names``)."""
+    if is_matrix(tau, name, plain_names):
         merged += opcm_project(merged, tau, alpha)
     else:
         merged += tau
     return merged
 
 
-def opcm_fold(taus: Iterable[Tensor], alpha: float = 0.5, norms: list[float] | None = None) -> Tensor:
+def opcm_fold(
+    taus: Iterable[Tensor],
+    alpha: float = 0.5,
+    norms: list[float] | None = None,
+    plain_names: str | None = PLAIN_NAMES,
+    name: str = "",
+) -> Tensor:
     """S_T of one tensor, folded over its task vectors in task order; ``norms`` (if given) gets each
     task vector's squared norm."""
     merged = None
     for tau in taus:
         if norms is not None:
             norms.append(float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2)
-        merged = tau.clone() if merged is None else opcm_step(merged, tau, alpha)
+        merged = tau.clone() if merged is None else opcm_step(merged, tau, alpha, plain_names, name)
     return merged
 
 
@@ -93,13 +114,13 @@ def _coefficient(view: MergeView, options: Options) -> Prepared:
     merged_sq = 0.0
     for chunk in view.chunks(view.tensors()):
         norms: list[float] = []
-        merged = opcm_fold(chunk.taus, options.alpha, norms)
+        merged = opcm_fold(chunk.taus, options.alpha, norms, options.plain_names, chunk.tensor.key)
         merged_sq += float(torch.linalg.vector_norm(merged, dtype=torch.float64)) ** 2
         task_sq = [total + n for total, n in zip(task_sq, norms, strict=True)]
     scale = opcm_coefficient([n**0.5 for n in task_sq], merged_sq**0.5)
     lam = getattr(options, "lam", None)
     lam = 1.0 if lam is None else lam
-    return Prepared(lam=lam * scale, info={"lambda": scale})
+    return Prepared(kwargs=lambda tensor: {"name": tensor.key}, lam=lam * scale, info={"lambda": scale})
 
 
 @register_rule(
@@ -109,13 +130,20 @@ def _coefficient(view: MergeView, options: Options) -> Prepared:
     options=OpcmOptions,
     prepare=_coefficient,
     passes=lambda options: 1,
-    running=Running(lambda merged, tau, t, g, alpha=0.5: opcm_step(merged, tau, alpha), coefficient=opcm_coefficient),
+    running=Running(
+        lambda merged, tau, t, g, alpha=0.5, plain_names=PLAIN_NAMES, name="": opcm_step(
+            merged, tau, alpha, plain_names, name
+        ),
+        coefficient=opcm_coefficient,
+        named=True,
+    ),
     summary="in task order, each weight matrix's new task vector projected off the merged one's singular "
     "directions; rescaled to the mean task vector norm (OPCM)",
 )
-def opcm(taus: Iterable[Tensor], alpha: float = 0.5) -> Tensor:
+def opcm(taus: Iterable[Tensor], alpha: float = 0.5, plain_names: str | None = PLAIN_NAMES, name: str = "") -> Tensor:
     """Orthogonal projection continual merge (OPCM): each weight matrix's new task vector minus its
     parts on the merged one's singular directions, rescaled to the mean task vector norm.
 
-    Returns S_T; the engine multiplies it by lam times the model-wide coefficient of ``prepare``."""
-    return opcm_fold(taus, alpha)
+    Returns S_T; the engine multiplies it by lam times the model-wide coefficient of ``prepare``
+    (which also gives ``name``, the tensor's)."""
+    return opcm_fold(taus, alpha, None, plain_names, name)

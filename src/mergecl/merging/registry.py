@@ -90,11 +90,13 @@ class Running:
     tensor and task. A rule with a ``prepare`` that computes its coefficient says how it goes on:
     ``coefficient(task_norms, merged_norm)``, from every task vector's whole-model norm (kept by
     the holder: one number per task) and the finished vector's; without it, such a rule's running
-    form is not used."""
+    form is not used. ``named``: ``update`` also gets ``name=``, the tensor's (e.g. OPCM, which
+    projects weight matrices but not embedding tables)."""
 
     update: Callable[..., Tensor]
     finish: Callable[[Tensor, int], Tensor] = lambda state, count: state
     coefficient: Callable[[list[float], float], float] | None = None
+    named: bool = False
 
 
 @dataclass(frozen=True)

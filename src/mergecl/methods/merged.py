@@ -15,24 +15,42 @@ The recipe (``merged_model``):
 
 The runner gives the inputs (paths, theta_0, a way to score a model on validation) and persists the
 result; what was chosen on the way (``{"lam": 0.3}``) comes back in ``Merged.info``.
+
+A rule with a running form (``running_form``) can instead go on from step t-1 to step t
+(``RunningMerge``: its state after t-1 task vectors, plus tau_t): step t then costs one task
+vector, not t. ``mergecl learn`` keeps that state between invocations; the runner keeps it between
+the steps of a stream, for the rules whose running form is their merge exactly (no random draws).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge
-from mergecl.merging.registry import get_rule
+from mergecl.merging.registry import Running, get_rule
 from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense
 from mergecl.training.loop import NonFiniteError
 
-__all__ = ["LAM_GRID", "Merged", "TaskVectors", "choose_lam", "merge_space", "merged_model", "needs_seed"]
+__all__ = [
+    "LAM_GRID",
+    "Merged",
+    "RunningMerge",
+    "TaskVectors",
+    "choose_lam",
+    "merge_space",
+    "merged_model",
+    "model_norm",
+    "needs_seed",
+    "running_form",
+]
 
 LAM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -99,6 +117,84 @@ def merged_model(
 
     lam = choose_lam(grid, lambda lam: _mean(validate(at(lam))))
     return Merged(at(lam), {"lam": lam})
+
+
+def running_form(rule: str, options: Mapping[str, Any]) -> Running | None:
+    """The rule's running form, if a merge with these method options may go on from it: declared
+    (with its coefficient, for a rule whose ``prepare`` computes one), and no option that needs
+    every task vector at once (``dare``, ``space``, ``include``, ...)."""
+    declared = get_rule(rule)
+    running = declared.running
+    if running is None or (declared.prepare is not None and running.coefficient is None):
+        return None
+    if not set(options) <= {"lam", "lam_grid", "seed", *declared.options.model_fields}:
+        return None
+    return running
+
+
+def model_norm(tensors: Mapping[str, Tensor]) -> float:
+    """The norm of a whole model's tensors (float64 sums)."""
+    return sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2 for v in tensors.values()) ** 0.5
+
+
+@dataclass
+class RunningMerge:
+    """A rule's running state over whole task vectors that arrive one at a time (``add``); ``model``
+    gives the merged model after the tasks added so far. ``state`` and ``task_norms`` (kept only
+    for a rule with a coefficient, e.g. OPCM's rescaling) are what a holder stores to go on later;
+    ``count``: the task vectors folded in. Draws are seeded per tensor and task, as in
+    ``mergecl merge --continual``."""
+
+    rule: str
+    options: Mapping[str, Any]  # the method's options (lam, lam_grid, seed, the rule's own)
+    seed: int  # the run's seed: the draws' unless the options give one
+    state: State | None = None
+    task_norms: list[float] = field(default_factory=list)
+    count: int = 0
+
+    @property
+    def running(self) -> Running:
+        running = running_form(self.rule, self.options)
+        assert running is not None, f"{self.rule}: no running form for these options"
+        return running
+
+    def add(self, tau: Mapping[str, Tensor]) -> None:
+        running = self.running
+        if running.coefficient is not None:
+            self.task_norms.append(model_norm(tau))
+        if self.state is None:
+            self.state = {key: value.clone() for key, value in tau.items()}
+        else:
+            own = {key: self.options[key] for key in get_rule(self.rule).options.model_fields if key in self.options}
+            seed = self.options.get("seed", self.seed)
+            for key, value in self.state.items():
+                generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:running:{key}:{self.count}".encode()))
+                named = {"name": key} if running.named else {}
+                self.state[key] = running.update(value, tau[key], self.count, generator, **own, **named)
+        self.count += 1
+
+    def model(
+        self,
+        vectors: TaskVectors,
+        validate: Callable[[State], list[float]],
+        where: str = "method_options",
+    ) -> Merged:
+        """theta_0 + lam * (the rule's merged task vector so far); ``vectors`` gives theta_0, the
+        tuned entries and the LoRA pairs (its paths are not read). Task arithmetic over that one
+        vector is the engine's same computation, and ``lam: auto`` its same choice."""
+        assert self.state is not None, "add a task vector first"
+        running = self.running
+        unit = {key: running.finish(value.clone(), self.count) for key, value in self.state.items()}
+        info: dict[str, float] = {}
+        if running.coefficient is not None:
+            factor = running.coefficient(self.task_norms, model_norm(unit))
+            unit = {key: value * factor for key, value in unit.items()}
+            info = {"lambda": factor}
+        scaled = {key: self.options[key] for key in ("lam", "lam_grid") if key in self.options}
+        scaled.setdefault("lam", get_rule(self.rule).lam)
+        one = TaskVectors([unit], vectors.base, vectors.tuned, lambda x: x, vectors.lora)
+        merged = merged_model("task_arithmetic", one, scaled, self.seed, validate, where)
+        return Merged(merged.state, {**merged.info, **info})
 
 
 def choose_lam(grid: Sequence[float], score: Callable[[float], float]) -> float:
