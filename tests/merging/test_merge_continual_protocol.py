@@ -105,6 +105,7 @@ def test_which_rules_run_from_a_state():
     assert not uses_running("average", recompute=True)
     assert not uses_running("ties") and not uses_running("opcm") and not uses_running("fisher")
     assert running_rules()[:4] == ["average", "task_arithmetic", "magmax", "random_mix"]
+    assert uses_running("dop")  # its prepare only names the tensors: its running form gets the names
 
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "magmax"])

@@ -71,3 +71,23 @@ def test_opcm_running_form_with_its_coefficient_gives_the_engines_opcm_merge():
         expected = merge(base, taus[: t + 1], "opcm", task_vectors=True, alpha=0.3, lam=0.8)
         for key in base:
             assert torch.allclose(base[key] + 0.8 * factor * state[key], expected[key], atol=1e-6), (t, key)
+
+
+NAMED = [name for name, rule in all_rules().items() if rule.running is not None and rule.running.named]
+
+
+@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("tensor", ["encoder.fc.weight", "embeddings.word_embeddings.weight"])
+def test_a_named_running_form_gives_the_rules_own_result_on_weight_matrices(name, tensor):
+    """Rules that treat a weight matrix apart from an embedding table (OPCM, DOP) get the tensor's
+    name in their running form too: folding 3 matrices gives the rule's own result."""
+    assert {"opcm", "dop"} <= set(NAMED)
+    generator = torch.Generator().manual_seed(7)
+    taus = [0.1 * torch.randn(12, 8, generator=generator) for _ in range(3)]
+    rule = all_rules()[name]
+    own = {"steps": 20} if name == "dop" else {}
+    expected = rule.fn(iter([tau.clone() for tau in taus]), name=tensor, **own)
+    state = taus[0].clone()
+    for t, tau in enumerate(taus[1:], start=1):
+        state = rule.running.update(state, tau.clone(), t, torch.Generator().manual_seed(t), name=tensor, **own)
+    assert torch.equal(rule.running.finish(state, len(taus)), expected)

@@ -59,12 +59,21 @@ def test_pam_suites_train_the_same_adapters_for_every_method():
 
 
 def test_suites_are_valid_configs():
-    for suite in (s for s in SUITES if not s.endswith("-pam")):
+    for suite in (s for s in SUITES if not s.endswith(("-pam", "-continual"))):
         full = suite_config(suite)
         assert len(full.seeds) >= 3 and full.model["name"] == "hf_text"
         assert {"zero_shot", "joint", "seq_ft", "ind_ft", "lwf", "ewc"} <= set(full.methods)
         for rule in ("magmax", "average", "task_arithmetic", "random_mix", "ties"):
             assert rule in full.methods and f"ind_ft+{rule}" in full.methods and f"{rule}@auto" in full.methods
+
+
+def test_continual_merging_suites_cover_the_protocol():
+    """Every rule over Ind-FT and Seq-FT task vectors, at least 5 task orders x 3 seeds."""
+    for suite in (s for s in SUITES if s.endswith("-continual")):
+        full = suite_config(suite)
+        assert len(full.seeds) >= 3 and full.data.orders >= 5
+        for rule in ("magmax", "average", "task_arithmetic", "ties", "iso_c", "opcm"):
+            assert rule in full.methods and f"ind_ft+{rule}" in full.methods, (suite, rule)
 
 
 PRESETS = sorted(name for name in packaged_configs() if name.startswith("magmax-clip-"))

@@ -16,8 +16,13 @@ CONFIG = {
     "data": {"source": "digits", "scenario": "class", "n_tasks": 4},
     "model": {"name": "mlp", "in_dim": 64, "hidden": [24]},
     "train": {"epochs": 1, "batch_size": 64, "lr": 0.01},
-    "methods": ["seq_ft", "magmax", "average", "task_arithmetic", "opcm", "ind_ft+opcm", "random_mix", "magmax@auto"],
-    "method_options": {"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}, "opcm": {"alpha": 0.7}},
+    "methods": ["seq_ft", "magmax", "average", "task_arithmetic", "opcm", "ind_ft+opcm", "ind_ft+dop", "random_mix"]
+    + ["magmax@auto", "ties"],
+    "method_options": {
+        "magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]},
+        "opcm": {"alpha": 0.7},
+        "ind_ft+dop": {"steps": 30},
+    },
 }
 QUIET = dict(echo=lambda message: None, report=False)
 
@@ -46,9 +51,9 @@ def running_run(tmp_path_factory):
     return out, used
 
 
-def test_the_running_rules_go_on_from_their_state_and_random_mix_does_not(running_run):
+def test_the_running_rules_go_on_from_their_state_and_random_mix_and_ties_do_not(running_run):
     _, used = running_run
-    assert set(used) == {"magmax", "average", "task_arithmetic", "opcm", "ind_ft+opcm", "magmax@auto"}
+    assert set(used) == {"magmax", "average", "task_arithmetic", "opcm", "ind_ft+opcm", "ind_ft+dop", "magmax@auto"}
     assert used.count("opcm") == 4  # one per step
 
 

@@ -12,7 +12,14 @@ from typing import Any
 from mergecl.errors import MergeclError
 from mergecl.experiment.config import RunConfig, load_config, parse_config
 
-SUITES = ("clinc150-cil", "clinc150-cil-random", "banking77-cil", "clinc150-cil-pam", "banking77-cil-pam")
+SUITES = (
+    "clinc150-cil",
+    "clinc150-cil-random",
+    "banking77-cil",
+    "clinc150-cil-pam",
+    "banking77-cil-pam",
+    "banking77-continual",  # the continual-merging protocol (docs/results/continual-merging.md)
+)
 
 # The --quick flavour: the same pipeline (pretrained encoder, zero-shot head, every step evaluated,
 # merges over Seq-FT and Ind-FT vectors, lam chosen on validation) on a sliver of the data.

@@ -4,8 +4,8 @@ the merged model written (or returned) after every step.
 Step s (1..T) is the merge of checkpoints 1..s by the rule, exactly what ``merge`` gives for the
 first s checkpoints. Two ways to get there, one result:
 
-- **running** (the rule declares a running form, ``registry.Running``: average, task_arithmetic,
-  magmax, random_mix; no rule inputs, no ``prepare``): a running state of one model's size (fp32,
+- **running** (the rule declares a running form that goes on without a whole-model pass,
+  ``Rule.running_form``: average, task_arithmetic, magmax, random_mix, dop): a running state of one model's size (fp32,
   fp64 for fp64 tensors) goes on from step to step. Each step reads the base twice, the new
   checkpoint once and the state twice, and writes the new state and the output: O(1) in T, and
   memory O(chunk) as in every merge. The state lives in a hidden temporary directory inside the
@@ -13,8 +13,8 @@ first s checkpoints. Two ways to get there, one result:
   a reservoir (each entry keeps task t's value with probability 1/t): the same distribution as
   ``merge``'s draw, other draws.
 - **recompute** (every other rule, or ``recompute=True``): step s is the engine's merge of
-  checkpoints 1..s from scratch, correct for every rule (sequential rules such as opcm,
-  continual_ties and dop fold in task order), at O(s) reads per step, O(T^2) over the stream.
+  checkpoints 1..s from scratch, correct for every rule (sequential rules such as opcm and
+  continual_ties fold in task order), at O(s) reads per step, O(T^2) over the stream.
 
 A step's output is a normal merge output (``OUT/stepS``: a directory in the Hugging Face layout,
 with the base's companion files and a model card); all outputs are checked before the first is
@@ -68,8 +68,7 @@ def step_path(out: str | os.PathLike, step: int) -> Path:
 
 def uses_running(method: str, recompute: bool = False) -> bool:
     """Whether a continual merge by ``method`` goes on from a running state (O(1) reads per step)."""
-    rule = get_rule(method)
-    return not recompute and rule.running is not None and not rule.inputs and rule.prepare is None
+    return not recompute and get_rule(method).running_form(norms_kept=False) is not None
 
 
 def running_rules() -> list[str]:

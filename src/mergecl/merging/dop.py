@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergecl.merging.registry import register_rule
+from mergecl.merging.registry import Running, register_rule
 from mergecl.merging.tsv import is_matrix, pass_names
 from mergecl.options import Options
 
@@ -150,12 +150,33 @@ def dop_merge_matrix(
 # --- the declared rule ------------------------------------------------------------------------
 
 
+def dop_step(
+    merged: Tensor,
+    tau: Tensor,
+    lr: float = 1e-4,
+    steps: int = 200,
+    mgda: bool = True,
+    alpha: float = 0.8,
+    ema: bool = True,
+    ema_beta: float = 0.999,
+    epsilon: float = 0.99999,
+    subspace: str = "uv",
+    mean_names: str | None = MEAN_NAMES,
+    name: str = "",
+) -> Tensor:
+    """M_t from M_{t-1} and tau_t: a weight matrix optimised, any other tensor (M + tau) / 2."""
+    if is_matrix(tau, name, mean_names):
+        return dop_merge_matrix(merged, tau, lr, steps, mgda, alpha, ema, ema_beta, epsilon, subspace)
+    return (merged + tau) / 2
+
+
 @register_rule(
     "dop",
     granularity="tensor",
     lam=1.0,
     options=DopOptions,
     prepare=pass_names,
+    running=Running(lambda merged, tau, t, generator, **options: dop_step(merged, tau, **options), named=True),
     summary="in task order, each weight matrix optimised (Adam, MGDA-weighted) to stay close to the merged and "
     "the new task vector in their principal subspaces; other tensors halved (DOP)",
 )
@@ -176,12 +197,8 @@ def dop(
     optimised to stay close to both in their principal subspaces; other tensors (M + tau) / 2.
 
     ``name`` is the tensor's (the engine passes it, for ``mean_names``)."""
+    options = (lr, steps, mgda, alpha, ema, ema_beta, epsilon, subspace, mean_names, name)
     merged = None
     for tau in taus:
-        if merged is None:
-            merged = tau
-        elif is_matrix(tau, name, mean_names):
-            merged = dop_merge_matrix(merged, tau, lr, steps, mgda, alpha, ema, ema_beta, epsilon, subspace)
-        else:
-            merged = (merged + tau) / 2
+        merged = tau if merged is None else dop_step(merged, tau, *options)
     return merged

@@ -168,6 +168,20 @@ class Rule:
         """Usable as a CL method over a run's own task vectors (it needs no other checkpoints)."""
         return not self.inputs
 
+    def running_form(self, norms_kept: bool) -> Running | None:
+        """The running form, where it can go on without the whole-model ``prepare``: the rule has no
+        prepare, or one that only hands out tensor names (``running.named``), or one that computes a
+        coefficient the holder recomputes (``running.coefficient``; ``norms_kept``: the holder
+        keeps each task vector's norm). No running form for a rule with inputs (Fisher weights)."""
+        running = self.running
+        if running is None or self.inputs:
+            return None
+        if self.prepare is None:
+            return running
+        if running.coefficient is not None:
+            return running if norms_kept else None
+        return running if running.named else None
+
 
 RULES: dict[str, Rule] = {}
 

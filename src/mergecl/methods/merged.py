@@ -124,12 +124,9 @@ def running_form(rule: str, options: Mapping[str, Any]) -> Running | None:
     (with its coefficient, for a rule whose ``prepare`` computes one), and no option that needs
     every task vector at once (``dare``, ``space``, ``include``, ...)."""
     declared = get_rule(rule)
-    running = declared.running
-    if running is None or (declared.prepare is not None and running.coefficient is None):
-        return None
     if not set(options) <= {"lam", "lam_grid", "seed", *declared.options.model_fields}:
         return None
-    return running
+    return declared.running_form(norms_kept=True)  # RunningMerge keeps the task vectors' norms
 
 
 def model_norm(tensors: Mapping[str, Tensor]) -> float:
