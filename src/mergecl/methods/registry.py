@@ -7,8 +7,9 @@ in the rule share one training, so asking for seq_ft, magmax, average and ties t
 Names: each registered training's plain method (``seq_ft``, ``ind_ft``, ``joint``, ``zero_shot``,
 ``lwf``, ``ewc``, ``gpm``, ``became``, ``pam``, ... and a plugin's); a merge rule alone (``magmax``)
 means that rule over Seq-FT task vectors; ``seq_ft+RULE`` and ``ind_ft+RULE`` say which task vectors
-explicitly. Any name may carry a tag, ``magmax@auto``, to run it again with other method_options
-(keyed by the full name). A tagged plain method (``pam@zero``) is a training of its own,
+explicitly, and so does any independent training's method (``finetuned+RULE``: given checkpoints).
+Any name may carry a tag, ``magmax@auto``, to run it again with other method_options (keyed by the
+full name). A tagged plain method (``pam@zero``) is a training of its own,
 ``pam@zero``, trained with its own options; a tagged merge (``magmax@auto``) reuses its untagged
 training.
 
@@ -31,7 +32,7 @@ from pydantic import Field, create_model, model_validator
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge_schema
 from mergecl.merging.registry import all_rules
-from mergecl.methods.trainings import plain_methods, registered_training
+from mergecl.methods.trainings import TRAININGS, plain_methods, registered_training
 from mergecl.options import Options, read_options
 
 
@@ -49,6 +50,12 @@ class MethodSpec:
     rule: str | None = None  # None: evaluate the training's own model
 
 
+def task_vector_methods() -> dict[str, str]:
+    """Plain method -> training, for the independent trainings (each task from theta_0: ``ind_ft``,
+    ``finetuned``), whose task vectors ``METHOD+RULE`` merges; Seq-FT's are ``seq_ft+RULE``."""
+    return {t.method: t.name for t in TRAININGS.values() if t.independent}
+
+
 def resolve_method(name: str) -> MethodSpec:
     """``NAME@TAG`` is a variant of NAME with its own method_options (e.g. ``magmax@auto``)."""
     base, _, tag = name.partition("@")
@@ -58,11 +65,12 @@ def resolve_method(name: str) -> MethodSpec:
     if base in plain:
         return MethodSpec(name, plain[base] + (f"@{tag}" if tag else ""))
     prefix, _, rule = base.rpartition("+")
-    training = {"": "seq", "seq_ft": "seq", "ind_ft": "ind"}.get(prefix)
+    training = {"": "seq", "seq_ft": "seq", **task_vector_methods()}.get(prefix)
     rules = cl_rules()
     if training is None or rule not in rules:
         valid = [*plain, *rules, *(f"ind_ft+{r}" for r in rules)]
-        raise MergeclError(f"unknown method '{name}' (valid: {', '.join(valid)}; or seq_ft+RULE)")
+        others = ", ".join(f"{m}+RULE" for m in ["seq_ft", *task_vector_methods()] if m != "ind_ft")
+        raise MergeclError(f"unknown method '{name}' (valid: {', '.join(valid)}; or {others})")
     return MethodSpec(name, training, rule)
 
 

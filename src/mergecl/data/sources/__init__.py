@@ -7,6 +7,7 @@
 - ``images``: ``image_folder`` (any folder of images by class) and the paper image sets
   ``cifar100``, ``imagenet_r``, ``cub200``, ``cars``, ``domainnet``;
 - ``hub``: ``hf`` (a text data set from the Hugging Face hub);
+- ``vision``: ``vision_tasks`` (the 8/14/20-task image suites of model merging, one data set a task);
 - ``files``: ``files`` (your own data: CSV, TSV, JSON lines, Parquet, a save_to_disk folder).
 
 Each loader reads local files only (``hf``: the hub) and returns a ``Dataset`` with global class
@@ -15,7 +16,7 @@ ids 0..C-1 and readable class names; a file a user can get wrong ends in a one-l
 own module (see docs/extending.md).
 """
 
-from mergecl.data.sources import digits, intents, images, hub, files  # noqa: I001  (the order of registration)
+from mergecl.data.sources import digits, intents, images, hub, vision, files  # noqa: I001  (the order of registration)
 from mergecl.data.sources.digits import load_digits_source, load_mnist, read_idx
 from mergecl.data.sources.hub import load_hf_dataset
 from mergecl.data.sources.images import (
@@ -28,6 +29,7 @@ from mergecl.data.sources.images import (
     read_cifar_bin,
     scan_class_folders,
 )
+from mergecl.data.sources.vision import load_vision_tasks
 from mergecl.data.sources.intents import (
     EMBEDDED,
     load_banking77,
@@ -56,7 +58,9 @@ __all__ = [
     "load_image_folder",
     "load_imagenet_r",
     "load_mnist",
+    "load_vision_tasks",
     "read_cifar_bin",
     "read_idx",
     "scan_class_folders",
+    "vision",
 ]
