@@ -131,3 +131,8 @@ def test_ind_ft_is_trained_once_per_seed_and_shared_by_every_order(tmp_path):
         "ind" not in progress["seeds"]["1000000"]["train_time"]
         and progress["seeds"]["1000000"]["train_time"]["seq"] > 0
     )
+    # the dry run counts Ind-FT's training once per seed, Seq-FT's once per order
+    planned = plan(config, "orders.yaml")
+    ind, seq = (next(t for t in planned["trainings"] if t["training"] == name) for name in ("ind", "seq"))
+    assert ind["independent"] and not seq["independent"]
+    assert planned["training_steps"] == ind["steps_per_seed"] + 3 * seq["steps_per_seed"]

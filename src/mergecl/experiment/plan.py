@@ -318,6 +318,7 @@ def plan_trainings(config: Any, train_sizes: Sequence[int]) -> list[dict[str, An
                 "training": training,
                 "summary": registered.summary,
                 "continues": registered.continues,
+                "independent": registered.independent,  # with data.orders: trained once per seed
                 "final_only": final_only,
                 "methods": [spec.name for spec in methods],
                 "steps_per_task": steps,
@@ -380,12 +381,15 @@ def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, A
     eval_examples = round(evaluated * mean_test)
     eval_examples += round(val_evaluated * sum(task["val"] for task in tasks) / n)
     seeds = len(run_seeds(config))  # with data.orders, each seed's orders are seeds of the run
+    # an independent training (each task from theta_0) is trained in a seed's first order only
+    steps = sum(t["steps_per_seed"] * (len(config.seeds) if t["independent"] else seeds) for t in trainings)
     return {
         "config": source,
         "name": config.name,
         "out": str(out) if out is not None else None,
         "device": str(device),
         "seeds": run_seeds(config),
+        "orders": config.data.orders,
         "scenario": {
             "kind": scenario.kind,
             "name": scenario.name,
@@ -397,6 +401,7 @@ def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, A
         "train": {"batch_size": settings.batch_size, "epochs": settings.epochs},
         "trainings": trainings,
         "training_steps_per_seed": sum(t["steps_per_seed"] for t in trainings),
+        "training_steps": steps,
         "evaluations_per_seed": evaluated,
         "val_evaluations_per_seed": val_evaluated,
         "merges_per_seed": merges,
@@ -404,7 +409,7 @@ def plan(config: Any, source: str, out: str | Path | None = None) -> dict[str, A
             "unit": "forward passes over one example (a training example about 3: forward and backward)",
             "train_per_seed": 3 * train_examples,
             "eval_per_seed": eval_examples,
-            "total": seeds * (3 * train_examples + eval_examples),
+            "total": 3 * steps * settings.batch_size + seeds * eval_examples,
         },
     }
 
@@ -438,9 +443,15 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append(f"  {t['training']:<12} -> {', '.join(t['methods'])} ({how})")
     train = p["train"]
     lines.append(
-        f"training steps: {p['training_steps_per_seed']} per seed, {p['training_steps_per_seed'] * s} in all "
+        f"training steps: {p['training_steps_per_seed']} per seed, {p['training_steps']} in all "
         f"(train examples / batch size {train['batch_size']}, rounded up, x {train['epochs']:g} epochs, per task "
-        "and training; a recipe that trains more, e.g. joint on all tasks seen or in two stages, takes more)"
+        "and training; a recipe that trains more, e.g. joint on all tasks seen or in two stages, takes more"
+        + (
+            "; a training whose tasks each start from theta_0, e.g. ind_ft, is trained once per seed and "
+            "shared by its task orders)"
+            if p["orders"] > 1
+            else ")"
+        )
     )
     lines.append(
         f"evaluations: {p['evaluations_per_seed']} per seed, {p['evaluations_per_seed'] * s} in all "

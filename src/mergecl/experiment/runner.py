@@ -123,11 +123,11 @@ class Runner:
             config = self.config.model_dump(mode="json")
             self.loggers = loggers.open_loggers(specs, self.rundir.path, config, self.config.name)
         try:
-            per_seed = self.plan_steps()
+            self.plan_steps()
             seeds = run_seeds(self.config)  # the config's seeds, and with data.orders each one's orders
-            with whole_run(len(seeds) * per_seed, f"run {self.config.name}"):
+            with whole_run(sum(map(self.seed_steps, seeds)), f"run {self.config.name}"):
                 for seed in seeds:
-                    with run_part(per_seed):
+                    with run_part(self.seed_steps(seed)):
                         self.run_seed(seed)
                     self.export_models(seed)  # before keep_vectors: false deletes the tensors
                     config_seed, k = seed_and_order(self.config, seed)
@@ -142,14 +142,25 @@ class Runner:
         return self.results()
 
     def plan_steps(self) -> int:
-        """The training steps the run plans per seed (for the whole-run bar), counted as ``--dry-run``
-        counts them, on the first seed's tasks (the scenario the run builds first, kept for that seed)."""
+        """The training steps the run plans for a seed's first order (for the whole-run bar), counted
+        as ``--dry-run`` counts them, on the first seed's tasks (the scenario the run builds first,
+        kept for that seed)."""
         first = self.config.seeds[0]
         if first not in self.scenarios:
             self.scenarios[first] = checked_scenario(self.config, first)
         sizes = [len(task.train) for task in self.scenarios[first].tasks]
         self.planned = {t["training"]: t["steps_per_task"] for t in plan_trainings(self.config, sizes)}
         return sum(map(sum, self.planned.values()))
+
+    def training_steps(self, seed: int, training: str) -> int:
+        """The steps ``training`` plans for ``seed``: none in a later task order of an independent
+        training (each task from theta_0: the first order's task vectors are copied)."""
+        if registered_training(training).independent and seed_and_order(self.config, seed)[1] > 0:
+            return 0
+        return sum(self.planned.get(training, []))
+
+    def seed_steps(self, seed: int) -> int:
+        return sum(self.training_steps(seed, training) for training in self.planned)
 
     def run_seed(self, seed: int) -> None:
         scenario = self.scenarios.pop(seed, None) or checked_scenario(self.config, seed)
@@ -182,7 +193,7 @@ class Runner:
         self.zero_shot_logits = {}  # theta_0's logits on this seed's tasks
         self.running = {}
         for training in dict.fromkeys(spec.training for spec in self.methods):
-            with run_part(sum(self.planned.get(training, []))):
+            with run_part(self.training_steps(seed, training)):
                 self.run_training(seed, training, scenario, learner, base)
 
     def export_models(self, seed: int) -> None:
