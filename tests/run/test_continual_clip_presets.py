@@ -2,6 +2,9 @@
 short stream on tiny random CLIPs of its architecture's layout, with fine-tuned checkpoints saved
 as FusionBench's are (CLIPVisionModel.save_pretrained) and a tiny image folder per task."""
 
+import sys
+import types
+
 import pytest
 import torch
 from PIL import Image
@@ -13,8 +16,9 @@ from mergecl.data.sources.vision import SUITES
 from mergecl.errors import MergeclError
 from mergecl.experiment.config import load_config, packaged_configs, parse_config
 from mergecl.experiment.runner import run
-from mergecl.methods.finetuned import learner_entries
+from mergecl.methods.finetuned import FinetunedOptions, finetuned_step, learner_entries
 from mergecl.methods.registry import cl_rules, resolve_method
+from mergecl.options import read_options
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,6 +135,45 @@ def test_vision_tasks_gives_one_task_per_data_set(tiny_suite):
     assert [task.classes for task in scenario.tasks] == [[0, 1], [2, 3]] and scenario.kind == "task"
     with pytest.raises(MergeclError, match="task 'svhn' has no folder"):
         get_source("vision_tasks", root=tiny_suite["data"], tasks=["svhn"], hub=False)
+
+
+class FakeLabel:
+    names = None  # an int column without ClassLabel names (fer2013's "cls")
+
+
+class FakeRows(list):
+    features = {"jpg": object(), "cls": FakeLabel()}
+
+
+def test_a_missing_task_is_fetched_from_the_hub_once_into_its_folder(tmp_path, monkeypatch):
+    """fer2013 as FusionBench reads it (columns jpg / cls, no class names): written as image folders
+    named by the source's class names; a second load reads the folder (a fake hub: no network)."""
+    calls = []
+
+    def load_dataset(hub_id, config, cache_dir=None):
+        calls.append((hub_id, config, cache_dir))
+        image = Image.new("L", (4, 4), 128)
+        return {split: FakeRows([{"jpg": image, "cls": c} for c in (0, 3, 3)]) for split in ("train", "test")}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ds = get_source("vision_tasks", root=tmp_path, tasks=["fer2013"], cache_dir="/c")
+    assert calls == [("clip-benchmark/wds_fer2013", None, "/c")]
+    assert ds.class_names == ["angry", "happy"] and len(ds.train) == 3 and len(ds.test) == 3
+    assert sorted(p.name for p in (tmp_path / "fer2013").iterdir()) == ["test", "train"]
+    get_source("vision_tasks", root=tmp_path, tasks=["fer2013"])
+    assert len(calls) == 1  # read from the folder
+    with pytest.raises(MergeclError, match="no hub data set for task 'mine'"):
+        get_source("vision_tasks", root=tmp_path, tasks=["mine"])
+
+
+def test_a_task_without_a_checkpoint_is_one_line_naming_it():
+    config = load_config("continual-clip-vit-b32-8").model_dump()
+    config["method_options"]["finetuned"]["checkpoints"] = {"dtd": "./nowhere"}
+    options = read_options(FinetunedOptions, config["method_options"]["finetuned"], "x")
+    task = types.SimpleNamespace(name="mnist")
+    step = types.SimpleNamespace(task=task, options=options)
+    with pytest.raises(MergeclError, match=r"checkpoints: no checkpoint for task 'mnist' \(given: dtd\)"):
+        finetuned_step(step)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -44,9 +44,11 @@ def _reference(value: str) -> str:
     return value
 
 
+Reference = Annotated[str, AfterValidator(_reference)]
+
+
 class FinetunedOptions(Options):
-    # task name (the scenario's, e.g. sun397) -> a local directory, a .safetensors file or a hub id
-    checkpoints: dict[str, Annotated[str, AfterValidator(_reference)]] = {}  # pydantic copies it per instance
+    checkpoints: dict[str, Reference] = {}  # task name -> directory, .safetensors or hub id
 
 
 def learner_entries(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], name: str) -> dict[str, Tensor]:

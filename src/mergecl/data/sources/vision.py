@@ -5,7 +5,7 @@ FusionBench lists them.
 A task is a folder ``<root>/<task>/{train,test}/<class>/<image>`` (a ``val/`` folder too, used
 when every task has one), read lazily as file paths; its class folder names are its class names
 (what a zero-shot head encodes). A task whose folder is not there is fetched from the Hugging Face
-hub (``hub: true``, the default; needs ``pip install datasets``) from the data set FusionBench
+hub (``hub: true``, the default; needs ``pip install 'mergecl[hub]'``) from the data set FusionBench
 reads (``SUITE_DATA``), and written into that layout once, so later runs read the folder. The
 hub is contacted only by that fetch, never by the tests.
 
@@ -89,7 +89,7 @@ def fetch_task(task: str, folder: Path, cache_dir: str | None = None) -> None:
         import datasets as hf  # lazy: an optional extra
     except ImportError as err:
         raise MergeclError(
-            f"vision_tasks: task '{task}' is not at {folder}; fetching it needs the datasets package"
+            f"vision_tasks: task '{task}' is not at {folder}; fetching it needs: pip install 'mergecl[hub]'"
         ) from err
     try:
         loaded = hf.load_dataset(data.hub_id, data.config, cache_dir=cache_dir)
@@ -147,7 +147,7 @@ def load_vision_tasks(
 
 
 class VisionTasksOptions(Options):
-    tasks: list[str] = Field(min_length=1)  # task names, in order: folders under root (or SUITE_DATA's)
+    tasks: list[str] = Field(min_length=1)  # task names, in order: folders under root, or hub data sets
     hub: bool = True  # fetch a task that has no folder from the hub, into the folder
     cache_dir: str | None = None  # the datasets library's cache for that fetch; default: its own
 
