@@ -59,7 +59,7 @@ def test_pam_suites_train_the_same_adapters_for_every_method():
 
 
 def test_suites_are_valid_configs():
-    for suite in (s for s in SUITES if not s.endswith(("-pam", "-continual"))):
+    for suite in (s for s in SUITES if not s.endswith(("-pam", "-continual", "-continual-svd"))):
         full = suite_config(suite)
         assert len(full.seeds) >= 3 and full.model["name"] == "hf_text"
         assert {"zero_shot", "joint", "seq_ft", "ind_ft", "lwf", "ewc"} <= set(full.methods)
@@ -74,6 +74,11 @@ def test_continual_merging_suites_cover_the_protocol():
         assert len(full.seeds) >= 3 and full.data.orders >= 5
         for rule in ("magmax", "average", "task_arithmetic", "ties", "iso_c", "opcm"):
             assert rule in full.methods and f"ind_ft+{rule}" in full.methods, (suite, rule)
+        svd = suite_config(f"{suite}-svd")  # the same tasks: its streams are the first orders of seed 0
+        assert svd.data.model_copy(update={"orders": 1}) == full.data.model_copy(update={"orders": 1})
+        assert (svd.model, svd.train, svd.seeds) == (full.model, full.train, full.seeds[:1])
+        for rule in ("tsv_m", "iso_cts", "knots", "continual_ties", "opcm", "magmax"):
+            assert f"ind_ft+{rule}" in svd.methods, (suite, rule)
 
 
 PRESETS = sorted(name for name in packaged_configs() if name.startswith("magmax-clip-"))

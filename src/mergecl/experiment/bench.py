@@ -19,6 +19,7 @@ SUITES = (
     "clinc150-cil-pam",
     "banking77-cil-pam",
     "banking77-continual",  # the continual-merging protocol (docs/results/continual-merging.md)
+    "banking77-continual-svd",  # its SVD rules, fewer streams (their merges cost minutes on a CPU)
 )
 
 # The --quick flavour: the same pipeline (pretrained encoder, zero-shot head, every step evaluated,

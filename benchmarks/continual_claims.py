@@ -1,0 +1,131 @@
+"""The continual-merging literature's ranking (docs/results/continual-merging.md) judged on a finished
+run of a ``*-continual`` suite: every rule over Ind-FT task vectors (the protocol of OPCM, DOP and
+later papers) and over Seq-FT ones (MagMax's), several task orders x seeds.
+
+    python benchmarks/continual_claims.py runs/banking77-continual [runs/banking77-continual-svd ...]
+
+Prints, from each RUN_DIR/results.json (several runs of the same data: their methods side by side),
+a table of final ACC and BWT, mean ± std over every (seed, order) stream (and the time a stream
+spent on the method: its merges and evaluations, its training's share included), and judges each claim "A
+above B" on the streams both ran, paired: the mean of A - B with its 95 % interval
+(mean ± 1.96 std / sqrt(n)). Verdict: "reproduced" when the interval lies above 0, "reversed" when
+it lies below, "inconclusive" when it holds 0.
+
+The published numbers (CLIP ViT-B/32, 8 vision tasks, ACC averaged over task orders, as the OPCM
+paper reports them and later papers repeat): OPCM 75.5, MagMax over independent checkpoints 70.7,
+continual task arithmetic 67.5, weight averaging 66.3, sequential fine-tuning 79.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+# (claim, A, B): "A's final ACC is above B's"; names are the run's methods
+CLAIMS = [
+    ("(a) OPCM above MagMax, both over Ind-FT (75.5 vs 70.7)", "ind_ft+opcm", "ind_ft+magmax"),
+    (
+        "(b) MagMax above continual task arithmetic over Ind-FT (70.7 vs 67.5)",
+        "ind_ft+magmax",
+        "ind_ft+task_arithmetic",
+    ),
+    (
+        "(c) continual task arithmetic above averaging over Ind-FT (67.5 vs 66.3)",
+        "ind_ft+task_arithmetic",
+        "ind_ft+average",
+    ),
+    ("(d) OPCM above TIES over Ind-FT (continual TIES and TIES are below OPCM)", "ind_ft+opcm", "ind_ft+ties"),
+    ("(e) OPCM above Iso-C over Ind-FT", "ind_ft+opcm", "ind_ft+iso_c"),
+    ("(f) Seq-FT above OPCM over Ind-FT (79.8 vs 75.5)", "seq_ft", "ind_ft+opcm"),
+    ("(g) DOP above OPCM over Ind-FT (the DOP paper)", "ind_ft+dop", "ind_ft+opcm"),
+]
+RULES = (
+    "magmax",
+    "average",
+    "task_arithmetic",
+    "ties",
+    "iso_c",
+    "opcm",
+    "tsv_m",
+    "iso_cts",
+    "knots",
+    "continual_ties",
+    "dop",
+)
+
+
+def per_stream(entry: dict, key: str) -> dict[str, float]:
+    """(seed, order) -> the value, over the streams the method finished."""
+    seeds = entry.get("seeds")
+    if seeds is None and entry.get(key) is not None:  # one stream finished: its numbers are the entry's
+        coverage = entry.get("coverage") or {"?": 0}
+        seeds = {max(coverage, key=coverage.get): entry}
+    return {seed: s[key] for seed, s in (seeds or {}).items() if s.get(key) is not None}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def cell(entry: dict, key: str) -> str:
+    values = list(per_stream(entry, key).values())
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def judge(a: dict, b: dict) -> tuple[str, str]:
+    """The paired difference of final ACC over the streams both ran, and a verdict."""
+    x, y = per_stream(a, "final_acc"), per_stream(b, "final_acc")
+    both = sorted(set(x) & set(y))
+    if len(both) < 2:
+        return "fewer than 2 common streams", "not judged"
+    diffs = [x[s] - y[s] for s in both]
+    mean, std = mean_std(diffs)
+    half = 1.96 * std / math.sqrt(len(diffs))
+    wins = sum(d > 0 for d in diffs)
+    interval = f"95 % interval {mean - half:+.2f} .. {mean + half:+.2f}"
+    detail = f"A - B = {mean:+.2f} ({interval}), A above in {wins}/{len(diffs)} streams"
+    verdict = "reproduced" if mean - half > 0 else "reversed" if mean + half < 0 else "inconclusive"
+    return detail, verdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    args = parser.parse_args()
+    methods: dict[str, dict] = {}
+    for run in args.runs:
+        methods.update(json.loads((run / "results.json").read_text())["methods"])
+    print("| method | vectors | streams | final ACC | BWT | time per stream |")
+    print("|:---|:---|---:|---:|---:|---:|")
+    names = [m for m in ("zero_shot", "seq_ft", "ind_ft") if m in methods]
+    names += [m for rule in RULES for m in (rule, f"ind_ft+{rule}") if m in methods]
+    for name in names:
+        entry = methods[name]
+        vectors = "-" if name == "zero_shot" else "Ind-FT" if name.startswith("ind_ft") else "Seq-FT"
+        streams = len(per_stream(entry, "final_acc"))
+        times = list(per_stream(entry, "wall_time_s").values())
+        time = f"{sum(times) / len(times):.0f} s" if times else "-"
+        print(f"| {name} | {vectors} | {streams} | {cell(entry, 'final_acc')} | {cell(entry, 'bwt')} | {time} |")
+    print()
+    for claim, a, b in CLAIMS:
+        if a not in methods or b not in methods:
+            print(f"- {claim}: not judged ({a if a not in methods else b} was not run)")
+            continue
+        detail, verdict = judge(methods[a], methods[b])
+        print(f"- {claim}: **{verdict}**. A = {a}, B = {b}: {detail}")
+    pairs = [(r, f"ind_ft+{r}") for r in RULES if r in methods and f"ind_ft+{r}" in methods]
+    print()
+    for seq, ind in pairs:
+        detail, verdict = judge(methods[seq], methods[ind])
+        print(f"- (MagMax paper) {seq} over Seq-FT vectors above over Ind-FT ones: **{verdict}**. {detail}")
+
+
+if __name__ == "__main__":
+    main()
