@@ -106,6 +106,10 @@ def fetch_task(task: str, folder: Path, cache_dir: str | None = None) -> None:
             wanted = f"{data.image!r} or {data.label!r}"
             raise MergeclError(f"vision_tasks: {data.hub_id!r} has no column {wanted} (it has {columns})")
         names = list(data.class_names) or list(getattr(rows.features[data.label], "names", None) or [])
+        folders = [class_folder(n) for n in names]
+        if len(set(folders)) < len(folders):  # two classes would share a folder, and so become one
+            same = next(f for f in folders if folders.count(f) > 1)
+            raise MergeclError(f"vision_tasks: {data.hub_id!r} has two classes named {same!r} as folders")
         for i, row in enumerate(rows):
             label = int(row[data.label])
             name = names[label] if label < len(names) else str(label)
