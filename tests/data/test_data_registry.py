@@ -16,6 +16,7 @@ from mergecl.errors import MergeclError
 EXPECTED = {
     "digits", "mnist", "clinc150", "banking77", "image_folder", "cifar100",
     "imagenet_r", "cub200", "cars", "domainnet", "hf", "clinc150_mini", "banking77_mini", "files",
+    "vision_tasks",
 }  # fmt: skip
 
 
