@@ -65,7 +65,7 @@ def learner_entries(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int,
         if target is None:
             if key.endswith("position_ids"):  # a non-persistent buffer older transformers saved
                 continue
-            raise MergeclError(f"checkpoint {name}: '{key}' is no entry of the model (is it the model's architecture?)")
+            raise MergeclError(f"checkpoint {name}: '{key}' is no entry of the model (another architecture?)")
         if tuple(value.shape) != tuple(shapes[target]):
             theirs, ours = tuple(value.shape), tuple(shapes[target])
             raise MergeclError(f"checkpoint {name}: '{key}' has shape {theirs}, the model's {target} {ours}")
@@ -106,7 +106,7 @@ def finetuned_step(step: Step) -> StepResult:
     learner = step.learner
     frozen = {n for n, p in learner.named_parameters() if not p.requires_grad}
     own = learner.state_dict()
-    tuned = {k: tuple(v.shape) for k, v in own.items() if v.is_floating_point() and k not in frozen}
+    tuned = {k for k, v in own.items() if v.is_floating_point() and k not in frozen}  # the task vector's entries
     if any("lora_" in k for k in tuned):
         raise MergeclError(f"method_options.finetuned: checkpoint {ref} is a dense model; the run's model has LoRA")
     entries = learner_entries(read_checkpoint(ref), {k: tuple(v.shape) for k, v in own.items()}, ref)
