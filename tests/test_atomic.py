@@ -82,3 +82,23 @@ def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
     with atomic_directory(target) as building:
         (building / "b.txt").write_text("two")
     assert names(target) == ["b.txt"] and names(tmp_path) == ["model"]
+
+
+def test_atomic_link_shares_the_bytes_or_says_it_cannot(tmp_path, monkeypatch):
+    from mergecl.atomic import atomic_link
+
+    source = tmp_path / "a.safetensors"
+    source.write_bytes(b"tensors")
+    target = tmp_path / "order1" / "task0.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"an older file of ours")
+    assert atomic_link(source, target)
+    assert target.read_bytes() == b"tensors" and os.stat(target).st_ino == os.stat(source).st_ino
+    assert sorted(p.name for p in target.parent.iterdir()) == ["task0.safetensors"]  # no temp left
+
+    def cannot(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cannot)
+    other = tmp_path / "order2" / "task0.safetensors"
+    assert not atomic_link(source, other) and not other.exists()

@@ -22,6 +22,7 @@ import ctypes
 import errno
 import os
 import re
+import secrets
 import shutil
 import stat
 import sys
@@ -149,6 +150,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_open(path) as handle:
         handle.write(data)
     return Path(path)
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Make ``path`` a hard link to the file ``source`` (one copy on disk), atomically: linked at a
+    temp name, then moved into place. False, with nothing changed, where the file system cannot
+    (another device, no hard links): the caller copies instead. Only for files written whole and
+    replaced, never edited in place (mergecl's own), since both names share the bytes."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -124,6 +124,8 @@ def test_ind_ft_is_trained_once_per_seed_and_shared_by_every_order(tmp_path):
             mine = load_file(seed_dir(k * 1_000_000) / "ind" / f"task{t}.safetensors")
             first = load_file(seed_dir(0) / "ind" / f"task{j}.safetensors")
             assert mine.keys() == first.keys() and all(torch.equal(mine[key], first[key]) for key in mine)
+            same_file = (seed_dir(k * 1_000_000) / "ind" / f"task{t}.safetensors").stat().st_ino
+            assert same_file == (seed_dir(0) / "ind" / f"task{j}.safetensors").stat().st_ino  # a hard link
     log = (tmp_path / "run" / "logs" / "run.log").read_text()
     assert log.count("of seed 0's order") == 6  # 2 orders x 3 tasks copied
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())

@@ -112,7 +112,14 @@ def _methods() -> dict[str, Any]:
     forms = [
         {"form": "RULE", "summary": "the merge rule over the Seq-FT task vectors after every step", "rules": rules},
         {"form": "seq_ft+RULE", "summary": "the same, said explicitly"},
-        {"form": "ind_ft+RULE", "summary": "the merge rule over the Ind-FT task vectors (each task from theta_0)"},
+        *(
+            {
+                "form": f"{t.method}+RULE",
+                "summary": f"the merge rule over {t.method}'s task vectors (each task from theta_0)",
+            }
+            for t in TRAININGS.values()
+            if t.independent
+        ),
         {"form": "NAME@TAG", "summary": "NAME again with its own method_options (keyed by the full name)"},
     ]
     return {"items": items, "forms": forms, "merge_options": schema_fields(MergeMethodOptions)}

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save
 
 from mergecl import distributed
-from mergecl.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text, remove_if_abandoned
+from mergecl.atomic import TEMP_SUFFIX, atomic_link, atomic_write_bytes, atomic_write_text, remove_if_abandoned
 from mergecl.errors import MergeclError
 from mergecl.experiment.config import RunConfig, dump_config, load_config, parse_config
 from mergecl.merging.checkpoints import read_safetensors
@@ -276,6 +276,14 @@ class RunDir:
         if distributed.is_main():  # one writer; the others wait, then read it back like a resumed run
             data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             atomic_write_bytes(path, save(data, metadata=metadata))
+        distributed.barrier()
+
+    @staticmethod
+    def share_tensors(source: Path, path: Path) -> None:
+        """``path`` holds the tensors of ``source`` (a file of this run): a hard link where the disk
+        allows, else a copy; either way written atomically, by one writer."""
+        if distributed.is_main() and not atomic_link(source, path):
+            atomic_write_bytes(path, source.read_bytes())
         distributed.barrier()
 
     @staticmethod

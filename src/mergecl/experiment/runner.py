@@ -326,9 +326,7 @@ class Runner:
             seed_t = step_seed(config_seed, registered.name, j)  # as order 0 trains it
             shared = self.rundir.vector_path(config_seed, training, j)
             if distributed.broadcast_object(shared.exists()):
-                self.rundir.save_tensors(
-                    vector_path, self.rundir.load_tensors(shared), {"stream": training, "task": str(t)}
-                )
+                self.rundir.share_tensors(shared, vector_path)  # a hard link: one copy on disk
                 self.rundir.log(f"seed {seed} {training} task {t + 1}: task {j + 1} of seed {config_seed}'s order")
                 return carried
         start = base
