@@ -20,6 +20,8 @@ SUITES = (
     "banking77-cil-pam",
     "banking77-continual",  # the continual-merging protocol (docs/results/continual-merging.md)
     "banking77-continual-svd",  # its SVD rules, fewer streams (their merges cost minutes on a CPU)
+    "clinc150-continual",
+    "clinc150-continual-svd",
 )
 
 # The --quick flavour: the same pipeline (pretrained encoder, zero-shot head, every step evaluated,
