@@ -6,10 +6,10 @@ later papers) and over Seq-FT ones (MagMax's), several task orders x seeds.
 
 Prints, from each RUN_DIR/results.json (several runs of the same data: their methods side by side),
 a table of final ACC and BWT, mean ± std over every (seed, order) stream (and the time a stream
-spent on the method: its merges and evaluations, its training's share included), and judges each claim "A
-above B" on the streams both ran, paired: the mean of A - B with its 95 % interval
-(mean ± 1.96 std / sqrt(n)). Verdict: "reproduced" when the interval lies above 0, "reversed" when
-it lies below, "inconclusive" when it holds 0.
+spent on the method: its merges and evaluations, plus its training where it trained: Ind-FT trains
+in a seed's first order only), and judges each claim "A above B" on the streams both ran, paired:
+the mean of A - B with a 95 % interval over seeds (``judge``). Verdict: "reproduced" when the
+interval lies above 0, "reversed" when it lies below, "inconclusive" when it holds 0.
 
 The published numbers (CLIP ViT-B/32, 8 vision tasks, ACC averaged over task orders, as the OPCM
 paper reports them and later papers repeat): OPCM 75.5, MagMax over independent checkpoints 70.7,
@@ -22,6 +22,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+from mergecl.experiment.config import ORDER_STRIDE
 
 # (claim, A, B): "A's final ACC is above B's"; names are the run's methods
 CLAIMS = [
@@ -79,18 +81,36 @@ def cell(entry: dict, key: str) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (a normal's 1.96 past 30)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def config_seed(stream: str) -> int:
+    """The config seed of a run seed (order k of seed s runs as s + k * 1,000,000)."""
+    return int(stream) % ORDER_STRIDE
+
+
 def judge(a: dict, b: dict) -> tuple[str, str]:
-    """The paired difference of final ACC over the streams both ran, and a verdict."""
+    """The paired difference of final ACC, A - B, over the streams both ran, and a verdict. The
+    orders of one seed are not independent (they share its class split, theta_0 and, for Ind-FT,
+    its task vectors: an order-free rule such as averaging ends at the same model in every order),
+    so the unit is the seed: each seed's mean difference over its orders, and a 95 % t interval over
+    seeds. With one seed the orders are the units, and the verdict says so."""
     x, y = per_stream(a, "final_acc"), per_stream(b, "final_acc")
     both = sorted(set(x) & set(y))
     if len(both) < 2:
         return "fewer than 2 common streams", "not judged"
-    diffs = [x[s] - y[s] for s in both]
-    mean, std = mean_std(diffs)
-    half = 1.96 * std / math.sqrt(len(diffs))
-    wins = sum(d > 0 for d in diffs)
-    interval = f"95 % interval {mean - half:+.2f} .. {mean + half:+.2f}"
-    detail = f"A - B = {mean:+.2f} ({interval}), A above in {wins}/{len(diffs)} streams"
+    diffs = {s: x[s] - y[s] for s in both}
+    wins = sum(d > 0 for d in diffs.values())
+    seeds = sorted({config_seed(s) for s in both})
+    units = [mean_std([d for s, d in diffs.items() if config_seed(s) == seed])[0] for seed in seeds]
+    unit = "seeds"
+    if len(units) < 2:
+        units, unit = list(diffs.values()), "orders of one seed"
+    mean, std = mean_std(units)
+    half = T95.get(len(units) - 1, 1.96) * std / math.sqrt(len(units))
+    interval = f"95 % interval over {len(units)} {unit} {mean - half:+.2f} .. {mean + half:+.2f}"
+    detail = f"A - B = {mean:+.2f} ({interval}); A above in {wins}/{len(diffs)} streams"
     verdict = "reproduced" if mean - half > 0 else "reversed" if mean + half < 0 else "inconclusive"
     return detail, verdict
 

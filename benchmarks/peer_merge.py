@@ -1,0 +1,184 @@
+"""mergecl against mergekit on the same merges, side by side, and against the page-cache read speed.
+
+Builds a random Llama-layout model (``--params``, default ~220M) and ``--tasks`` fine-tuned copies
+(base + 0.01 noise per tensor), each saved with ``save_pretrained`` (one safetensors file per
+directory), in bf16 and fp32; then, for each rule, runs ``mergecl merge`` and ``mergekit-yaml``
+alternately (``--repeats`` times each, the first tool alternating), each in a fresh process, and
+reports best and median wall time, GB/s of checkpoint bytes read (base + T inputs, once), the
+process's peak RSS, and the largest difference between the two outputs; the raw read speed of
+the same files from the page cache (one reused buffer) is measured in the same run.
+
+mergekit is never a dependency of mergecl: install it in its own virtual environment and pass its
+interpreter (the CPU torch wheel, so that pip does not pull CUDA):
+
+    python -m venv ~/mergekit-venv && ~/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
+    python benchmarks/peer_merge.py --mergekit ~/mergekit-venv/bin/python --out /tmp/peer
+    python benchmarks/peer_merge.py --params 20e6 --tasks 2 --repeats 1 --out /tmp/peer-smoke  # a smoke run
+
+The rules, as each tool spells them (the same math; mergecl's TIES per tensor, as mergekit's):
+average (mergekit ``linear``, normalised), task arithmetic lam 0.3, TIES keep 20 % lam 1.
+Without ``--mergekit`` only mergecl and the read speed are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# rule -> (mergecl merge flags, mergekit merge_method, per-model parameters, global parameters)
+RULES = {
+    "average": (["--method", "average"], "linear", {"weight": 1.0}, {"normalize": True}),
+    "task_arithmetic": (["--method", "task_arithmetic", "--lam", "0.3"], "task_arithmetic", {"weight": 0.3}, {}),
+    "ties": (
+        ["--method", "ties", "--keep", "0.2", "--scope", "tensor", "--lam", "1"],
+        "ties",
+        {"density": 0.2, "weight": 1.0},
+        {"normalize": True},
+    ),
+}
+
+
+def llama_config(params: float):
+    """A Llama layout of about ``params`` parameters: hidden 1024, intermediate 2816, layers to fit."""
+    from transformers import LlamaConfig
+
+    hidden, intermediate, vocab = 1024, 2816, 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
+    layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
+
+
+def make_models(folder: Path, params: float, tasks: int, dtype_name: str) -> tuple[Path, list[Path]]:
+    """base/ and ft0..ftT-1/ under ``folder/dtype``, each a ``save_pretrained`` directory (kept between runs)."""
+    from transformers import LlamaForCausalLM
+
+    root = folder / dtype_name
+    base, finetuned = root / "base", [root / f"ft{t}" for t in range(tasks)]
+    if all((path / "model.safetensors").exists() for path in [base, *finetuned]):
+        return base, finetuned
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(params)).to(DTYPES[dtype_name])
+    model.save_pretrained(base, max_shard_size="100GB")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    for path in finetuned:
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                noise = torch.randn(value.shape, generator=generator).to(value.dtype)
+                value.copy_(original[key] + 0.01 * noise)
+        model.save_pretrained(path, max_shard_size="100GB")
+    return base, finetuned
+
+
+def read_speed(paths: list[Path]) -> float:
+    """Seconds to read every file once from the page cache into one reused 64 MiB buffer."""
+    view = memoryview(bytearray(64 << 20))
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+    return time.perf_counter() - started
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one fresh process running ``cmd``."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def mergekit_config(rule: str, base: Path, finetuned: list[Path], dtype_name: str) -> str:
+    _, method, per_model, params = RULES[rule]
+    models = [{"model": str(path), "parameters": per_model} for path in finetuned]
+    config = {"merge_method": method, "models": models, "dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype_name]}
+    if method != "linear":
+        config["base_model"] = str(base)
+    if params:
+        config["parameters"] = params
+    return json.dumps(config)  # JSON is YAML
+
+
+def max_difference(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+
+def output_file(folder: Path) -> Path:
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise SystemExit(f"{folder}: expected one safetensors file, found {len(files)}")
+    return files[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="a scratch folder (models are kept for reruns)")
+    parser.add_argument("--params", type=float, default=220e6)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mergekit", help="the Python of a virtual environment with mergekit")
+    args = parser.parse_args()
+    env = dict(os.environ, MERGECL_QUIET="1")
+    for dtype_name in args.dtypes:
+        base, finetuned = make_models(args.out / "models", args.params, args.tasks, dtype_name)
+        inputs = [output_file(path) for path in [base, *finetuned]]
+        gigabytes = sum(path.stat().st_size for path in inputs) / 1e9
+        read_speed(inputs)  # warm the page cache
+        reads = [read_speed(inputs) for _ in range(args.repeats)]
+        print(f"\n{dtype_name}: T = {args.tasks}, {gigabytes:.2f} GB of checkpoints; page-cache read "
+              f"{gigabytes / min(reads):.2f} GB/s (best of {args.repeats})")  # fmt: skip
+        print("| rule | tool | best | median | GB/s (best) | peak RSS MB | max diff vs mergecl |")
+        print("|:---|:---|---:|---:|---:|---:|---:|")
+        for rule in args.rules:
+            tools = {"mergecl": [sys.executable, "-m", "mergecl", "merge", *RULES[rule][0], "--base", str(base)]}
+            outs = {name: args.out / "merged" / f"{dtype_name}-{rule}-{name}" for name in ("mergecl", "mergekit")}
+            tools["mergecl"] += ["-o", str(outs["mergecl"]), "--force", "--quiet", *map(str, finetuned)]
+            if args.mergekit:
+                config = args.out / f"{dtype_name}-{rule}.yaml"
+                config.write_text(mergekit_config(rule, base, finetuned, dtype_name))
+                cli = [args.mergekit, "-m", "mergekit.scripts.run_yaml", str(config), str(outs["mergekit"])]
+                tools["mergekit"] = cli + ["--lazy-unpickle", "--allow-crimes"]
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+            for repeat in range(args.repeats):
+                order = list(tools) if repeat % 2 == 0 else list(reversed(tools))
+                for name in order:
+                    runs[name].append(timed(tools[name], env))
+            for name, results in runs.items():
+                walls = [wall for wall, _ in results]
+                rss = max(peak for _, peak in results)
+                diff = "-"
+                if name != "mergecl":
+                    diff = f"{max_difference(output_file(outs['mergecl']), output_file(outs[name])):.3g}"
+                print(f"| {rule} | {name} | {min(walls):.2f} s | {statistics.median(walls):.2f} s | "
+                      f"{gigabytes / min(walls):.2f} | {rss:,.0f} | {diff} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
