@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from merge_speed import read_all  # the raw page-cache read, as merge_speed.py measures it
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -88,17 +89,6 @@ def make_models(folder: Path, params: float, tasks: int, dtype_name: str) -> tup
     return base, finetuned
 
 
-def read_speed(paths: list[Path]) -> float:
-    """Seconds to read every file once from the page cache into one reused 64 MiB buffer."""
-    view = memoryview(bytearray(64 << 20))
-    started = time.perf_counter()
-    for path in paths:
-        with open(path, "rb", buffering=0) as handle:
-            while handle.readinto(view):
-                pass
-    return time.perf_counter() - started
-
-
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one fresh process running ``cmd``."""
     started = time.perf_counter()
@@ -150,8 +140,8 @@ def main() -> None:
         base, finetuned = make_models(args.out / "models", args.params, args.tasks, dtype_name)
         inputs = [output_file(path) for path in [base, *finetuned]]
         gigabytes = sum(path.stat().st_size for path in inputs) / 1e9
-        read_speed(inputs)  # warm the page cache
-        reads = [read_speed(inputs) for _ in range(args.repeats)]
+        read_all(inputs)  # warm the page cache
+        reads = [read_all(inputs) for _ in range(args.repeats)]
         print(f"\n{dtype_name}: T = {args.tasks}, {gigabytes:.2f} GB of checkpoints; page-cache read "
               f"{gigabytes / min(reads):.2f} GB/s (best of {args.repeats})")  # fmt: skip
         print("| rule | tool | best | median | GB/s (best) | peak RSS MB | max diff vs mergecl |")
