@@ -280,7 +280,8 @@ def _tensors(rundir: RunDir, config: RunConfig, spec: MethodSpec, seed: int, t: 
 def _weights(config: RunConfig, spec: MethodSpec, seed: int, t: int, base, paths, learner: Learner, seed_progress):
     """The full state the run evaluated for ``spec`` after step t (``Runner.weights``, with an auto lam
     taken from the run's record instead of chosen again)."""
-    from mergecl.experiment.runner import Runner, tuned_keys
+    from mergecl.experiment.runner import Runner
+    from mergecl.models.base import tuned_keys
 
     if registered_training(spec.training).step is None:
         return base

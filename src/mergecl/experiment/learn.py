@@ -60,10 +60,11 @@ from mergecl.evaluation import metrics
 from mergecl.experiment.config import load_config, read_yaml
 from mergecl.experiment.export import EXPORT_VERSION, write_model
 from mergecl.experiment.rundir import RunDir
-from mergecl.experiment.runner import Runner, pick_device, step_seed, tuned_keys
+from mergecl.experiment.runner import Runner, pick_device, step_seed
 from mergecl.methods.merged import RunningMerge, TaskVectors, merged_model, running_form
 from mergecl.methods.registry import MethodSpec, method_schema, resolve_method
 from mergecl.methods.trainings import Step, eval_classes, registered_training
+from mergecl.models.base import tuned_keys
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import lora_pairs
 from mergecl.models.registry import check_model_spec
@@ -752,8 +753,8 @@ def _merged(learn: LearnDir, k: int, tau, base, tuned, learner, validate, record
             running.add(tau)
         vectors = TaskVectors([], base, tuned, learn.files.load_tensors, lora_pairs(learner))
         merged = running.model(vectors, validate, "method_options")
-        info = {**merged.info, **({"task_norms": running.task_norms} if "lambda" in merged.info else {})}
-        return merged.state, info, running.state
+        norms = {"task_norms": running.task_norms} if running.task_norms else {}  # kept for the next add
+        return merged.state, {**merged.info, **norms}, running.state
     if tau is not None:
         learn.files.save_tensors(learn.vector_path(k), tau)
     paths = [learn.vector_path(i) for i in range(1, k + 1)]

@@ -30,7 +30,7 @@ from mergecl.merging.registry import get_rule
 from mergecl.methods.merged import RunningMerge, TaskVectors, merged_model, running_form
 from mergecl.methods.registry import MethodSpec, resolve_methods
 from mergecl.methods.trainings import Step, eval_classes, registered_training
-from mergecl.models.base import Learner
+from mergecl.models.base import Learner, tuned_keys
 from mergecl.models.factory import build_learner
 from mergecl.models.lora import LoraPair, lora_pairs
 from mergecl.models.registry import check_inputs
@@ -60,13 +60,6 @@ def _cuda_devices() -> str:
     if not torch.cuda.is_available():
         return f"no CUDA device (torch {torch.__version__})"
     return f"{torch.cuda.device_count()} CUDA device(s)"
-
-
-def tuned_keys(learner: Learner) -> list[str]:
-    """The state entries training can change: floating-point ones, minus parameters frozen when the
-    model is built (LoRA's base weights). Task vectors, and so merges, cover exactly these."""
-    frozen = {name for name, p in learner.named_parameters() if not p.requires_grad}
-    return [k for k, v in learner.state_dict().items() if v.is_floating_point() and k not in frozen]
 
 
 class Runner:

@@ -150,23 +150,11 @@ def dop_merge_matrix(
 # --- the declared rule ------------------------------------------------------------------------
 
 
-def dop_step(
-    merged: Tensor,
-    tau: Tensor,
-    lr: float = 1e-4,
-    steps: int = 200,
-    mgda: bool = True,
-    alpha: float = 0.8,
-    ema: bool = True,
-    ema_beta: float = 0.999,
-    epsilon: float = 0.99999,
-    subspace: str = "uv",
-    mean_names: str | None = MEAN_NAMES,
-    name: str = "",
-) -> Tensor:
-    """M_t from M_{t-1} and tau_t: a weight matrix optimised, any other tensor (M + tau) / 2."""
+def dop_step(merged: Tensor, tau: Tensor, mean_names: str | None = MEAN_NAMES, name: str = "", **matrix) -> Tensor:
+    """M_t from M_{t-1} and tau_t: a weight matrix optimised (``matrix``: ``dop_merge_matrix``'s
+    options), any other tensor (M + tau) / 2."""
     if is_matrix(tau, name, mean_names):
-        return dop_merge_matrix(merged, tau, lr, steps, mgda, alpha, ema, ema_beta, epsilon, subspace)
+        return dop_merge_matrix(merged, tau, **matrix)
     return (merged + tau) / 2
 
 
@@ -197,8 +185,8 @@ def dop(
     optimised to stay close to both in their principal subspaces; other tensors (M + tau) / 2.
 
     ``name`` is the tensor's (the engine passes it, for ``mean_names``)."""
-    options = (lr, steps, mgda, alpha, ema, ema_beta, epsilon, subspace, mean_names, name)
+    matrix = dict(lr=lr, steps=steps, mgda=mgda, alpha=alpha, ema=ema, ema_beta=ema_beta, epsilon=epsilon)
     merged = None
     for tau in taus:
-        merged = tau if merged is None else dop_step(merged, tau, *options)
+        merged = tau if merged is None else dop_step(merged, tau, mean_names, name, subspace=subspace, **matrix)
     return merged

@@ -131,9 +131,7 @@ def _coefficient(view: MergeView, options: Options) -> Prepared:
     prepare=_coefficient,
     passes=lambda options: 1,
     running=Running(
-        lambda merged, tau, t, g, alpha=0.5, plain_names=PLAIN_NAMES, name="": opcm_step(
-            merged, tau, alpha, plain_names, name
-        ),
+        lambda merged, tau, t, generator, **options: opcm_step(merged, tau, **options),
         coefficient=opcm_coefficient,
         named=True,
     ),

@@ -29,6 +29,8 @@ from torch import Tensor
 from mergecl.errors import MergeclError
 from mergecl.methods.trainings import Step, StepResult, register_training
 from mergecl.models._util import one_line
+from mergecl.models.base import tuned_keys
+from mergecl.models.lora import lora_pairs
 from mergecl.models.text import check_local_or_hub, import_transformers
 from mergecl.options import Options
 
@@ -104,11 +106,9 @@ def finetuned_step(step: Step) -> StepResult:
         given = ", ".join(step.options.checkpoints) or "none"
         raise MergeclError(f"method_options.finetuned.checkpoints: no checkpoint for task '{task}' (given: {given})")
     learner = step.learner
-    frozen = {n for n, p in learner.named_parameters() if not p.requires_grad}
-    own = learner.state_dict()
-    tuned = {k for k, v in own.items() if v.is_floating_point() and k not in frozen}  # the task vector's entries
-    if any("lora_" in k for k in tuned):
+    if lora_pairs(learner):
         raise MergeclError(f"method_options.finetuned: checkpoint {ref} is a dense model; the run's model has LoRA")
+    own, tuned = learner.state_dict(), set(tuned_keys(learner))  # tuned: the task vector's entries
     entries = learner_entries(read_checkpoint(ref), {k: tuple(v.shape) for k, v in own.items()}, ref)
     with torch.no_grad():
         for key, value in entries.items():

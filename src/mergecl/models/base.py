@@ -50,6 +50,13 @@ class Learner(nn.Module):
         return self.head(self.features(prepared))
 
 
+def tuned_keys(learner: Learner) -> list[str]:
+    """The state entries training can change: floating-point ones, minus parameters frozen when the
+    model is built (LoRA's base weights). Task vectors, and so merges, cover exactly these."""
+    frozen = {name for name, p in learner.named_parameters() if not p.requires_grad}
+    return [k for k, v in learner.state_dict().items() if v.is_floating_point() and k not in frozen]
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
