@@ -67,7 +67,7 @@ def test_pam_suites_train_the_same_adapters_for_every_method():
 
 
 def test_suites_are_valid_configs():
-    for suite in (s for s in SUITES if not s.endswith(("-pam", "-continual", "-continual-svd"))):
+    for suite in (s for s in SUITES if not s.endswith(("-pam", "-continual", "-continual-svd", "-continual-dop"))):
         full = suite_config(suite)
         assert len(full.seeds) >= 3 and full.model["name"] == "hf_text"
         assert {"zero_shot", "joint", "seq_ft", "ind_ft", "lwf", "ewc"} <= set(full.methods)
@@ -87,6 +87,11 @@ def test_continual_merging_suites_cover_the_protocol():
         assert (svd.model, svd.train, svd.seeds) == (full.model, full.train, full.seeds[:1])
         for rule in ("tsv_m", "iso_cts", "knots", "continual_ties", "opcm", "magmax"):
             assert f"ind_ft+{rule}" in svd.methods, (suite, rule)
+    dop = suite_config("banking77-continual-dop")  # DOP: the first stream of banking77-continual
+    full = suite_config("banking77-continual")
+    assert dop.data.model_copy(update={"orders": 1}) == full.data.model_copy(update={"orders": 1})
+    assert (dop.model, dop.train, dop.seeds, dop.data.orders) == (full.model, full.train, full.seeds[:1], 1)
+    assert {"ind_ft+dop", "ind_ft+opcm"} <= set(dop.methods)
 
 
 PRESETS = sorted(name for name in packaged_configs() if name.startswith("magmax-clip-"))

@@ -20,6 +20,7 @@ SUITES = (
     "banking77-cil-pam",
     "banking77-continual",  # the continual-merging protocol (docs/results/continual-merging.md)
     "banking77-continual-svd",  # its SVD rules, fewer streams (their merges cost minutes on a CPU)
+    "banking77-continual-dop",  # DOP on one stream (its merge step costs minutes on a CPU)
     "clinc150-continual",
     "clinc150-continual-svd",
 )
