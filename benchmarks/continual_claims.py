@@ -58,13 +58,17 @@ RULES = (
 )
 
 
-def per_stream(entry: dict, key: str) -> dict[str, float]:
-    """(seed, order) -> the value, over the streams the method finished."""
+def finished_streams(entry: dict, num_tasks: int) -> dict[str, dict]:
+    """(seed, order) -> the method's numbers on that stream, for the streams that ran every step (a
+    stream stopped early, as in a run still going, is left out)."""
     seeds = entry.get("seeds")
-    if seeds is None and entry.get(key) is not None:  # one stream finished: its numbers are the entry's
-        coverage = entry.get("coverage") or {"?": 0}
-        seeds = {max(coverage, key=coverage.get): entry}
-    return {seed: s[key] for seed, s in (seeds or {}).items() if s.get(key) is not None}
+    if seeds is None:  # one stream ran: its numbers are the entry's
+        seeds = {stream: entry for stream in entry.get("coverage", {})}
+    return {stream: seeds[stream] for stream, steps in entry.get("coverage", {}).items() if steps == num_tasks}
+
+
+def per_stream(streams: dict[str, dict], key: str) -> dict[str, float]:
+    return {stream: values[key] for stream, values in streams.items() if values.get(key) is not None}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -73,7 +77,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def cell(entry: dict, key: str) -> str:
+def cell(entry: dict[str, dict], key: str) -> str:
     values = list(per_stream(entry, key).values())
     if not values:
         return "-"
@@ -90,7 +94,7 @@ def config_seed(stream: str) -> int:
     return int(stream) % ORDER_STRIDE
 
 
-def judge(a: dict, b: dict) -> tuple[str, str]:
+def judge(a: dict[str, dict], b: dict[str, dict]) -> tuple[str, str]:
     """The paired difference of final ACC, A - B, over the streams both ran, and a verdict. The
     orders of one seed are not independent (they share its class split, theta_0 and, for Ind-FT,
     its task vectors: an order-free rule such as averaging ends at the same model in every order),
@@ -98,8 +102,10 @@ def judge(a: dict, b: dict) -> tuple[str, str]:
     seeds. With one seed the orders are the units, and the verdict says so."""
     x, y = per_stream(a, "final_acc"), per_stream(b, "final_acc")
     both = sorted(set(x) & set(y))
-    if len(both) < 2:
-        return "fewer than 2 common streams", "not judged"
+    if len(both) == 1:
+        return f"A - B = {x[both[0]] - y[both[0]]:+.2f} on the one stream both ran (no interval)", "not judged"
+    if not both:
+        return "no common stream", "not judged"
     diffs = {s: x[s] - y[s] for s in both}
     wins = sum(d > 0 for d in diffs.values())
     seeds = sorted({config_seed(s) for s in both})
@@ -119,9 +125,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args()
-    methods: dict[str, dict] = {}
+    methods: dict[str, dict[str, dict]] = {}  # method -> stream -> numbers, over the runs given
     for run in args.runs:
-        methods.update(json.loads((run / "results.json").read_text())["methods"])
+        results = json.loads((run / "results.json").read_text())
+        for name, entry in results["methods"].items():
+            streams = finished_streams(entry, results["run"]["num_tasks"])
+            # a stream two runs both ran is the same stream (same data and training): the first run's is kept
+            methods[name] = {**streams, **methods.get(name, {})}
     print("| method | vectors | streams | final ACC | BWT | time per stream |")
     print("|:---|:---|---:|---:|---:|---:|")
     names = [m for m in ("zero_shot", "seq_ft", "ind_ft") if m in methods]
