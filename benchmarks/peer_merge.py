@@ -125,12 +125,17 @@ def output_file(folder: Path) -> Path:
     return files[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the models ``make_models`` builds, and where (gpu_merge.py takes them too)."""
     parser.add_argument("--out", type=Path, required=True, help="a scratch folder (models are kept for reruns)")
     parser.add_argument("--params", type=float, default=220e6)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(parser)
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mergekit", help="the Python of a virtual environment with mergekit")

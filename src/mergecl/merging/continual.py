@@ -16,6 +16,8 @@ first s checkpoints. Two ways to get there, one result:
   checkpoints 1..s from scratch, correct for every rule (sequential rules such as opcm and
   continual_ties fold in task order), at O(s) reads per step, O(T^2) over the stream.
 
+The running form computes on the CPU; a merge on a device (``device: cuda``) recomputes every step.
+
 A step's output is a normal merge output (``OUT/stepS``: a directory in the Hugging Face layout,
 with the base's companion files and a model card); all outputs are checked before the first is
 written, and each is written atomically, so a failure at step s leaves steps 1..s-1 complete.
@@ -39,6 +41,7 @@ from torch import Tensor
 
 from mergecl.errors import MergeclError
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
+from mergecl.merging.device import resolve_device
 from mergecl.merging.engine import (
     MergeResult,
     Source,
@@ -107,6 +110,11 @@ def continual_merges(
         for name, spec in rule.inputs.items()
     }
     opts = read_merge_options(method, options)
+    if uses_running(method, recompute) and resolve_device(opts.device).type != "cpu":
+        raise MergeclError(
+            f"device {opts.device}: the running form of a continual merge computes on the CPU; "
+            f"merge every step on {opts.device} with --recompute (recompute=True)"
+        )
     if out is not None:
         out = Path(out)
         if os.path.lexists(out) and (out.is_symlink() or not out.is_dir()):

@@ -15,6 +15,15 @@ elements from (seed, stream, tensor name, block), so results do not depend on ch
 in-memory and streaming merges agree bit for bit. Validation (keys, shapes, dtypes, NaN/Inf,
 overflow) raises ``MergeclError`` naming the tensor and the file; an output is written only when the
 whole merge succeeded.
+
+``device``: where the rule computes. On the CPU (the default) ``workers`` threads may compute chunks
+ahead. On a CUDA device (``_StagedMerge``) the merge pass moves every chunk the rule computes on
+(base, task vectors, inputs, draws, all read or drawn on the CPU as here) to the device through
+pinned buffers and brings the merged chunk back (device.py), so that reading, transfers, computing
+and writing overlap; the checks run on the device and are read with the chunk, and a chunk that
+fails one is computed again on the CPU for the CPU's error. The results are the CPU's up to float
+rounding (the same fp32/fp64 arithmetic, other summation orders). A rule's ``prepare`` passes run
+on the CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from torch import Tensor
 from mergecl.errors import MergeclError
 from mergecl.merging import rules
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
+from mergecl.merging.device import DEVICE_PATTERN, Landing, Staging, resolve_device
 from mergecl.merging.registry import RNG_BLOCK, Chunk, Draw, Rule, TensorInfo, get_rule
 from mergecl.options import Options, read_options
 from mergecl.progress import bar as progress_bar
@@ -49,6 +59,9 @@ DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in ca
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# True: CPU merges go through the device stage too, its transfers plain copies (the tests' way to run
+# the code of a CUDA merge on a machine without one)
+STAGE_CPU = False
 
 Source = str | os.PathLike | Mapping[str, Tensor]
 
@@ -62,7 +75,12 @@ class EngineOptions(Options):
     include: str | None = Field(None, description="merge only tensors whose name matches this regex")
     exclude: str | None = Field(None, description="copy tensors whose name matches this regex from the base")
     chunk_size: int = Field(DEFAULT_CHUNK, description=f"elements per chunk, a multiple of {RNG_BLOCK}")
-    workers: int = Field(1, ge=1, description="threads computing chunks ahead (same result)")
+    workers: int = Field(1, ge=1, description="threads computing chunks ahead (same result; device cpu)")
+    device: str = Field(
+        "cpu",
+        description="where the rule computes: cpu, cuda or cuda:N (the chunks streamed through pinned buffers; "
+        "the same result up to float rounding)",
+    )
 
     @field_validator("lam")
     @classmethod
@@ -81,6 +99,13 @@ class EngineOptions(Options):
             except re.error as err:
                 raise ValueError(f"not a valid regular expression ({err})") from None
         return pattern
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name):
+        if not DEVICE_PATTERN.fullmatch(name):
+            raise ValueError("expected cpu, cuda or cuda:N")
+        return name
 
     @field_validator("chunk_size")
     @classmethod
@@ -188,17 +213,18 @@ def _layout(base, others: list[tuple[Any, str]], options: EngineOptions) -> list
 
 class _Buffers:
     """Reusable flat buffers: fresh allocations of chunk-sized tensors cost page faults. One set
-    per thread (``workers`` > 1 computes chunks in a pool)."""
+    per thread (``workers`` > 1 computes chunks in a pool), on ``device`` (None: the CPU)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, device: torch.device | None = None) -> None:
         self.size = size
+        self.device = device
         self._buffers: dict[tuple, Tensor] = {}
 
     def get(self, slot: tuple, n: int, dtype: torch.dtype) -> Tensor:
         slot = (threading.get_ident(), *slot)
         buffer = self._buffers.get(slot)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
-            buffer = self._buffers[slot] = torch.empty(max(n, self.size), dtype=dtype)
+            buffer = self._buffers[slot] = torch.empty(max(n, self.size), dtype=dtype, device=self.device)
         return buffer[:n]
 
 
@@ -267,9 +293,15 @@ class _Merge:
         for start in range(0, entry.numel, max(step, 1)):
             yield start, min(start + step, entry.numel)
 
+    def _raw(self, reader, key: str, start: int, stop: int, slot: str | None) -> Tensor:
+        """Elements [start, stop) of ``key`` as ``reader`` stores them, where the rule computes (here
+        the CPU; ``_StagedMerge``: its device), in the reused buffer ``slot`` (None: a fresh tensor)."""
+        out = None if slot is None else self.buffers.get(("raw", slot), stop - start, reader.spec(key)[0])
+        return reader.read(key, start, stop, out=out)
+
     def _read_base(self, entry: TensorInfo, start: int, stop: int) -> Tensor:
         n = stop - start
-        raw = self.base.read(entry.key, start, stop, out=self.buffers.get(("raw", "base"), n, entry.dtype))
+        raw = self._raw(self.base, entry.key, start, stop, "base")
         self.progress.update(n * entry.dtype.itemsize)
         return self.buffers.get(("base",), n, _compute_dtype(entry.dtype)).copy_(raw)
 
@@ -289,15 +321,14 @@ class _Merge:
                     stack[t].copy_(tau)
             return stack
         return (
-            self._tau(t, entry, start, stop, base, torch.empty(n, dtype=base.dtype)).reshape(entry.shape)
+            self._tau(t, entry, start, stop, base, torch.empty_like(base)).reshape(entry.shape)
             for t in range(self.num_tasks)
         )
 
     def _tau(self, t: int, entry: TensorInfo, start: int, stop: int, base: Tensor, out: Tensor) -> Tensor:
         """tau_t on [start, stop) in ``out``: read, checked finite, DARE applied."""
         reader = self.finetuned[t]
-        dtype = reader.spec(entry.key)[0]
-        theta = reader.read(entry.key, start, stop, out=self.buffers.get(("raw", "theta"), stop - start, dtype))
+        theta = self._raw(reader, entry.key, start, stop, "theta")
         self.progress.update(theta.numel() * theta.dtype.itemsize)
         if self.vectors:
             out.copy_(theta)
@@ -305,7 +336,7 @@ class _Merge:
             out.copy_(theta).sub_(base)
         else:
             torch.sub(theta, base, out=out)
-        if not _all_finite(out):
+        if not self._finite(out):
             self._blame_non_finite(entry.key, reader, theta, base)
         if self.options.dare:
             p = self.options.dare
@@ -320,15 +351,27 @@ class _Merge:
 
     def _input(self, name, readers, entry, start, stop, dtype) -> Iterator[Tensor]:
         for reader in readers:
-            values = reader.read(entry.key, start, stop).to(dtype)
-            if not torch.isfinite(values).all():
+            values = self._raw(reader, entry.key, start, stop, None).to(dtype)
+            if not self._holds(torch.isfinite(values).all()):
                 raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
-            if self.rule.inputs[name].non_negative and (values < 0).any():
+            if self.rule.inputs[name].non_negative and not self._holds((values >= 0).all()):
                 raise MergeclError(f"{reader.name}: tensor '{entry.key}' has negative values (a {name} is >= 0)")
             yield values
 
     def _draw(self, draw: Draw, entry: TensorInfo, start: int, stop: int) -> Tensor:
         return draw.make(self.options.seed, entry.key, start, stop, entry.numel, self.num_tasks)
+
+    # --- the checks (``_StagedMerge`` keeps them on its device and reads them with the chunk) ------
+
+    def _holds(self, check: Tensor) -> bool:
+        return bool(check)
+
+    def _finite(self, x: Tensor) -> bool:
+        return _all_finite(x)
+
+    def _fits(self, merged: Tensor, dtype: torch.dtype) -> bool:
+        """The merged values are finite and round to finite ``dtype`` values."""
+        return _all_finite(merged) and not _overflows(merged, dtype)
 
     def _blame_non_finite(self, key: str, reader, theta: Tensor, base: Tensor) -> None:
         if not torch.isfinite(base).all():
@@ -341,28 +384,34 @@ class _Merge:
 
     def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
         """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order."""
-        per_tensor: dict[str, dict] = {}
+        return _pipeline(self._jobs(kwargs_of), functools.partial(self._chunk, lam), self.options.workers)
 
-        def jobs() -> Iterator[tuple[_Entry, int, int]]:
-            for entry in self.entries:
-                if entry.merged and kwargs_of is not None:  # whole-tensor passes: here, not in the pool
-                    per_tensor[entry.key] = kwargs_of(entry)
-                for start, stop in self._bounds(entry) if entry.merged else self._copy_bounds(entry):
-                    yield entry, start, stop
+    def _jobs(self, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[tuple[_Entry, int, int, dict]]:
+        """Every chunk, in order, with the rule's extra arguments for its tensor (from ``kwargs_of``:
+        whole-tensor passes run here, in this thread, not in the pool)."""
+        for entry in self.entries:
+            extra = kwargs_of(entry) if entry.merged and kwargs_of is not None else {}
+            for start, stop in self._bounds(entry) if entry.merged else self._copy_bounds(entry):
+                yield entry, start, stop, extra
 
-        def compute(entry: _Entry, start: int, stop: int) -> Tensor:
-            if not entry.merged:
-                base = self.base.read(entry.key, start, stop)
-                self.progress.update(base.numel() * entry.dtype.itemsize)
-                return base
-            base = self._read_base(entry, start, stop)
-            merged = self._merge_chunk(entry, start, stop, base, per_tensor.get(entry.key, {})).reshape(-1)
-            merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
-            if not _all_finite(merged) or _overflows(merged, entry.dtype):
-                raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
-            return merged.to(entry.dtype)
+    def _chunk(self, lam: float, entry: _Entry, start: int, stop: int, extra: dict) -> Tensor:
+        if not entry.merged:
+            return self._copied(entry, start, stop)
+        return self._merged(entry, start, stop, lam, extra)
 
-        return _pipeline(jobs(), compute, self.options.workers)
+    def _copied(self, entry: _Entry, start: int, stop: int) -> Tensor:
+        base = self.base.read(entry.key, start, stop)
+        self.progress.update(base.numel() * entry.dtype.itemsize)
+        return base
+
+    def _merged(self, entry: _Entry, start: int, stop: int, lam: float, extra: dict) -> Tensor:
+        """theta_0 + lam * rule(...) on [start, stop), checked, in the tensor's dtype."""
+        base = self._read_base(entry, start, stop)
+        merged = self._merge_chunk(entry, start, stop, base, extra).reshape(-1)
+        merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
+        if not self._fits(merged, entry.dtype):
+            raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
+        return merged.to(entry.dtype)
 
     def _copy_bounds(self, entry: TensorInfo) -> Iterator[tuple[int, int]]:
         for start in range(0, entry.numel, self.chunk_size):
@@ -373,6 +422,75 @@ class _Merge:
         for name, draw in self.rule.draws.items():
             kwargs[name] = self._draw(draw, entry, start, stop)
         return self.rule.fn(self._taus(entry, start, stop, base), **kwargs)
+
+
+class _StagedMerge(_Merge):
+    """The merge pass of ``job`` on ``staging``'s device: every chunk the rule computes on goes there
+    through pinned buffers and the merged chunk comes back (device.py). The checks stay on the device
+    and are read with the chunk, one chunk later, while the device computes the next; a chunk that
+    fails one, or whose rule raises there, is computed again by ``job`` on the CPU, which raises the
+    CPU's error (naming the tensor and the file)."""
+
+    def __init__(self, job: _Merge, staging: Staging) -> None:
+        vars(self).update(vars(job))  # the same readers, layout, options and progress bar
+        self.host = job
+        self.staging = staging
+        self.buffers = _Buffers(job.chunk_size, staging.device)
+        self.checks: list[Tensor] = []  # the current chunk's, each a bool on the device
+
+    def _raw(self, reader, key: str, start: int, stop: int, slot: str | None) -> Tensor:
+        def read_into(host: Tensor) -> Tensor:
+            return reader.read(key, start, stop, out=host)
+
+        return self.staging.load(slot or reader.name, stop - start, reader.spec(key)[0], read_into)
+
+    def _draw(self, draw: Draw, entry: TensorInfo, start: int, stop: int) -> Tensor:
+        return self.staging.upload("draw", super()._draw(draw, entry, start, stop))  # drawn on the CPU
+
+    def _holds(self, check: Tensor) -> bool:
+        self.checks.append(check)
+        return True  # for now: read with the chunk (``_land``)
+
+    def _finite(self, x: Tensor) -> bool:
+        return self._holds(torch.isfinite(x).all())
+
+    def _fits(self, merged: Tensor, dtype: torch.dtype) -> bool:
+        limit = _overflow_limit(dtype)
+        return self._holds(merged.abs().amax() < (math.inf if limit is None else limit))  # NaN: False
+
+    def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
+        """As ``_Merge.output``; chunk k goes to the writer once chunk k + 1 is on its way (the writer
+        is done with a chunk when it asks for the next: two output buffers suffice)."""
+        pending: deque[tuple[tuple, Tensor | Landing]] = deque()
+        for job in self._jobs(kwargs_of):
+            pending.append((job, self._launch(lam, *job)))
+            if len(pending) == 2:
+                yield self._land(lam, *pending.popleft())
+        while pending:
+            yield self._land(lam, *pending.popleft())
+
+    def _launch(self, lam: float, entry: _Entry, start: int, stop: int, extra: dict) -> Tensor | Landing:
+        if not entry.merged:
+            return self._copied(entry, start, stop)
+        self.checks = []
+        try:
+            merged = self._merged(entry, start, stop, lam, extra)
+        except MergeclError:
+            raise
+        except Exception:  # e.g. an SVD that fails on a NaN the checks have not reported yet
+            self.host._merged(entry, start, stop, lam, extra)  # raises the CPU's error if the inputs are bad
+            raise
+        return self.staging.download(merged, torch.stack(self.checks).all())
+
+    def _land(self, lam: float, job: tuple, launched: Tensor | Landing) -> Tensor:
+        if isinstance(launched, Tensor):
+            return launched
+        if not launched.wait():
+            entry, start, stop, extra = job
+            self.host._merged(entry, start, stop, lam, extra)  # raises the CPU's error
+            device = self.staging.device
+            raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype} (on {device})")
+        return launched.host
 
 
 def read_merge_options(method: str, options: Mapping[str, Any]):
@@ -408,6 +526,7 @@ def merge_checkpoints(
         raise MergeclError("give at least one fine-tuned checkpoint to merge")
     given_inputs = {name: options.pop(name, None) for name in rule.inputs}
     opts = read_merge_options(method, options)
+    staging = _staging(opts)
     if rule.max_models is not None and len(finetuned) > rule.max_models:
         raise MergeclError(f"method '{method}' merges at most {rule.max_models} fine-tuned model(s)")
     inputs = {
@@ -439,7 +558,8 @@ def merge_checkpoints(
         prepared = rule.prepare(job, opts) if rule.prepare is not None else None
         lam = prepared.lam if prepared is not None and prepared.lam is not None else opts.lam
         info = dict(prepared.info) if prepared is not None else {}
-        chunks = job.output(lam, prepared.kwargs if prepared is not None else None)
+        merging = job if staging is None else _StagedMerge(job, staging)
+        chunks = merging.output(lam, prepared.kwargs if prepared is not None else None)
         if out is None:
             return MergeResult(state=_collect(job.entries, chunks), path=None, info=info)
         metadata = {
@@ -453,6 +573,16 @@ def merge_checkpoints(
         extra = {} if Path(out).suffix == ".safetensors" else _companions(base, method, opts, rule, finetuned, info)
         path = write_checkpoint(out, specs, chunks, metadata, max_shard_size, extra)
         return MergeResult(state=None, path=path, info=info)
+
+
+def _staging(opts) -> Staging | None:
+    """The device stage of a merge with these options; None: the merge computes on the CPU."""
+    device = resolve_device(opts.device)
+    if device.type == "cpu" and not STAGE_CPU:
+        return None
+    if opts.workers > 1:
+        raise MergeclError(f"workers goes with device cpu (a merge on {device} overlaps its reads and computing)")
+    return Staging(device)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
@@ -544,7 +674,8 @@ def merge(
     base, finetuned: state dicts or paths (.safetensors, sharded HF directories, .pt/.bin loaded
     with weights_only=True). method: a registered rule (``mergecl.merging.all_rules()``; ``mergecl
     merge --help`` lists them with their options). Options: every merge's (``EngineOptions``: lam,
-    seed, dare, include, exclude (regexes on tensor names), chunk_size, workers), the rule's own
+    seed, dare, include, exclude (regexes on tensor names), chunk_size, workers, device: "cpu",
+    "cuda" or "cuda:N"), the rule's own
     (e.g. keep and scope for ties), the rule's inputs (e.g. fisher, prior_precision), and:
     task_vectors (the ``finetuned`` inputs already are task vectors tau_t: they need only the
     merged tensors), out (path: write a safetensors file, or a sharded directory when ``out`` has no

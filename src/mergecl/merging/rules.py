@@ -139,7 +139,7 @@ def dare(tau: Tensor, drop: Tensor, p: float) -> Tensor:
     """Drop-and-rescale: zero the entries where ``drop`` is True, scale the rest by 1/(1-p)."""
     if p == 0:
         return tau
-    return torch.where(drop, torch.zeros((), dtype=tau.dtype), tau) / (1.0 - p)
+    return torch.where(drop, tau.new_zeros(()), tau) / (1.0 - p)
 
 
 def became_sums(delta: Tensor, fisher: Tensor, prior_precision: Tensor) -> tuple[float, float]:
