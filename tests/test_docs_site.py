@@ -122,7 +122,8 @@ def test_the_reference_reads_types_defaults_and_ranges():
     assert rows["train.lr"].constraints == "> 0"
     assert rows["train.optimizer"].type == "one of adamw, sgd"
     assert rows["train.grad_clip"].type == "number or null"
-    assert "ZeRO-1" in rows["train.shard_optimizer"].description  # the comment beside the field
+    assert rows["train.shard"].type == "one of none, optimizer, full"
+    assert "ZeRO-1" in rows["train.shard"].description  # the comment block above the field
     assert "plateau_factor" in rows["train.plateau_patience"].description  # the comment block above it
     from mergecl.experiment.config import RunConfig
 

@@ -1,7 +1,7 @@
 """Multi-process runs (torchrun + DDP, gloo on CPU) give the results of one process with the same
-global batch, with the optimiser state sharded (ZeRO-1) or not; a killed multi-process run resumes
-to the same numbers; bf16 autocast (the GPU path, forced on the CPU) trains every method under DDP
-with sharded optimiser state.
+global batch, with the optimiser state sharded (ZeRO-1) or not; FSDP2 (shard: full) gives the
+numbers of DDP; a killed multi-process run resumes to the same numbers; bf16 autocast (the GPU path,
+forced on the CPU) trains every method under DDP with sharded optimiser state.
 
 Tolerance: weights agree to 1e-4 (sums of gradient shares in another order) and accuracies exactly,
 except LwF: its distillation gradient at the start of a task is the difference of two nearly equal
@@ -61,27 +61,48 @@ def single(tmp_path_factory):
     return root
 
 
-def assert_same_run(one, two):
+@pytest.fixture(scope="module")
+def ddp(single):
+    """CONFIG on 2 processes with DDP: its output and run directory."""
+    out = finished("run", single / "config.yaml", "--out", single / "two", "--quiet", "--nproc", 2)
+    return out, single / "two"
+
+
+def assert_same_run(one, two, methods=CONFIG["methods"]):
     a, b = metrics(one), metrics(two)
-    for name in EXACT:
+    for name in set(EXACT) & set(methods):
         for key in ("final_acc", "avg_incremental_acc", "bwt", "all_class_acc"):
             assert a[name][key] == pytest.approx(b[name][key], abs=1e-9), (name, key)
     for key in ("final_acc", "all_class_acc"):
         assert a["lwf"][key] == pytest.approx(b["lwf"][key], abs=1.5)
     assert a["became"]["step_info"]["lambda"] == pytest.approx(b["became"]["step_info"]["lambda"], abs=1e-4)
-    for stream in ("seq", "ind", "ewc", "became", "pam"):
+    streams = {"seq": "seq_ft", "ind": "ind_ft+average", "ewc": "ewc", "became": "became", "pam": "pam"}
+    for stream in (stream for stream, method in streams.items() if method in methods):
         for t in range(3):
             x = load_file(one / "seed0" / stream / f"task{t}.safetensors")
             y = load_file(two / "seed0" / stream / f"task{t}.safetensors")
             assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-4, (stream, t)
 
 
-def test_two_processes_match_one(single):
-    out = finished("run", single / "config.yaml", "--out", single / "two", "--quiet", "--nproc", 2)
-    assert_same_run(single / "one", single / "two")
-    assert "2 process(es)" in json.loads((single / "two" / "results.json").read_text())["run"]["machine"]
+def test_two_processes_match_one(single, ddp):
+    out, two = ddp
+    assert_same_run(single / "one", two)
+    assert "2 process(es)" in json.loads((two / "results.json").read_text())["run"]["machine"]
     assert out.count("run directory:") == 1  # rank 0 alone prints and writes
-    assert (single / "two" / "report.md").exists()
+    assert (two / "report.md").exists()
+
+
+def test_fully_sharded_weights_give_the_numbers_of_ddp(single, ddp):
+    """shard: full trains an FSDP2-sharded copy (per Linear of the MLP, then the root: the head) and
+    gathers it after every task: every method that reads the weights outside training (task vectors,
+    EWC's and BECAME's Fisher, LwF's teacher, GPM's representations, BECAME's merge) and every hook
+    that works on the shards inside it (EWC's penalty, GPM's projection, PAM's alignment, clipping)
+    gives DDP's numbers: the accuracies (LwF's within its tolerance) and task vectors within 1e-4."""
+    methods = ["seq_ft", "ewc", "lwf", "pam", "became"]
+    config = dict(CONFIG, methods=methods, train={**CONFIG["train"], "shard": "full"})
+    (single / "fsdp.yaml").write_text(yaml.safe_dump(config))
+    finished("run", single / "fsdp.yaml", "--out", single / "fsdp", "--quiet", "--nproc", 2)
+    assert_same_run(ddp[1], single / "fsdp", methods)
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_numbers(single):
@@ -114,7 +135,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(single):
 
 
 def test_sharded_optimizer_state_gives_the_same_run(single):
-    config = dict(CONFIG, train={**CONFIG["train"], "shard_optimizer": True})
+    config = dict(CONFIG, train={**CONFIG["train"], "shard": "optimizer"})
     (single / "zero.yaml").write_text(yaml.safe_dump(config))
     finished("run", single / "zero.yaml", "--out", single / "zero", "--quiet", "--nproc", 2)
     assert_same_run(single / "one", single / "zero")
@@ -124,7 +145,7 @@ def test_bf16_autocast_with_sharded_optimizer_state_trains_every_method(single):
     """The GPU recipe (bf16 autocast, ZeRO-1) run on CPUs: bf16 rounds each process's share on its
     own, so the numbers are not those of fp32; they must stay close, and tensors stay fp32."""
     methods = [*CONFIG["methods"], "gpm", "ind_ft"]
-    config = dict(CONFIG, methods=methods, train={**CONFIG["train"], "shard_optimizer": True, "amp": "bf16"})
+    config = dict(CONFIG, methods=methods, train={**CONFIG["train"], "shard": "optimizer", "amp": "bf16"})
     (single / "bf16.yaml").write_text(yaml.safe_dump(config))
     finished("run", single / "bf16.yaml", "--out", single / "bf16", "--quiet", "--nproc", 2)
     fp32, bf16 = metrics(single / "one"), metrics(single / "bf16")

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from mergecl import distributed
 from mergecl.methods.trainings import Step, StepResult, register_training
 from mergecl.models.base import Learner
 from mergecl.options import Options
@@ -70,14 +71,14 @@ def conflicts(task: Tensor, global_: Tensor, top: Tensor) -> Tensor:
     return top & (task * global_ < 0)
 
 
+@torch.no_grad()
 def align_(task: Tensor, global_: Tensor, top: Tensor, reset: str) -> int:
-    """Reset the conflicting entries of ``task`` in place; return how many were reset."""
+    """Reset the conflicting entries of ``task`` in place; return how many were reset. Element-wise
+    only, so sharded tensors (the same layout for all three) work as whole ones do."""
     mask = conflicts(task, global_, top)
-    if reset == "value":
-        task.data[mask] = global_[mask].to(task.dtype)
-    else:
-        task.data[mask] = 0
-    return int(mask.sum())
+    replacement = global_.to(task.dtype) if reset == "value" else torch.zeros_like(task)
+    task.copy_(torch.where(mask, replacement, task))
+    return int(distributed.gathered(mask.sum()))
 
 
 def running_mean(global_: Tensor, task: Tensor, count: int, merge: str) -> Tensor:
@@ -108,7 +109,9 @@ class Alignment(Hook):
     def align(self, learner: Learner) -> None:
         params = dict(learner.named_parameters())
         for name, g in self.global_.items():
-            self.resets += align_(params[name], g, self.top[name], self.reset)
+            p = params[name]  # sharded under train.shard: full; G and its mask are then sharded alike
+            like = distributed.laid_out_like
+            self.resets += align_(p, like(g, p), like(self.top[name], p), self.reset)
         self.rounds += 1
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mergecl import distributed
 from mergecl.data.types import Split
 from mergecl.models.base import Learner
 from mergecl.training.loop import Hook
@@ -288,20 +289,25 @@ class GPMemory:
 
 
 class GradientProjection(Hook):
-    """after_backward: g <- g - (g M) M^T for each projected weight (reshaped to out x d)."""
+    """after_backward: g <- g - (g M) M^T for each projected weight (reshaped to out x d).
+
+    The layers are found by name in the learner being trained (under ``train.shard: full`` a sharded
+    copy: each process projects the rows of its shard of the gradient, which FSDP cuts by output unit)."""
 
     def __init__(self, learner: Learner, layers: dict[str, nn.Module], bases: dict[str, Tensor]) -> None:
-        self.targets: list[tuple[nn.Parameter, Tensor]] = []
+        self.targets: list[tuple[str, Tensor]] = []
         for name, layer in layers.items():
             basis = bases.get(name)
             if basis is None or basis.shape[1] == 0:
                 continue  # nothing protected yet: the layer trains freely
             weight = layer.weight
-            self.targets.append((weight, basis.to(weight.device, weight.dtype)))
+            self.targets.append((name, basis.to(weight.device, weight.dtype)))
 
     def after_backward(self, learner: Learner) -> None:
-        for weight, basis in self.targets:
-            if weight.grad is None:
+        for name, basis in self.targets:
+            grad = learner.get_submodule(name).weight.grad
+            if grad is None:
                 continue
-            g = weight.grad.reshape(weight.shape[0], -1)
-            weight.grad.copy_((g - (g @ basis) @ basis.T).view_as(weight.grad))
+            rows = distributed.local(grad)
+            g = rows.reshape(-1, basis.shape[0])
+            rows.copy_((g - (g @ basis) @ basis.T).view_as(rows))

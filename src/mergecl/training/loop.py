@@ -6,12 +6,20 @@ warm-up + cosine schedule per call, as in the MagMax release (or ``schedule="pla
 releases' per-epoch LR decay on a validation-loss plateau with early stop and best-epoch restore).
 Methods plug in through small hooks:
 
-- ``hook.loss(learner, prepared, outputs, labels)`` -> extra loss term or None (LwF, EWC);
-  ``outputs`` are the logits over ALL classes
+- ``hook.loss(learner, prepared, outputs, labels)`` -> extra loss term or None (LwF): a term of
+  this process's share of the batch, weighted like its cross-entropy; ``outputs`` are the logits
+  over ALL classes
+- ``hook.penalty(learner)`` -> a term of the weights alone, or None (EWC): counted once per step,
+  whatever the share
 - ``hook.after_backward(learner)``: edit gradients before clipping and the step (GPM projection)
 - ``hook.after_step(learner, step)``: edit weights after the step (PAM alignment)
 
 Settings: ``TrainSettings`` (``training/settings.py``), which is also a run config's ``train:`` section.
+
+Under ``train.shard: full`` (several processes) the loop trains an FSDP2-sharded copy of the learner
+(``distributed.sharded``) and the hooks get that copy: its weights and gradients may be DTensors
+(``distributed.laid_out_like``, ``local`` and ``gathered`` handle them); the learner gets the trained
+weights back at the end.
 
 Determinism: the batch order comes from a generator seeded by ``seed``; the caller seeds torch.
 
@@ -67,6 +75,9 @@ class Hook:
     def loss(self, learner: Learner, prepared: Any, outputs: Tensor, labels: Tensor) -> Tensor | None:
         return None
 
+    def penalty(self, learner: Learner) -> Tensor | None:
+        return None
+
     def after_backward(self, learner: Learner) -> None:
         pass
 
@@ -100,7 +111,7 @@ def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch
             options["fused"] = True  # one kernel for all parameters: 5x faster steps on a CPU than the default
     else:
         kind, options = torch.optim.SGD, {"momentum": settings.momentum, "weight_decay": settings.weight_decay}
-    if settings.shard_optimizer and distributed.world_size() > 1:
+    if settings.shard == "optimizer" and distributed.world_size() > 1:
         # ZeRO-1: each process keeps the optimiser state of 1/N of the parameters (Adam: 2/3 of the
         # training memory beyond the weights and gradients) and broadcasts its updated share
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -188,13 +199,17 @@ def train_task(
     """Train ``learner`` on ``data`` over the logit columns of ``classes``.
 
     ``val`` is the plateau schedule's signal (without it: the epoch's mean training loss)."""
-    training = _TaskTraining(learner, data, classes, num_classes, settings, seed, hooks)
-    with progress.bar(training.total, desc) as bar:
-        while training.step < training.total:
-            losses = training.epoch(bar)
-            if training.plateau_stops(losses, val):
-                break
-    training.finish()
+    with distributed.sharded(learner, settings.shard) as trained:  # shard: full: an FSDP2 copy
+        training = _TaskTraining(trained, data, classes, num_classes, settings, seed, hooks)
+        with progress.bar(training.total, desc) as bar:
+            while training.step < training.total:
+                losses = training.epoch(bar)
+                if training.plateau_stops(losses, val):
+                    break
+        training.restore_best()
+    weights = {name: p.detach() for name, p in learner.named_parameters() if p.requires_grad}
+    check_finite(weights, f"the weights after {training.step} training steps (lr {settings.lr:g})")
+    learner.eval()
     return training.stats
 
 
@@ -236,6 +251,8 @@ class _TaskTraining:
         self.model = distributed.wrap(learner)  # DDP under torchrun: gradients averaged over processes
         self.world = distributed.world_size()
         self.recorder = loggers.current()  # None unless the run has loggers (rank 0 only)
+        # every process computes the norm a logger wants: for sharded gradients it is a collective
+        self.wants_norm = distributed.broadcast_object(self.recorder is not None)
 
     def epoch(self, bar: progress.Bar) -> list[float]:
         """One pass over the data in the next seeded order, or up to the last step; its losses."""
@@ -254,30 +271,37 @@ class _TaskTraining:
         """One optimiser step on the global batch ``index`` (this process's share of it)."""
         batch, weight = self.local_share(index)
         self.set_lr()
-        loss = self.batch_loss(batch)
+        loss = self.batch_loss(batch) * weight + self.penalty()  # weight 1 in one process
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight if self.world > 1 else loss).backward()
+        loss.backward()
         for hook in self.hooks:
             hook.after_backward(self.learner)
-        norm = None
-        if self.settings.grad_clip:
-            norm = nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)  # the norm before clipping
-        if self.recorder is not None and norm is None:  # no clipping: the norm only when a logger wants it
-            grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
-            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        norm = self.clip_gradients()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.step += 1
         for hook in self.hooks:
             hook.after_step(self.learner, self.step)
-        self.record(loss, weight, len(index))
+        self.record(loss, len(index))
         if self.recorder is not None:
-            self.recorder.train_step(loss=self.stats.losses[-1], lr=lr, grad_norm=float(norm))
+            self.recorder.train_step(loss=self.stats.losses[-1], lr=lr, grad_norm=norm)
+
+    def clip_gradients(self) -> float:
+        """Clip the gradients (``grad_clip``); their global norm before clipping, when clipping or a
+        logger needs it (else NaN). Sharded gradients (DTensors) give the norm of all their shards."""
+        if self.settings.grad_clip:
+            norm = nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        elif self.wants_norm:
+            grads = [distributed.gathered(p.grad.detach().float().norm()) for p in self.params if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        else:
+            return math.nan
+        return float(distributed.gathered(norm)) if self.wants_norm else math.nan
 
     def local_share(self, index: Tensor) -> tuple[Split, float]:
         """This process's share of a global batch and its loss weight: every process walks the same
         global batches and takes its share; weighting each share's mean loss by its size makes DDP's
-        average the global batch's mean (exact for uneven shares)."""
+        (and FSDP's) average the global batch's mean (exact for uneven shares)."""
         local = distributed.shard(index)
         weight = len(local) * self.world / len(index)
         if len(local) == 0:  # a last batch smaller than the world: join the all-reduce with nothing
@@ -304,13 +328,20 @@ class _TaskTraining:
                     loss = loss + extra
         return loss
 
-    def record(self, loss: Tensor, weight: float, examples: int) -> None:
-        """Count the step and keep the global batch's loss; a non-finite loss stops training."""
+    def penalty(self) -> Tensor | float:
+        """The hooks' terms of the weights alone (EWC): the same on every process, so not weighted by
+        the share; on sharded weights their gradient goes straight to each process's shard."""
+        terms = [term for hook in self.hooks if (term := hook.penalty(self.learner)) is not None]
+        return sum(terms) if terms else 0.0
+
+    def record(self, loss: Tensor, examples: int) -> None:
+        """Count the step and keep the global batch's loss (``loss``: this process's weighted term of
+        it); a non-finite loss stops training."""
         self.stats.steps = self.step
         self.stats.examples += examples
-        if self.world > 1:  # the global batch's loss, the same on every process (the plateau signal)
-            loss = distributed.all_reduce_sum(loss.detach() * weight) / self.world
-        self.stats.losses.append(float(loss.detach()))
+        # the global batch's loss, the same on every process (the plateau signal)
+        loss = distributed.all_reduce_sum(loss.detach().clone()) / self.world
+        self.stats.losses.append(float(loss))
         if not math.isfinite(self.stats.losses[-1]):  # the same value on every process: all stop here
             hint = f"lr {self.settings.lr:g}; is the lr or a method option too large?"
             raise NonFiniteError(f"training loss became {self.stats.losses[-1]} at step {self.step} ({hint})")
@@ -326,13 +357,10 @@ class _TaskTraining:
             loss = sum(losses) / max(1, len(losses))
         return self.plateau.end_epoch(self.learner, loss)
 
-    def finish(self) -> None:
-        """The best epoch's weights back (plateau), the weights checked finite, eval mode."""
+    def restore_best(self) -> None:
+        """The best epoch's weights back (plateau)."""
         if self.plateau is not None:
             self.plateau.restore_best(self.learner)
-        trained = {name: p.detach() for name, p in self.learner.named_parameters() if p.requires_grad}
-        check_finite(trained, f"the weights after {self.step} training steps (lr {self.settings.lr:g})")
-        self.learner.eval()
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mergecl import distributed
 from mergecl.models.base import Learner
 from mergecl.training.loop import Hook
 
@@ -58,12 +59,12 @@ class EWC(Hook):
         self.fisher = fisher
         self.lam = lam
 
-    def loss(self, learner: Learner, prepared: Any, outputs: Tensor, labels: Tensor) -> Tensor | None:
-        penalty = outputs.new_zeros((), dtype=torch.float32)
+    def penalty(self, learner: Learner) -> Tensor | None:
+        penalty = torch.zeros((), device=learner.device)
         for name, p in learner.named_parameters():
             if name in self.fisher and p.requires_grad:
-                fisher = self.fisher[name].to(p.device)
-                penalty = penalty + (fisher * (p - self.anchor[name].to(p.device)).square()).sum()
+                fisher, anchor = (distributed.laid_out_like(x[name], p) for x in (self.fisher, self.anchor))
+                penalty = penalty + distributed.gathered((fisher * (p - anchor).square()).sum())
         return 0.5 * self.lam * penalty
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TrainSettings(BaseModel):
@@ -21,6 +21,19 @@ class TrainSettings(BaseModel):
     @classmethod
     def _amp_from_bool(cls, value: Any) -> Any:
         return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shard_optimizer_is_shard(cls, data: Any) -> Any:
+        """``shard_optimizer: true / false``, the older spelling (and older runs' saved configs), reads
+        as ``shard: optimizer / none``."""
+        if not isinstance(data, dict) or "shard_optimizer" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("shard_optimizer")
+        if not isinstance(old, bool) or "shard" in data:
+            raise ValueError("shard_optimizer is now spelled shard: none, optimizer or full (give shard alone)")
+        return {**data, "shard": "optimizer" if old else "none"}
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
@@ -36,7 +49,11 @@ class TrainSettings(BaseModel):
     amp: Literal["auto", "bf16", "off"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    shard_optimizer: bool = False  # under torchrun: ZeRO-1 (each process holds 1/N of the optimiser state)
+    # under torchrun, what each of the N processes holds (docs/distributed.md): none = DDP, all of
+    # the weights, gradients and optimiser state; optimizer = ZeRO-1, 1/N of the optimiser state;
+    # full = FSDP2, 1/N of the weights, gradients and optimiser state while a task trains.
+    # (shard_optimizer: true reads as optimizer)
+    shard: Literal["none", "optimizer", "full"] = "none"
     # schedule "plateau", as the GPM/BECAME releases: after `plateau_patience` epochs without a new best
     # validation loss divide the LR by `plateau_factor`; stop once it falls below lr * plateau_min_factor
     # (0.05 -> 5e-5, the release's lr_min); the best-validation weights are restored at the end.
