@@ -253,6 +253,9 @@ def _add_bench(sub) -> None:
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--quick", action="store_true", help="one seed, tiny data, five methods (<= 3 min)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
+    p.add_argument(
+        "--orders", type=int, default=None, metavar="K", help="override the suite's task orders per seed (data.orders)"
+    )
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
     p.add_argument(
@@ -267,7 +270,7 @@ def _run_bench(args) -> int:
     started = time.perf_counter()
     if not _distributed(args):
         return 0
-    results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, echo=echo)
+    results, path = bench(args.suite, args.quick, args.seeds, args.out, args.orders, echo=echo)
     return _summary(results, path, started)
 
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from mergecl.experiment.bench import SUITES, suite_config
-from mergecl.experiment.config import load_config, packaged_configs, parse_config
+from mergecl.experiment.config import load_config, packaged_configs, parse_config, run_seeds
 from mergecl.experiment.runner import run
 
 transformers = pytest.importorskip("transformers")
@@ -87,6 +87,9 @@ def test_continual_merging_suites_cover_the_protocol():
         assert (svd.model, svd.train, svd.seeds) == (full.model, full.train, full.seeds[:1])
         for rule in ("tsv_m", "iso_cts", "knots", "continual_ties", "opcm", "magmax"):
             assert f"ind_ft+{rule}" in svd.methods, (suite, rule)
+    cut = suite_config("clinc150-continual", orders=2)  # `mergecl bench ... --orders 2`: the same first streams
+    full = suite_config("clinc150-continual")
+    assert cut.data.orders == 2 and set(run_seeds(cut)) < set(run_seeds(full)) and len(run_seeds(cut)) == 6
     dop = suite_config("banking77-continual-dop")  # DOP: the first stream of banking77-continual
     full = suite_config("banking77-continual")
     assert dop.data.model_copy(update={"orders": 1}) == full.data.model_copy(update={"orders": 1})

@@ -31,7 +31,9 @@ QUICK_METHODS = ["zero_shot", "seq_ft", "magmax", "ind_ft+magmax", "magmax@auto"
 QUICK_LORA_METHODS = ["zero_shot", "seq_ft", "ind_ft+average", "pam", "pam@zero"]  # LoRA suites: PAM
 
 
-def suite_config(name: str, quick: bool = False, seeds: list[int] | None = None) -> RunConfig:
+def suite_config(
+    name: str, quick: bool = False, seeds: list[int] | None = None, orders: int | None = None
+) -> RunConfig:
     if name not in SUITES:
         raise MergeclError(f"unknown suite '{name}' (choose from {', '.join(SUITES)})")
     data: dict[str, Any] = load_config(name).model_dump()
@@ -48,10 +50,19 @@ def suite_config(name: str, quick: bool = False, seeds: list[int] | None = None)
             data["method_options"] = {"magmax@auto": {"lam": "auto", "lam_grid": [0.5, 1.0]}}
     if seeds is not None:
         data["seeds"] = seeds
+    if orders is not None:  # fewer task orders per seed: order k of seed s is the same stream as in the suite
+        data["data"]["orders"] = orders
     return parse_config(data, f"suite {name}")
 
 
-def bench(name: str, quick: bool = False, seeds: list[int] | None = None, out: str | Path | None = None, **kwargs):
+def bench(
+    name: str,
+    quick: bool = False,
+    seeds: list[int] | None = None,
+    out: str | Path | None = None,
+    orders: int | None = None,
+    **kwargs,
+):
     from mergecl.experiment.runner import run
 
-    return run(suite_config(name, quick, seeds), out=out, **kwargs)
+    return run(suite_config(name, quick, seeds, orders), out=out, **kwargs)
