@@ -16,7 +16,11 @@ interpreter (the CPU torch wheel, so that pip does not pull CUDA):
     python benchmarks/peer_merge.py --params 20e6 --tasks 2 --repeats 1 --out /tmp/peer-smoke  # a smoke run
 
 The rules, as each tool spells them (the same math; mergecl's TIES per tensor, as mergekit's):
-average (mergekit ``linear``, normalised), task arithmetic lam 0.3, TIES keep 20 % lam 1.
+average (mergekit ``linear``, normalised), task arithmetic lam 0.3, TIES keep 20 % lam 1. TIES
+differs by one entry per tensor and task, by convention: mergecl keeps |x| >= the k-th smallest
+magnitude, k = D - int(keep D) (the TIES and MagMax releases' kthvalue: int(keep D) + 1 entries),
+mergekit exactly int(keep D) (a top-k); the entries that differ sit at the threshold, so the max
+difference is about the threshold's magnitude (0.013 for fp32 copies with 0.01 noise at keep 20 %).
 Without ``--mergekit`` only mergecl and the read speed are measured.
 """
 
