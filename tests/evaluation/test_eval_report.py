@@ -410,6 +410,21 @@ def test_report_heatmap_titles_say_seed_count(tmp_path):
     assert "seed 7" in (tmp_path / "one" / "heatmap_m.svg").read_text()
 
 
+def test_a_run_with_task_orders_says_streams_not_seeds(tmp_path):
+    """With data.orders: K the run's seeds are (seed, order) streams: every figure and the report say so."""
+    import dataclasses
+
+    results = seeded_results()
+    results = dataclasses.replace(results, run=dataclasses.replace(results.run, orders=3))
+    assert results.run.unit == "streams" and seeded_results().run.unit == "seeds"
+    write_report(results, tmp_path, "svg")
+    for figure in ("heatmap_magmax", "acc_over_tasks", "final_acc_vs_bwt"):
+        text = (tmp_path / f"{figure}.svg").read_text()
+        assert "over 3 streams" in text and "seeds" not in text, figure
+    report = (tmp_path / "report.md").read_text()
+    assert "std over streams" in report and "std over seeds" not in report
+
+
 def test_tradeoff_scatter_one_labelled_point_per_method_with_error_bars():
     from matplotlib.container import ErrorbarContainer
 

@@ -89,6 +89,7 @@ def test_two_orders_run_as_two_seeds_and_order_0_is_the_run_of_before(tmp_path):
     assert (out / "seed1000000" / "seq" / "task2.safetensors").exists()
     assert results["run"]["seeds"] == [0, 1_000_000] and "task_names" not in results["run"]
     assert before["run"]["seeds"] == [0] and before["run"]["task_names"]
+    assert results["run"]["orders"] == 2 and "orders" not in before["run"]  # the report says "streams"
     magmax = results["methods"]["magmax"]
     assert set(magmax["seeds"]) == {"0", "1000000"} and "final_acc" in magmax["std"]
     assert magmax["final_acc"] == pytest.approx(sum(s["final_acc"] for s in magmax["seeds"].values()) / 2, abs=1e-6)
@@ -98,7 +99,7 @@ def test_two_orders_run_as_two_seeds_and_order_0_is_the_run_of_before(tmp_path):
     # runs side by side combine, with their orders
     run(with_orders(2, seeds=[1]), out=tmp_path / "s1", echo=lambda m: None)
     combined, path = combine([out, tmp_path / "s1"], tmp_path / "all")
-    assert combined["run"]["seeds"] == [0, 1_000_000, 1, 1_000_001]
+    assert combined["run"]["seeds"] == [0, 1_000_000, 1, 1_000_001] and combined["run"]["orders"] == 2
     assert (path / "seed1000001").is_dir() and set(combined["methods"]["magmax"]["seeds"]) == {
         "0",
         "1000000",

@@ -309,14 +309,15 @@ def _wrapped(label: str) -> str:
     return textwrap.fill(label, _TICK_WRAP, break_long_words=False, break_on_hyphens=False) or label
 
 
-def _seed_words(result: MethodResult | None) -> str | None:
-    """What a method's numbers average, in words: "mean over 3 seeds", "seed 0"; None: not known."""
+def _seed_words(result: MethodResult | None, unit: str = "seeds") -> str | None:
+    """What a method's numbers average, in words: "mean over 3 seeds", "seed 0" (``unit``: "streams"
+    for a run with several task orders per seed); None: not known."""
     if result is None:
         return None
     seeds = result.seeds_in_numbers() or (list(result.seeds) if result.seeds else None)
     if not seeds:
         return None
-    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over {len(seeds)} seeds"
+    return f"{unit[:-1]} {seeds[0]}" if len(seeds) == 1 else f"mean over {len(seeds)} {unit}"
 
 
 def heatmap_figure(
@@ -427,10 +428,12 @@ def acc_over_tasks_figure(
     num_tasks: int | None = None,
     bands: Mapping[str, list[float] | np.ndarray] | None = None,
     seeds: str | None = None,
+    unit: str = "seeds",
 ) -> Any:
     """``ACC_t`` against the number of tasks trained, one line per method; ``bands[method]``: the std over
     seeds per step, drawn as a shaded band of ± 1 std around the line (said in the legend's title).
-    ``seeds`` (e.g. "mean over 3 seeds") goes in the title."""
+    ``seeds`` (e.g. "mean over 3 seeds") goes in the title; ``unit``: what the seeds are ("streams" for
+    a run with several task orders per seed)."""
     from matplotlib.figure import Figure
 
     bands = bands or {}
@@ -472,7 +475,7 @@ def acc_over_tasks_figure(
     ax.grid(True, alpha=0.3)
     if curves:  # outside the axes, best final ACC first
         ranked = [line for _, line in sorted(lines, key=lambda pair: -pair[0])]
-        title = "final ACC ± std\n(band: ± 1 std over seeds)" if bands else "final ACC"
+        title = f"final ACC ± std\n(band: ± 1 std over {unit})" if bands else "final ACC"
         ax.legend(
             handles=ranked, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title=title, title_fontsize=8
         )
@@ -551,8 +554,8 @@ def tradeoff_figure(results: Results) -> Any:
         ax.set_ylim(min(ylo) - ypad, max(yhi) + ypad)
     ax.set_xlabel("BWT (%): stability (0 = no forgetting, negative = forgetting)")
     ax.set_ylabel("final ACC (%): mean accuracy on all tasks")
-    seeds = _run_seed_words(results)
-    bars = "error bars: ± 1 std over seeds" if with_std else "single seed: no error bars"
+    seeds, unit = _run_seed_words(results), results.run.unit
+    bars = f"error bars: ± 1 std over {unit}" if with_std else f"single {unit[:-1]}: no error bars"
     ax.set_title(
         f"Final accuracy vs backward transfer\n({seeds}; {bars})"
         if seeds
@@ -583,7 +586,8 @@ def _label_offsets(points: list[tuple[int, str, MethodResult]]) -> dict[str, tup
 
 def _run_seed_words(results: RunResults) -> str | None:
     """What the numbers of the run average, when every method with numbers says the same."""
-    words = {_seed_words(r) for r in results.methods.values() if r.failed is None and r.steps is not None}
+    unit = results.run.unit
+    words = {_seed_words(r, unit) for r in results.methods.values() if r.failed is None and r.steps is not None}
     words.discard(None)
     return words.pop() if len(words) == 1 else None
 
@@ -631,6 +635,7 @@ def _report_markdown(
 ) -> str:
     run = results.run.to_json()
     title = results.run.title
+    unit = results.run.unit
     parts = [f"# mergecl report{f': {title}' if title else ''}\n"]
     if run:
         meta = [f"- **{_md_escape(str(k))}**: {_md_escape(_format_meta(v))}" for k, v in run.items()]
@@ -652,13 +657,13 @@ def _report_markdown(
         parts += [
             "## Accuracy over tasks\n",
             "![ACC_t per method](acc_over_tasks.png)\n",
-            "Mean over seeds; the shaded band is ± 1 std over seeds (when the run has several).\n",
+            f"Mean over {unit}; the shaded band is ± 1 std over {unit} (when the run has several).\n",
         ]
     if has_tradeoff:
         parts += [
             "## Final ACC vs BWT\n",
             "![final ACC against BWT per method](final_acc_vs_bwt.png)\n",
-            "One point per method; error bars: ± 1 std over seeds (when the run has several).\n",
+            f"One point per method; error bars: ± 1 std over {unit} (when the run has several).\n",
         ]
     if heatmaps:
         parts.append("## Accuracy matrices\n")
@@ -713,9 +718,11 @@ def write_report(
             images.append(atomic_write_bytes(out / f"{stem}.{fmt}", figure_bytes(fig, fmt)))
 
     for name, matrix, stem in heatmaps:
-        save(heatmap_figure(name, matrix, num_tasks, names, _seed_words(results.methods[name])), stem)
+        seeds = _seed_words(results.methods[name], results.run.unit)
+        save(heatmap_figure(name, matrix, num_tasks, names, seeds), stem)
     if curves:
-        save(acc_over_tasks_figure(curves, num_tasks, bands, _run_seed_words(results)), "acc_over_tasks")
+        seeds = _run_seed_words(results)
+        save(acc_over_tasks_figure(curves, num_tasks, bands, seeds, results.run.unit), "acc_over_tasks")
     if has_tradeoff:
         save(tradeoff_figure(results), "final_acc_vs_bwt")
     write_csv(results, out / "results.csv")

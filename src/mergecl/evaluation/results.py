@@ -302,6 +302,7 @@ class RunMeta:
     task_names: list[str] | None = None
     num_tasks: int | None = None
     seeds: list[int] | None = None
+    orders: int | None = None  # task orders per seed (> 1): the run's "seeds" are streams (seed x order)
     machine: str | None = None
     combined_from: list[str] | None = None  # the runs ``mergecl combine`` gathered
     extra: dict[str, Any] = field(default_factory=dict)  # other keys of results written elsewhere
@@ -327,6 +328,11 @@ class RunMeta:
     @property
     def title(self) -> str | None:
         return self.config or self.extra.get("name")
+
+    @property
+    def unit(self) -> str:
+        """What a run's seeds are, in words: "seeds", or "streams" with several task orders per seed."""
+        return "streams" if self.orders is not None and self.orders > 1 else "seeds"
 
 
 @dataclass(frozen=True)

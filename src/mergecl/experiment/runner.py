@@ -165,6 +165,7 @@ class Runner:
             task_names=[task.name for task in scenario.tasks] if self.config.data.orders == 1 else None,
             num_tasks=len(scenario.tasks),
             seeds=run_seeds(self.config),
+            orders=self.config.data.orders if self.config.data.orders > 1 else None,
             machine=f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"{self.device.type}, torch {torch.__version__}, {distributed.world_size()} process(es)",
         )
