@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,15 +95,34 @@ def make_models(folder: Path, params: float, tasks: int, dtype_name: str) -> tup
     return base, finetuned
 
 
+# The module a tool runs as, under a wrapper that writes the process's own peak RSS (VmHWM) to stderr
+# at exit. wait4's ru_maxrss is not that: Linux carries the parent's peak (this script's, after it
+# built the checkpoints) across fork + exec into the child.
+PEAK_RSS = """import atexit, runpy, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("peak-rss-kb", line.split()[1], file=sys.stderr, flush=True)
+atexit.register(peak)
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one fresh process running ``cmd``."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """(wall seconds, peak RSS in MB) of one fresh process running ``cmd`` = [python, "-m", module, *args]."""
+    python, flag, module, *args = cmd
+    assert flag == "-m", cmd
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty tool never blocks on it
+        started = time.perf_counter()
+        code = subprocess.run(
+            [python, "-c", PEAK_RSS, module, *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env
+        )
+        wall = time.perf_counter() - started
+        stderr.seek(0)
+        text = stderr.read().decode(errors="replace")
+    if code.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{text[-2000:]}")
+    return wall, max(int(kb) for kb in re.findall(r"peak-rss-kb (\d+)", text)) / 1024
 
 
 def mergekit_config(rule: str, base: Path, finetuned: list[Path], dtype_name: str) -> str:
