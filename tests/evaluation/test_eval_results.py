@@ -139,6 +139,7 @@ def test_combined_metadata_says_where_the_seeds_came_from(tmp_path):
         ({"methods": {"m": {"seeds": {"0": {"final_acc": "x"}}}}}, r"methods\.m\.seeds\.0\.final_acc must be a number"),
         ({"methods": {"m": {"step_info": {"lam": 0.5}}}}, "step_info.lam must be a list"),
         ({"methods": {}, "run": {"num_tasks": "3"}}, "run.num_tasks must be a number"),
+        ({"methods": {}, "run": {"orders": "2"}}, "run.orders must be a number of task orders"),
         ({"methods": {"m": {"failed": 1}}}, "methods.m.failed must be the failure's message"),
     ],
 )

@@ -321,6 +321,8 @@ class RunMeta:
         meta = cls(**{k: v for k, v in run.items() if k in known}, extra=extra)
         if meta.num_tasks is not None and (isinstance(meta.num_tasks, bool) or not isinstance(meta.num_tasks, int)):
             raise MergeclError(f"results: run.num_tasks must be a number of tasks, got {meta.num_tasks!r}")
+        if meta.orders is not None and (isinstance(meta.orders, bool) or not isinstance(meta.orders, int)):
+            raise MergeclError(f"results: run.orders must be a number of task orders, got {meta.orders!r}")
         if meta.task_names is not None and not isinstance(meta.task_names, list | tuple):
             raise MergeclError(f"results: run.task_names must be a list of names, got {meta.task_names!r}")
         return meta
