@@ -97,7 +97,8 @@ def make_models(folder: Path, params: float, tasks: int, dtype_name: str) -> tup
 
 # The module a tool runs as, under a wrapper that writes the process's own peak RSS (VmHWM) to stderr
 # at exit. wait4's ru_maxrss is not that: Linux carries the parent's peak (this script's, after it
-# built the checkpoints) across fork + exec into the child.
+# built the checkpoints) across fork + exec into the child. It reads VmHWM as merge_speed.peak_rss
+# does, written out because it runs in the tool's interpreter (mergekit's venv cannot import ours).
 PEAK_RSS = """import atexit, runpy, sys
 def peak():
     for line in open("/proc/self/status"):

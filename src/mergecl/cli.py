@@ -270,7 +270,7 @@ def _run_bench(args) -> int:
     started = time.perf_counter()
     if not _distributed(args):
         return 0
-    results, path = bench(args.suite, args.quick, args.seeds, args.out, args.orders, echo=echo)
+    results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, orders=args.orders, echo=echo)
     return _summary(results, path, started)
 
 
