@@ -102,3 +102,16 @@ def test_atomic_link_shares_the_bytes_or_says_it_cannot(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", cannot)
     other = tmp_path / "order2" / "task0.safetensors"
     assert not atomic_link(source, other) and not other.exists()
+
+
+def test_write_behind_flushes_and_syncs_in_the_background_and_waits(tmp_path):
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as handle:
+        behind = atomic.WriteBehind(handle, every=1000)
+        behind.wrote(handle.write(b"x" * 999))
+        assert behind.thread is None and path.stat().st_size == 0  # still in the writer's buffer
+        behind.wrote(handle.write(b"y" * 10))
+        assert behind.thread is not None and path.stat().st_size == 1009  # flushed, syncing behind
+        behind.wait()
+        assert not behind.thread.is_alive()
+    assert path.read_bytes() == b"x" * 999 + b"y" * 10

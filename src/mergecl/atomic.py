@@ -27,6 +27,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,38 @@ def remove_if_abandoned(path: Path, min_age_s: float = STALE_AFTER_S) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+class WriteBehind:
+    """Start putting a file's written bytes on disk while more are being written, so that the fsync
+    that makes it durable finds little left to wait for (a 0.4 GB checkpoint's fsync took ~0.8 s
+    at the end of a merge; done behind, it overlaps the computing). ``wrote(n)`` after each write;
+    every ``every`` bytes the file is flushed and ``fdatasync`` runs in a background thread (one at
+    a time); ``wait()`` before the final fsync. A failed background sync is left to that fsync."""
+
+    def __init__(self, handle: BinaryIO, every: int = 64 << 20) -> None:
+        self.handle = handle
+        self.every = every
+        self.pending = 0
+        self.thread: threading.Thread | None = None
+
+    def wrote(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending < self.every or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.handle.flush()
+        self.pending = 0
+        self.thread = threading.Thread(target=self._sync, args=(self.handle.fileno(),), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _sync(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            getattr(os, "fdatasync", os.fsync)(fd)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 @contextlib.contextmanager

@@ -129,10 +129,10 @@ def test_each_checkpoint_is_read_once_on_the_running_path_and_s_times_from_scrat
     reads = Counter()
     original = _Merge._tau
 
-    def counting(self, t, entry, start, stop, base_chunk, out):
+    def counting(self, t, entry, start, stop, *rest):
         if entry.key == "enc.w":
             reads[t] += 1
-        return original(self, t, entry, start, stop, base_chunk, out)
+        return original(self, t, entry, start, stop, *rest)
 
     monkeypatch.setattr(_Merge, "_tau", counting)
     merge_continual(base, fts, "average")

@@ -2,12 +2,14 @@
 line of test code): the streaming engine (small chunks, two threads, files) gives exactly what the
 rule's own function gives on whole tensors, computed here without the engine."""
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergecl.errors import MergeclError
 from mergecl.merging import all_rules, merge
 from mergecl.merging.registry import RNG_BLOCK, Chunk, Prepared, Rule, TensorInfo
 from mergecl.methods.registry import check_method_options, resolve_method
@@ -110,3 +112,69 @@ def test_a_rule_without_inputs_is_a_continual_method_with_its_options(name):
     assert resolve_method(name).rule == name and resolve_method(f"ind_ft+{name}").training == "ind"
     defaults = {option: spec.default for option, spec in rule.options.model_fields.items()}
     check_method_options([name, f"ind_ft+{name}"], {name: defaults, f"ind_ft+{name}": {"lam": 0.5}})
+
+
+PROPAGATING = [n for n in RULE_NAMES if all_rules()[n].propagates_non_finite]
+
+
+def non_finite_survives(rule: Rule, bad: float) -> bool:
+    """A NaN or an infinity in any task vector, first, middle or last, at entries where the other
+    task vectors hold large, zero or equal values, leaves those entries of the merged model
+    non-finite (and the rest finite)."""
+    count = min(3, rule.max_models or 3)
+    base = model(0)
+    positions = torch.tensor([0, 17, RNG_BLOCK + 5, base["big.weight"].numel() - 1])
+    for task in range(count):
+        finetuned = [{k: v + 0.1 * model(i + 1)[k] if v.is_floating_point() else v for k, v in base.items()}
+                     for i in range(count)]  # fmt: skip
+        for other in range(count):
+            if other != task:
+                finetuned[other]["big.weight"][positions] = base["big.weight"][positions] + 1e30 * (other % 2)
+        finetuned[task]["big.weight"][positions] = bad
+        merged, _ = reference(rule, base, finetuned, {}, seed=7)
+        if torch.isfinite(merged["big.weight"][positions]).any() or not torch.isfinite(merged["matrix.weight"]).all():
+            return False
+    return True
+
+
+def test_the_folding_rules_let_the_engine_check_merged_chunks_only():
+    assert {"average", "task_arithmetic", "magmax", "random_mix"} <= set(PROPAGATING)
+
+
+@pytest.mark.parametrize("name", PROPAGATING)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_rule_that_claims_it_propagates_every_non_finite_entry(name, bad):
+    assert non_finite_survives(all_rules()[name], bad)
+
+
+def test_a_rule_that_drops_entries_does_not_pass_for_one_that_propagates():
+    def pick(taus, pick):  # random_mix written with torch.where: the unpicked entries are dropped
+        mixed = None
+        for t, tau in enumerate(taus):
+            mixed = tau.clone() if mixed is None else torch.where(pick == t, tau, mixed)
+        return mixed
+
+    assert not non_finite_survives(dataclasses.replace(all_rules()["random_mix"], fn=pick), float("nan"))
+
+
+@pytest.mark.parametrize("name", PROPAGATING)
+@pytest.mark.parametrize("lam", [None, 0.0])
+def test_a_bad_input_is_still_named_when_only_merged_chunks_are_checked(name, lam, tmp_path):
+    base = model(0)
+    finetuned = [{k: v + 0.1 * model(i + 1)[k] if v.is_floating_point() else v for k, v in base.items()}
+                 for i in range(3)]  # fmt: skip
+    finetuned[1]["big.weight"][RNG_BLOCK + 3] = float("nan")
+    paths = []
+    for i, state in enumerate([base, *finetuned]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, paths[-1])
+    out = tmp_path / "out.safetensors"
+    options = {} if lam is None else {"lam": lam}
+    with pytest.raises(MergeclError, match=r"m2.safetensors: tensor 'big.weight' has NaN/Inf values"):
+        merge(paths[0], paths[1:], name, chunk_size=RNG_BLOCK, out=out, **options)
+    assert not out.exists()
+    # an entry that overflows only as a task vector: theta - theta_0 = 3e38 - (-3e38) = inf in fp32
+    finetuned[1]["big.weight"][RNG_BLOCK + 3] = 3e38
+    base["big.weight"][RNG_BLOCK + 3] = -3e38
+    with pytest.raises(MergeclError, match=r"tensor 'big.weight' overflows when subtracted from the base"):
+        merge(base, finetuned, name, chunk_size=RNG_BLOCK, workers=2, **options)

@@ -83,7 +83,7 @@ def test_threaded_merge_equals_the_sequential_one_bit_for_bit(tmp_path, method, 
             RNG_BLOCK * 3 + 5, generator=torch.Generator().manual_seed(i)
         )
     base_path, ft_paths = save_all(tmp_path, base, fts)
-    sequential = merge(base_path, ft_paths, method, seed=3, chunk_size=RNG_BLOCK, dare=0.2, **options)
+    sequential = merge(base_path, ft_paths, method, seed=3, chunk_size=RNG_BLOCK, dare=0.2, workers=1, **options)
     out = tmp_path / "threaded.safetensors"
     merge(base_path, ft_paths, method, seed=3, chunk_size=RNG_BLOCK, dare=0.2, workers=3, out=out, **options)
     assert_same(sequential, load_file(str(out)))
@@ -100,6 +100,41 @@ def test_a_failing_chunk_in_a_threaded_merge_names_the_tensor_and_writes_nothing
     assert not out.exists()
     with pytest.raises(MergeclError, match="workers"):
         merge(base, fts, "magmax", workers=0)
+    assert torch.get_num_threads() == threads_before  # the pool's single-threaded torch is undone
+
+
+threads_before = torch.get_num_threads()
+
+
+def test_chunked_rules_use_a_thread_per_core_and_whole_tensor_rules_torchs_threads(monkeypatch):
+    from mergecl.merging import engine
+
+    seen = {}
+
+    def pipeline(jobs, compute, workers):
+        seen["workers"] = workers
+        seen["torch threads"] = []
+        for chunk in original(jobs, compute, workers):
+            seen["torch threads"].append(torch.get_num_threads())
+            yield chunk
+
+    original = engine._pipeline
+    monkeypatch.setattr(engine, "_pipeline", pipeline)
+    base, fts = make_models()
+    torch.set_num_threads(2)
+    try:
+        merge(base, fts, "magmax")
+        assert seen["workers"] == 2 and set(seen["torch threads"]) == {1}  # one core per chunk thread
+        merge(base, fts, "tsv_m")
+        assert seen["workers"] == 1 and set(seen["torch threads"]) == {2}  # SVDs on torch's threads
+        merge(base, fts, "magmax", workers=3)
+        assert seen["workers"] == 3
+        torch.set_num_threads(1)  # e.g. OMP_NUM_THREADS=1: the user gave the merge one core
+        merge(base, fts, "magmax")
+        assert seen["workers"] == 1
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.get_num_threads() == threads_before
 
 
 def test_ties_global_matches_the_released_algorithm(tmp_path):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from mergecl import __version__
-from mergecl.atomic import atomic_directory, atomic_open, recover, remove_stale_temps
+from mergecl.atomic import WriteBehind, atomic_directory, atomic_open, recover, remove_stale_temps
 from mergecl.errors import MergeclError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -467,14 +467,18 @@ def _header(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dic
 def _write_stream(handle, specs, metadata: dict, chunks: Iterator[Tensor]) -> None:
     """Header, then each tensor's bytes pulled chunk by chunk from ``chunks`` (in spec order)."""
     handle.write(_header(specs, metadata))
-    for key, dtype, shape in specs:
-        left = numel(shape)
-        while left > 0:
-            chunk = next(chunks)
-            if chunk.dtype != dtype or chunk.numel() > left:
-                raise RuntimeError(f"chunk for '{key}' does not fit its tensor")
-            handle.write(memoryview(chunk.contiguous().view(torch.uint8).numpy()))
-            left -= chunk.numel()
+    behind = WriteBehind(handle)
+    try:
+        for key, dtype, shape in specs:
+            left = numel(shape)
+            while left > 0:
+                chunk = next(chunks)
+                if chunk.dtype != dtype or chunk.numel() > left:
+                    raise RuntimeError(f"chunk for '{key}' does not fit its tensor")
+                behind.wrote(handle.write(memoryview(chunk.contiguous().view(torch.uint8).numpy())))
+                left -= chunk.numel()
+    finally:
+        behind.wait()  # before the caller's fsync, or its removal of the file
 
 
 def plan_shards(

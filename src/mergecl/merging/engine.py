@@ -75,7 +75,12 @@ class EngineOptions(Options):
     include: str | None = Field(None, description="merge only tensors whose name matches this regex")
     exclude: str | None = Field(None, description="copy tensors whose name matches this regex from the base")
     chunk_size: int = Field(DEFAULT_CHUNK, description=f"elements per chunk, a multiple of {RNG_BLOCK}")
-    workers: int = Field(1, ge=1, description="threads computing chunks ahead (same result; device cpu)")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="threads computing chunks, one core each (default: torch's thread count for chunked rules, "
+        "1 for whole-tensor rules and on a GPU; the same result)",
+    )
     device: str = Field(
         "cpu",
         description="where the rule computes: cpu, cuda or cuda:N (the chunks streamed through pinned buffers; "
@@ -141,8 +146,8 @@ class _Entry(TensorInfo):
 
 def _all_finite(x: Tensor) -> bool:
     """A finite sum implies finite entries (inf and nan propagate); only a non-finite sum, which
-    finite values can also give by overflow, needs the exact check."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+    finite values can also give by overflow, needs the exact check (a bool reduction, ~40x slower)."""
+    return math.isfinite(x.sum().item()) or bool(torch.isfinite(x).all())
 
 
 def _overflow_limit(dtype: torch.dtype) -> float | None:
@@ -228,14 +233,29 @@ class _Buffers:
         return buffer[:n]
 
 
+def pass_workers(rule: Rule, options: EngineOptions) -> int:
+    """The threads of a merge pass: as asked, else one per core torch would use for chunked rules
+    on the CPU, and one for whole-tensor rules (their SVDs and matrix products use torch's own
+    threads) and on a GPU (one stream of chunks)."""
+    if options.workers is not None:
+        return options.workers
+    if options.device != "cpu" or STAGE_CPU or rule.granularity == "tensor":
+        return 1
+    return torch.get_num_threads()
+
+
 def _pipeline(jobs: Iterator[tuple], compute: Callable[..., Tensor], workers: int) -> Iterator[Tensor]:
     """``compute(*job)`` for every job, in order. With ``workers`` > 1 a thread pool computes up to
-    2 x workers chunks ahead (torch and the preadv reads release the GIL); ``jobs`` itself is
-    advanced in this thread (whole-tensor preparation runs here)."""
+    2 x workers chunks ahead (torch and the preadv reads release the GIL), each on one core: torch's
+    own threads would fork and join on every op of a 1 MB chunk, and under contention wait on a
+    descheduled thread. ``jobs`` itself is advanced in this thread (whole-tensor preparation runs
+    here)."""
     if workers == 1:
         for job in jobs:
             yield compute(*job)
         return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with ThreadPoolExecutor(workers, thread_name_prefix="mergecl-merge") as pool:
         pending: deque[Future] = deque()
         try:
@@ -248,6 +268,7 @@ def _pipeline(jobs: Iterator[tuple], compute: Callable[..., Tensor], workers: in
         finally:  # an error or an abandoned generator: no chunk is left computing
             for future in pending:
                 future.cancel()
+            torch.set_num_threads(threads)
 
 
 class _Merge:
@@ -305,38 +326,41 @@ class _Merge:
         self.progress.update(n * entry.dtype.itemsize)
         return self.buffers.get(("base",), n, _compute_dtype(entry.dtype)).copy_(raw)
 
-    def _taus(self, entry: TensorInfo, start: int, stop: int, base: Tensor):
-        """The task vectors of a chunk in the form the rule declared (see the module docstring)."""
+    def _taus(self, entry: TensorInfo, start: int, stop: int, base: Tensor, checked: bool = True):
+        """The task vectors of a chunk in the form the rule declared (see the module docstring), each
+        checked finite unless ``checked`` is False (the caller checks the merged chunk)."""
         n = stop - start
         if self.rule.granularity == "fold":
             return (
-                self._tau(t, entry, start, stop, base, self.buffers.get(("tau",), n, base.dtype))
+                self._tau(t, entry, start, stop, base, self.buffers.get(("tau",), n, base.dtype), checked)
                 for t in range(self.num_tasks)
             )
         if self.rule.granularity == "stack":
             stack = self.buffers.get(("stack",), self.num_tasks * n, base.dtype).view(self.num_tasks, n)
             for t in range(self.num_tasks):
-                tau = self._tau(t, entry, start, stop, base, stack[t])
+                tau = self._tau(t, entry, start, stop, base, stack[t], checked)
                 if tau.data_ptr() != stack[t].data_ptr():  # DARE made a new tensor
                     stack[t].copy_(tau)
             return stack
         return (
-            self._tau(t, entry, start, stop, base, torch.empty_like(base)).reshape(entry.shape)
+            self._tau(t, entry, start, stop, base, torch.empty_like(base), checked).reshape(entry.shape)
             for t in range(self.num_tasks)
         )
 
-    def _tau(self, t: int, entry: TensorInfo, start: int, stop: int, base: Tensor, out: Tensor) -> Tensor:
-        """tau_t on [start, stop) in ``out``: read, checked finite, DARE applied."""
+    def _tau(
+        self, t: int, entry: TensorInfo, start: int, stop: int, base: Tensor, out: Tensor, checked: bool = True
+    ) -> Tensor:
+        """tau_t on [start, stop) in ``out``: read, checked finite (if ``checked``), DARE applied."""
         reader = self.finetuned[t]
         theta = self._raw(reader, entry.key, start, stop, "theta")
         self.progress.update(theta.numel() * theta.dtype.itemsize)
         if self.vectors:
             out.copy_(theta)
-        elif theta.dtype in FLOAT8:  # torch does not promote fp8 in arithmetic: widen it first
+        elif theta.dtype != out.dtype:  # widen first: faster than a mixed-dtype sub, and fp8 needs it
             out.copy_(theta).sub_(base)
         else:
             torch.sub(theta, base, out=out)
-        if not self._finite(out):
+        if checked and not self._finite(out):
             self._blame_non_finite(entry.key, reader, theta, base)
         if self.options.dare:
             p = self.options.dare
@@ -384,7 +408,8 @@ class _Merge:
 
     def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
         """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order."""
-        return _pipeline(self._jobs(kwargs_of), functools.partial(self._chunk, lam), self.options.workers)
+        workers = pass_workers(self.rule, self.options)
+        return _pipeline(self._jobs(kwargs_of), functools.partial(self._chunk, lam), workers)
 
     def _jobs(self, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[tuple[_Entry, int, int, dict]]:
         """Every chunk, in order, with the rule's extra arguments for its tensor (from ``kwargs_of``:
@@ -404,12 +429,18 @@ class _Merge:
         self.progress.update(base.numel() * entry.dtype.itemsize)
         return base
 
-    def _merged(self, entry: _Entry, start: int, stop: int, lam: float, extra: dict) -> Tensor:
-        """theta_0 + lam * rule(...) on [start, stop), checked, in the tensor's dtype."""
+    def _merged(self, entry: _Entry, start: int, stop: int, lam: float, extra: dict, checked: bool = False) -> Tensor:
+        """theta_0 + lam * rule(...) on [start, stop), checked, in the tensor's dtype. The task
+        vectors are checked one by one if ``checked`` or the rule needs it (``propagates_non_finite``
+        False, or DARE, which drops entries); otherwise a merged chunk that fails its check is merged
+        again with them checked, to name the input at fault."""
+        checked = checked or not self.rule.propagates_non_finite or bool(self.options.dare)
         base = self._read_base(entry, start, stop)
-        merged = self._merge_chunk(entry, start, stop, base, extra).reshape(-1)
+        merged = self._merge_chunk(entry, start, stop, base, extra, checked).reshape(-1)
         merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
         if not self._fits(merged, entry.dtype):
+            if not checked:
+                self._merged(entry, start, stop, lam, extra, checked=True)  # raises the input's error
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
         return merged.to(entry.dtype)
 
@@ -417,11 +448,13 @@ class _Merge:
         for start in range(0, entry.numel, self.chunk_size):
             yield start, min(start + self.chunk_size, entry.numel)
 
-    def _merge_chunk(self, entry: TensorInfo, start: int, stop: int, base: Tensor, extra: dict) -> Tensor:
+    def _merge_chunk(
+        self, entry: TensorInfo, start: int, stop: int, base: Tensor, extra: dict, checked: bool = True
+    ) -> Tensor:
         kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
         for name, draw in self.rule.draws.items():
             kwargs[name] = self._draw(draw, entry, start, stop)
-        return self.rule.fn(self._taus(entry, start, stop, base), **kwargs)
+        return self.rule.fn(self._taus(entry, start, stop, base, checked), **kwargs)
 
 
 class _StagedMerge(_Merge):
@@ -478,7 +511,7 @@ class _StagedMerge(_Merge):
         except MergeclError:
             raise
         except Exception:  # e.g. an SVD that fails on a NaN the checks have not reported yet
-            self.host._merged(entry, start, stop, lam, extra)  # raises the CPU's error if the inputs are bad
+            self.host._merged(entry, start, stop, lam, extra, checked=True)  # the CPU's error if the inputs are bad
             raise
         return self.staging.download(merged, torch.stack(self.checks).all())
 
@@ -487,7 +520,7 @@ class _StagedMerge(_Merge):
             return launched
         if not launched.wait():
             entry, start, stop, extra = job
-            self.host._merged(entry, start, stop, lam, extra)  # raises the CPU's error
+            self.host._merged(entry, start, stop, lam, extra, checked=True)  # raises the CPU's error
             device = self.staging.device
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype} (on {device})")
         return launched.host
@@ -580,7 +613,7 @@ def _staging(opts) -> Staging | None:
     device = resolve_device(opts.device)
     if device.type == "cpu" and not STAGE_CPU:
         return None
-    if opts.workers > 1:
+    if opts.workers is not None and opts.workers > 1:
         raise MergeclError(f"workers goes with device cpu (a merge on {device} overlaps its reads and computing)")
     return Staging(device)
 

@@ -26,6 +26,11 @@ declaration says what it needs, so the engine pays only for that:
 - ``running``: how the rule goes on from its own state when one more task vector arrives
   (``Running``), so that a model kept up to date task after task (``mergecl learn``) stores one
   tensor per tensor, whatever the number of tasks. A rule without it keeps every task vector there.
+- ``propagates_non_finite``: a NaN or infinite entry of any task vector makes that entry of the
+  merged vector non-finite (sums and selects by magnitude do; a random pick does not). The engine
+  then checks the merged chunk only, not every task vector's (a pass over each input saved), and
+  looks for the culprit only when the merged chunk fails (tests/merging/test_merging_declared.py
+  checks every rule that claims it).
 
 A rule without ``inputs`` is also a continual-learning method: ``RULE`` merges the Seq-FT task
 vectors of a run after every step, ``ind_ft+RULE`` the Ind-FT ones.
@@ -162,6 +167,7 @@ class Rule:
     prepare: Callable[[MergeView, Options], Prepared] | None = None
     passes: Callable[[Options], int] = lambda options: 0  # reads ``prepare`` makes (for the progress bar)
     running: Running | None = None  # None: no running form (mergecl learn keeps every task vector)
+    propagates_non_finite: bool = False  # True: the engine checks the merged chunk, not each input
 
     @property
     def continual(self) -> bool:
@@ -200,6 +206,7 @@ def register_rule(
     prepare: Callable[[MergeView, Options], Prepared] | None = None,
     passes: Callable[[Options], int] | None = None,
     running: Running | None = None,
+    propagates_non_finite: bool = False,
 ):
     """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
 
@@ -231,6 +238,7 @@ def register_rule(
             prepare,
             passes or (lambda options: 0),
             running,
+            propagates_non_finite,
         )
         return fn
 

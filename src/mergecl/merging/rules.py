@@ -25,7 +25,11 @@ from mergecl.merging.registry import Draw, Input, MergeView, Prepared, Running, 
 from mergecl.options import Options
 
 
-@register_rule("average", running=Running(lambda total, tau, t, g: total.add_(tau), lambda total, n: total / n))
+@register_rule(
+    "average",
+    running=Running(lambda total, tau, t, g: total.add_(tau), lambda total, n: total / n),
+    propagates_non_finite=True,
+)
 def average(taus: Iterable[Tensor]) -> Tensor:
     """theta_0 + lam * mean_t tau_t (weight averaging of the fine-tuned models)."""
     total, count = None, 0
@@ -35,7 +39,9 @@ def average(taus: Iterable[Tensor]) -> Tensor:
     return total.div_(count)
 
 
-@register_rule("task_arithmetic", lam=0.3, running=Running(lambda total, tau, t, g: total.add_(tau)))
+@register_rule(
+    "task_arithmetic", lam=0.3, running=Running(lambda total, tau, t, g: total.add_(tau)), propagates_non_finite=True
+)
 def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
     """theta_0 + lam * sum_t tau_t (task arithmetic, Ilharco et al.)."""
     total = None
@@ -44,7 +50,9 @@ def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
     return total
 
 
-@register_rule("magmax", lam=0.5, running=Running(lambda best, tau, t, g: magmax([best, tau])))
+@register_rule(
+    "magmax", lam=0.5, running=Running(lambda best, tau, t, g: magmax([best, tau])), propagates_non_finite=True
+)
 def magmax(taus: Iterable[Tensor]) -> Tensor:
     """Each entry takes the signed tau_t of largest |tau_t|; ties go to the later task.
 
@@ -59,7 +67,7 @@ def magmax(taus: Iterable[Tensor]) -> Tensor:
             tau_abs, take = torch.empty_like(best), torch.empty_like(best)
             continue
         torch.abs(tau, out=tau_abs)
-        torch.sub(tau_abs, best_abs, out=take).sign_().add_(1.0).clamp_(max=1.0)  # 1 where |tau| >= |m|
+        torch.ge(tau_abs, best_abs, out=take)  # 1.0 where |tau| >= |m|, 0.0 elsewhere
         best.lerp_(tau, take)
         torch.maximum(best_abs, tau_abs, out=best_abs)
     return best
@@ -69,6 +77,7 @@ def magmax(taus: Iterable[Tensor]) -> Tensor:
     "random_mix",
     draws={"pick": Draw("mix", lambda n, g, num_tasks: torch.randint(num_tasks, (n,), generator=g, dtype=torch.int64))},
     running=Running(lambda mixed, tau, t, g: reservoir_step(mixed, tau, t, g)),
+    propagates_non_finite=True,  # lerp with a 0 weight keeps a NaN: 0 * (NaN - m)
 )
 def random_mix(taus: Iterable[Tensor], pick: Tensor) -> Tensor:
     """Each entry copies tau_k, k uniform at random (seeded): pick[entry] = k."""
@@ -95,7 +104,7 @@ class OneOverTOptions(Options):
     start: int = Field(1, ge=1, description="t of the first task vector")
 
 
-@register_rule("one_over_t", options=OneOverTOptions)
+@register_rule("one_over_t", options=OneOverTOptions, propagates_non_finite=True)
 def one_over_t(taus: Iterable[Tensor], start: int = 1) -> Tensor:
     """Running 1/t merge: m += (tau_j - m) / t, t = start, start+1, ...
 
