@@ -53,6 +53,9 @@ class WholeTensorView:
         for info in tensors:
             yield Chunk(info, 0, info.numel, self.taus(info.key), self.input_chunks(info.key))
 
+    def map(self, fn, tensors: list[TensorInfo]):
+        return (fn(chunk) for chunk in self.chunks(tensors))
+
 
 def reference(rule: Rule, base, finetuned, inputs, seed: int) -> dict[str, torch.Tensor]:
     view = WholeTensorView(rule, base, finetuned, inputs)

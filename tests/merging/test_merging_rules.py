@@ -150,3 +150,19 @@ def test_rules_do_not_modify_their_inputs():
         rules.one_over_t(taus),
     )
     assert all(torch.equal(a, b) for a, b in zip(taus, copies, strict=True))
+
+
+def test_kth_smallest_is_kthvalue_exactly_on_any_data():
+    n = 8 * ties.SAMPLE + 12_345  # large enough for the sampled bracket
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "normal": torch.randn(n, generator=g).abs(),
+        "few values, many ties": torch.randint(0, 5, (n,), generator=g).float(),
+        "mostly zeros": torch.randn(n, generator=g).abs() * (torch.rand(n, generator=g) < 0.1),
+        "float64": torch.randn(n, generator=g, dtype=torch.float64).abs(),
+        # the strided sample sees only zeros: the bracket misses, the whole tensor is searched
+        "unrepresentative sample": torch.ones(n).index_fill_(0, torch.arange(0, n, n // ties.SAMPLE), 0.0),
+    }
+    for name, values in cases.items():
+        for k in (1, 2, n // 5, n - int(0.2 * n), n - 1, n):
+            assert torch.equal(ties.kth_smallest(values, k), values.kthvalue(k).values), (name, k)

@@ -25,9 +25,9 @@ a model in all. scope ``tensor``: each tensor's own thresholds and majority sign
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -142,14 +142,19 @@ class _Running:
         return self.view.tensors()
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
+        return map(self._running, self.view.chunks(tensors))
+
+    def map(self, fn: Callable[[Chunk], Any], tensors: list[TensorInfo]) -> Iterator[Any]:
+        return self.view.map(lambda chunk: fn(self._running(chunk)), tensors)
+
+    def _running(self, chunk: Chunk) -> Chunk:
         count = len(self.steps) + 1  # before step t, M_{t-1} folds tau_1..tau_{t-1}: steps 2..t-1 known
         o = self.options
-        for chunk in self.view.chunks(tensors):
-            taus = iter(chunk.taus)
-            before = [next(taus) for _ in range(count)]
-            merged = continual_ties_fold(before, o.keep, o.scale, o.disjoint, self.steps)
-            rows = [merged, next(taus)] if self.with_next else [merged]
-            yield Chunk(chunk.tensor, chunk.start, chunk.stop, [row.reshape(-1) for row in rows], {})
+        taus = iter(chunk.taus)
+        before = [next(taus) for _ in range(count)]
+        merged = continual_ties_fold(before, o.keep, o.scale, o.disjoint, self.steps)
+        rows = [merged, next(taus)] if self.with_next else [merged]
+        return Chunk(chunk.tensor, chunk.start, chunk.stop, [row.reshape(-1) for row in rows], {})
 
 
 @dataclass
@@ -170,9 +175,15 @@ class _Flat:
         return self.view.tensors()
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
-        for chunk in self.view.chunks(tensors):
-            taus = (tau.reshape(-1) for tau in chunk.taus)
-            yield Chunk(chunk.tensor, chunk.start, chunk.stop, taus, chunk.inputs)
+        return map(self._flat, self.view.chunks(tensors))
+
+    def map(self, fn: Callable[[Chunk], Any], tensors: list[TensorInfo]) -> Iterator[Any]:
+        return self.view.map(lambda chunk: fn(self._flat(chunk)), tensors)
+
+    @staticmethod
+    def _flat(chunk: Chunk) -> Chunk:
+        taus = (tau.reshape(-1) for tau in chunk.taus)
+        return Chunk(chunk.tensor, chunk.start, chunk.stop, taus, chunk.inputs)
 
 
 def _prepare(view: MergeView, options: ContinualTiesOptions) -> Prepared:

@@ -304,8 +304,15 @@ class _Merge:
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
         for entry in tensors:
             for start, stop in self._bounds(entry):
-                base = self._read_base(entry, start, stop)
-                yield Chunk(entry, start, stop, self._taus(entry, start, stop, base), self._inputs(entry, start, stop))
+                yield self._read_chunk(entry, start, stop)
+
+    def map(self, fn: Callable[[Chunk], Any], tensors: list[TensorInfo]) -> Iterator[Any]:
+        jobs = ((entry, start, stop) for entry in tensors for start, stop in self._bounds(entry))
+        return _pipeline(jobs, lambda *job: fn(self._read_chunk(*job)), pass_workers(self.rule, self.options))
+
+    def _read_chunk(self, entry: TensorInfo, start: int, stop: int) -> Chunk:
+        base = self._read_base(entry, start, stop)
+        return Chunk(entry, start, stop, self._taus(entry, start, stop, base), self._inputs(entry, start, stop))
 
     # --- reading --------------------------------------------------------------------------------
 

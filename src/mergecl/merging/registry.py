@@ -141,6 +141,10 @@ class MergeView(Protocol):
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]: ...
 
+    # fn(chunk) for every chunk of ``tensors``, in order, computed by the merge's threads: for passes
+    # that reduce each chunk to a small result (a histogram, a sum) that ``fn`` returns
+    def map(self, fn: Callable[[Chunk], Any], tensors: list[TensorInfo]) -> Iterator[Any]: ...
+
 
 @dataclass(frozen=True)
 class Prepared:

@@ -29,13 +29,39 @@ def ties_kth(num_entries: int, keep: float) -> int:
     return num_entries - int(keep * num_entries)
 
 
+SAMPLE = 1 << 15  # entries of a task vector sampled to bracket its k-th smallest |x|
+
+
 def ties_threshold(tau: Tensor, keep: float) -> Tensor:
     """|x| of the k-th smallest entry of one task vector (per-tensor scope)."""
     flat = tau.reshape(-1).abs()
     k = ties_kth(flat.numel(), keep)
     if k <= 0:
         return torch.zeros((), dtype=tau.dtype)
-    return flat.kthvalue(k).values
+    return kth_smallest(flat, k)
+
+
+def kth_smallest(values: Tensor, k: int) -> Tensor:
+    """``values.kthvalue(k).values`` of a flat tensor of finite values, exactly, in about half the
+    time on large ones: a strided sample brackets the k-th value between two of its own order
+    statistics lo <= hi (4 standard deviations of the sample rank either side), one pass counts the
+    values below lo and keeps those in [lo, hi], and the k-th value is found among them; should the
+    bracket miss (about 1 in 15,000 for random data), the whole tensor is searched."""
+    n = values.numel()
+    if n <= 8 * SAMPLE:
+        return values.kthvalue(k).values
+    sample = values[:: n // SAMPLE]
+    rank = k * sample.numel() / n
+    margin = 4 * (rank * (1 - rank / sample.numel())) ** 0.5 + 2
+    lo_rank, hi_rank = int(rank - margin), int(rank + margin) + 1
+    if lo_rank < 1 or hi_rank > sample.numel():
+        return values.kthvalue(k).values
+    lo, hi = sample.kthvalue(lo_rank).values, sample.kthvalue(hi_rank).values
+    below = int(torch.lt(values, lo).sum())
+    inside = values[torch.ge(values, lo).logical_and_(torch.le(values, hi))]
+    if not below < k <= below + inside.numel():
+        return values.kthvalue(k).values
+    return inside.kthvalue(k - below).values
 
 
 def at_least(magnitude: Tensor, threshold: Tensor | float) -> Tensor:
@@ -102,6 +128,9 @@ class TiesOptions(Options):
     scope: Literal["global", "tensor"] = Field("global", description="top-k over the whole model or per tensor")
 
 
+BLOCK = 1 << 14  # columns of a [T, n] chunk worked on at once: T rows of them stay in the core's cache
+
+
 def _merge_chunk(
     taus: Tensor,
     keep: float,
@@ -109,11 +138,35 @@ def _merge_chunk(
     thresholds: Sequence[float] | None = None,
     majority_sign: float | None = None,
 ) -> Tensor:
-    """[T, n] task vectors of one chunk -> merged; without thresholds the chunk is a whole tensor."""
-    if thresholds is None:
-        return ties(taus, keep=keep)
-    trimmed = trim_rows(taus, thresholds)
-    return ties_disjoint_mean(trimmed, ties_elect(trimmed, majority_sign))
+    """[T, n] task vectors of one chunk -> merged; without thresholds the chunk is a whole tensor,
+    with its own (as ``ties``). Trimmed in place, then taken in blocks of columns that stay in cache:
+    the same numbers as ``ties`` on the whole (every step is per column, but the majority sign, which
+    waits for every column's elected sign), 2-4x faster than passes over the whole [T, n]."""
+    own = thresholds is None
+    if own:
+        thresholds = [ties_threshold(row, keep) for row in taus]
+    signs = taus.new_empty(taus.shape[1])
+    for columns in _blocks(taus.shape[1]):
+        block = taus[:, columns]
+        if own:
+            for row, threshold in zip(block, thresholds, strict=True):
+                row.mul_(at_least(row.abs(), threshold))
+        else:
+            trim_rows(block, thresholds)
+        torch.sign(block.sum(dim=0), out=signs[columns])
+    if majority_sign is None:
+        majority_sign = torch.sign(signs.sum())
+    majority = torch.as_tensor(majority_sign, dtype=signs.dtype)
+    merged = taus.new_empty(taus.shape[1])
+    for columns in _blocks(taus.shape[1]):
+        sign = signs[columns]
+        merged[columns] = ties_disjoint_mean(taus[:, columns], sign + (1 - sign.abs()) * majority)
+    return merged
+
+
+def _blocks(n: int) -> Iterator[slice]:
+    for start in range(0, n, BLOCK):
+        yield slice(start, min(start + BLOCK, n))
 
 
 def _prepare(view: MergeView, options: TiesOptions) -> Prepared:
@@ -149,23 +202,26 @@ register_rule(
 
 
 def kth_magnitudes(view: MergeView, tensors: list[TensorInfo], keep: float) -> list[float]:
-    """Each task vector's exact k-th smallest |x| over ``tensors`` (two-pass radix select)."""
+    """Each task vector's exact k-th smallest |x| over ``tensors`` (two-pass radix select; each
+    chunk's histograms are counted by the merge's threads and added up in order)."""
     count = view.num_tasks
     k = ties_kth(sum(t.numel for t in tensors), keep)
     if k <= 0:
         return [0.0] * count
-    # pass 1: histogram of the high 16 bits of |x| (non-negative floats sort like their bits)
-    high = torch.zeros(count, 1 << 16, dtype=torch.int64)
-    for bits, t in _abs_bits(view.chunks(tensors)):
-        high[t] += torch.bincount(bits >> 16, minlength=1 << 16)
+
+    def high_bits(chunk: Chunk) -> Tensor:  # pass 1: histogram of the high 16 bits of |x|
+        return torch.stack([torch.bincount(bits >> 16, minlength=1 << 16) for bits in _abs_bits(chunk)])
+
+    high = sum(view.map(high_bits, tensors))  # non-negative floats sort like their bits
     cum = high.cumsum(dim=1)
     bins = [int(torch.searchsorted(cum[t], k)) for t in range(count)]
     below = [int(cum[t, b - 1]) if b > 0 else 0 for t, b in enumerate(bins)]
-    # pass 2: histogram of the low 16 bits inside each task's bin
-    low = torch.zeros(count, 1 << 16, dtype=torch.int64)
-    for bits, t in _abs_bits(view.chunks(tensors)):
-        inside = bits[(bits >> 16) == bins[t]]
-        low[t] += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
+
+    def low_bits(chunk: Chunk) -> Tensor:  # pass 2: histogram of the low 16 bits inside each task's bin
+        rows = zip(_abs_bits(chunk), bins, strict=True)
+        return torch.stack([torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16) for bits, b in rows])
+
+    low = sum(view.map(low_bits, tensors))
     thresholds = []
     for t in range(count):
         lo = int(torch.searchsorted(low[t].cumsum(0), k - below[t]))
@@ -174,18 +230,19 @@ def kth_magnitudes(view: MergeView, tensors: list[TensorInfo], keep: float) -> l
     return thresholds
 
 
-def _abs_bits(chunks: Iterator[Chunk]) -> Iterator[tuple[Tensor, int]]:
-    for chunk in chunks:
-        for t, tau in enumerate(chunk.taus):
-            yield tau.float().abs_().view(torch.int32), t
+def _abs_bits(chunk: Chunk) -> Iterator[Tensor]:
+    for tau in chunk.taus:
+        yield tau.float().abs_().view(torch.int32)
 
 
 def majority_sign(view: MergeView, tensors: list[TensorInfo], thresholds: Sequence[float]) -> float:
     """Sign of the sum of elected signs over ``tensors`` (given to zero-sum entries)."""
-    total = 0
-    for chunk in view.chunks(tensors):
+
+    def elected(chunk: Chunk) -> int:
         trimmed = trim_rows(_stacked(chunk.taus), thresholds)
-        total += int(torch.sign(trimmed.sum(dim=0)).sum())
+        return int(torch.sign(trimmed.sum(dim=0)).sum())
+
+    total = sum(view.map(elected, tensors))
     return float((total > 0) - (total < 0))
 
 
