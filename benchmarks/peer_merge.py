@@ -6,7 +6,11 @@ directory), in bf16 and fp32; then, for each rule, runs ``mergecl merge`` and ``
 alternately (``--repeats`` times each, the first tool alternating), each in a fresh process, and
 reports best and median wall time, GB/s of checkpoint bytes read (base + T inputs, once), the
 process's peak RSS, and the largest difference between the two outputs; the raw read speed of
-the same files from the page cache (one reused buffer) is measured in the same run.
+the same files from the page cache (one reused buffer) is measured in the same run. "merge GB/s"
+takes each tool's startup out of its best wall time (the same interpreter and imports running
+``--help``, best of 3: on a slow day importing torch alone takes seconds). MagMax and random mix,
+which mergekit lacks, are timed for mergecl alone. ``--busy`` times every run again beside a
+second process that keeps one core busy, and reports how much slower each tool got.
 
 mergekit is never a dependency of mergecl: install it in its own virtual environment and pass its
 interpreter (the CPU torch wheel, so that pip does not pull CUDA):
@@ -14,6 +18,7 @@ interpreter (the CPU torch wheel, so that pip does not pull CUDA):
     python -m venv ~/mergekit-venv && ~/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
     python benchmarks/peer_merge.py --mergekit ~/mergekit-venv/bin/python --out /tmp/peer
     python benchmarks/peer_merge.py --params 20e6 --tasks 2 --repeats 1 --out /tmp/peer-smoke  # a smoke run
+    python benchmarks/peer_merge.py --mergekit ~/mergekit-venv/bin/python --out /tmp/peer --busy  # contention
 
 The rules, as each tool spells them (the same math; mergecl's TIES per tensor, as mergekit's):
 average (mergekit ``linear``, normalised), task arithmetic lam 0.3, TIES keep 20 % lam 1. TIES
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +49,7 @@ from merge_speed import read_all  # the raw page-cache read, as merge_speed.py m
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 # rule -> (mergecl merge flags, mergekit merge_method, per-model parameters, global parameters)
+# (mergekit None: a rule mergekit does not have, timed for mergecl alone)
 RULES = {
     "average": (["--method", "average"], "linear", {"weight": 1.0}, {"normalize": True}),
     "task_arithmetic": (["--method", "task_arithmetic", "--lam", "0.3"], "task_arithmetic", {"weight": 0.3}, {}),
@@ -52,7 +59,16 @@ RULES = {
         {"density": 0.2, "weight": 1.0},
         {"normalize": True},
     ),
+    "magmax": (["--method", "magmax"], None, {}, {}),
+    "random_mix": (["--method", "random_mix"], None, {}, {}),
 }
+# the same interpreters and imports, merging nothing: what each wall time holds besides the merge
+STARTUP = {
+    "mergecl": ["-m", "mergecl", "merge", "--help"],
+    "mergekit": ["-m", "mergekit.scripts.run_yaml", "--help"],
+}
+# a second busy process for --busy: one core spinning in Python, as another user's job would
+BUSY = "while True: pass"
 
 
 def llama_config(params: float):
@@ -165,8 +181,12 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mergekit", help="the Python of a virtual environment with mergekit")
+    parser.add_argument("--busy", action="store_true", help="time every run again beside a busy process")
     args = parser.parse_args()
     env = dict(os.environ, MERGECL_QUIET="1")
+    pythons = {"mergecl": sys.executable, **({"mergekit": args.mergekit} if args.mergekit else {})}
+    startup = {name: min(timed([python, *STARTUP[name]], env)[0] for _ in range(3)) for name, python in pythons.items()}
+    print("startup (interpreter and imports, best of 3): " + ", ".join(f"{k} {v:.2f} s" for k, v in startup.items()))
     for dtype_name in args.dtypes:
         base, finetuned = make_models(args.out / "models", args.params, args.tasks, dtype_name)
         inputs = [output_file(path) for path in [base, *finetuned]]
@@ -175,30 +195,50 @@ def main() -> None:
         reads = [read_all(inputs) for _ in range(args.repeats)]
         print(f"\n{dtype_name}: T = {args.tasks}, {gigabytes:.2f} GB of checkpoints; page-cache read "
               f"{gigabytes / min(reads):.2f} GB/s (best of {args.repeats})")  # fmt: skip
-        print("| rule | tool | best | median | GB/s (best) | peak RSS MB | max diff vs mergecl |")
-        print("|:---|:---|---:|---:|---:|---:|---:|")
+        busy = " | best, busy | x quiet" if args.busy else ""
+        print(f"| rule | tool | best | median | GB/s (best) | merge GB/s | peak RSS MB | max diff vs mergecl{busy} |")
+        print("|:---|:---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.busy else ""))
         for rule in args.rules:
             tools = {"mergecl": [sys.executable, "-m", "mergecl", "merge", *RULES[rule][0], "--base", str(base)]}
             outs = {name: args.out / "merged" / f"{dtype_name}-{rule}-{name}" for name in ("mergecl", "mergekit")}
-            tools["mergecl"] += ["-o", str(outs["mergecl"]), "--force", "--quiet", *map(str, finetuned)]
-            if args.mergekit:
+            tools["mergecl"] += ["-o", str(outs["mergecl"]), "--quiet", *map(str, finetuned)]
+            if args.mergekit and RULES[rule][1] is not None:
                 config = args.out / f"{dtype_name}-{rule}.yaml"
                 config.write_text(mergekit_config(rule, base, finetuned, dtype_name))
                 cli = [args.mergekit, "-m", "mergekit.scripts.run_yaml", str(config), str(outs["mergekit"])]
                 tools["mergekit"] = cli + ["--lazy-unpickle", "--allow-crimes"]
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
-            for repeat in range(args.repeats):
-                order = list(tools) if repeat % 2 == 0 else list(reversed(tools))
-                for name in order:
-                    runs[name].append(timed(tools[name], env))
+            runs = {name: alternate(tools, outs, args.repeats, env)[name] for name in tools}
+            busy_runs = {}
+            if args.busy:
+                spinner = subprocess.Popen([sys.executable, "-c", BUSY])
+                try:
+                    busy_runs = alternate(tools, outs, args.repeats, env)
+                finally:
+                    spinner.kill()
             for name, results in runs.items():
                 walls = [wall for wall, _ in results]
                 rss = max(peak for _, peak in results)
                 diff = "-"
                 if name != "mergecl":
                     diff = f"{max_difference(output_file(outs['mergecl']), output_file(outs[name])):.3g}"
-                print(f"| {rule} | {name} | {min(walls):.2f} s | {statistics.median(walls):.2f} s | "
-                      f"{gigabytes / min(walls):.2f} | {rss:,.0f} | {diff} |")  # fmt: skip
+                merge_rate = gigabytes / max(min(walls) - startup[name], 1e-9)
+                row = (f"| {rule} | {name} | {min(walls):.2f} s | {statistics.median(walls):.2f} s | "
+                       f"{gigabytes / min(walls):.2f} | {merge_rate:.2f} | {rss:,.0f} | {diff} |")  # fmt: skip
+                if args.busy:
+                    loaded = min(wall for wall, _ in busy_runs[name])
+                    row += f" {loaded:.2f} s | {loaded / min(walls):.2f} |"
+                print(row, flush=True)
+
+
+def alternate(tools: dict, outs: dict, repeats: int, env: dict) -> dict[str, list[tuple[float, float]]]:
+    """``repeats`` timed runs of each tool, alternating which goes first; each tool's output from the
+    run before is removed first (untimed), so that no run pays for deleting a 0.4-0.9 GB file."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    for repeat in range(repeats):
+        for name in list(tools) if repeat % 2 == 0 else list(reversed(tools)):
+            shutil.rmtree(outs[name], ignore_errors=True)
+            runs[name].append(timed(tools[name], env))
+    return runs
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from mergecl.merging.device import resolve_device
 from mergecl.merging.engine import (
     MergeResult,
     Source,
-    _all_finite,
     _collect,
     _companions,
     _compute_dtype,
@@ -61,6 +60,7 @@ from mergecl.merging.engine import (
 )
 from mergecl.merging.registry import RNG_BLOCK, Rule, all_rules, get_rule
 from mergecl.progress import bar as progress_bar
+from mergecl.tensors import all_finite
 
 STATE_PREFIX = ".mergecl-running-"  # the running state's temporary directory inside OUT
 
@@ -259,7 +259,7 @@ def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned
             value = value.reshape(entry.shape)
         merged = running.finish(value, step).reshape(-1)
         merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
-        if not _all_finite(merged) or _overflows(merged, entry.dtype):
+        if not all_finite(merged) or _overflows(merged, entry.dtype):
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
         return merged.to(entry.dtype)
 

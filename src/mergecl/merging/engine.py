@@ -54,6 +54,7 @@ from mergecl.merging.device import DEVICE_PATTERN, Landing, Staging, resolve_dev
 from mergecl.merging.registry import RNG_BLOCK, Chunk, Draw, Rule, TensorInfo, get_rule
 from mergecl.options import Options, read_options
 from mergecl.progress import bar as progress_bar
+from mergecl.tensors import all_finite
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
@@ -142,12 +143,6 @@ class MergeResult:
 @dataclass(frozen=True)
 class _Entry(TensorInfo):
     merged: bool  # False: copied from the base (non-float, or not selected)
-
-
-def _all_finite(x: Tensor) -> bool:
-    """A finite sum implies finite entries (inf and nan propagate); only a non-finite sum, which
-    finite values can also give by overflow, needs the exact check (a bool reduction, ~40x slower)."""
-    return math.isfinite(x.sum().item()) or bool(torch.isfinite(x).all())
 
 
 def _overflow_limit(dtype: torch.dtype) -> float | None:
@@ -398,11 +393,11 @@ class _Merge:
         return bool(check)
 
     def _finite(self, x: Tensor) -> bool:
-        return _all_finite(x)
+        return all_finite(x)
 
     def _fits(self, merged: Tensor, dtype: torch.dtype) -> bool:
         """The merged values are finite and round to finite ``dtype`` values."""
-        return _all_finite(merged) and not _overflows(merged, dtype)
+        return all_finite(merged) and not _overflows(merged, dtype)
 
     def _blame_non_finite(self, key: str, reader, theta: Tensor, base: Tensor) -> None:
         if not torch.isfinite(base).all():

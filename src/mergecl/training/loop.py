@@ -42,6 +42,7 @@ from mergecl import distributed, loggers, progress
 from mergecl.data.types import Split
 from mergecl.errors import MergeclError
 from mergecl.models.base import Learner
+from mergecl.tensors import all_finite
 from mergecl.training.settings import TrainSettings
 
 
@@ -53,7 +54,7 @@ class NonFiniteError(MergeclError):
 def check_finite(tensors: dict[str, Tensor], what: str) -> None:
     """NonFiniteError naming the first tensor of ``tensors`` with a NaN or an infinity."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise NonFiniteError(f"{what}: tensor '{name}' is not finite")
 
 
