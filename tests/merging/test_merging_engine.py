@@ -113,6 +113,7 @@ def test_chunked_rules_use_a_thread_per_core_and_whole_tensor_rules_torchs_threa
 
     def pipeline(jobs, compute, workers):
         seen["workers"] = workers
+        seen.setdefault("every pass", []).append(workers)
         seen["torch threads"] = []
         for chunk in original(jobs, compute, workers):
             seen["torch threads"].append(torch.get_num_threads())
@@ -129,6 +130,9 @@ def test_chunked_rules_use_a_thread_per_core_and_whole_tensor_rules_torchs_threa
         assert seen["workers"] == 1 and set(seen["torch threads"]) == {2}  # SVDs on torch's threads
         merge(base, fts, "magmax", workers=3)
         assert seen["workers"] == 3
+        seen.clear()  # a tensor's own TIES thresholds: passes nested in the merge pass, threaded as well
+        merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK)
+        assert len(seen["every pass"]) > 1 and set(seen["every pass"]) == {2}
         torch.set_num_threads(1)  # e.g. OMP_NUM_THREADS=1: the user gave the merge one core
         merge(base, fts, "magmax")
         assert seen["workers"] == 1

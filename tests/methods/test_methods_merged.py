@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge
-from mergecl.methods.merged import TaskVectors, choose_lam, merged_model, needs_seed
+from mergecl.methods.merged import TaskVectors, _along, choose_lam, merged_model, needs_seed
 from mergecl.training.loop import NonFiniteError
 
 BASE = {"w": torch.zeros(2), "steps": torch.tensor([3])}  # an integer entry is never merged
@@ -88,3 +88,14 @@ def test_the_merge_space_is_checked(tmp_path):
         merged_model("average", vectors, {"space": "x"}, 0, never, "method_options.m")
     with pytest.raises(MergeclError, match=r"method_options\.m\.space: dense needs a LoRA model"):
         merged_model("average", vectors, {"space": "dense"}, 0, never, "method_options.m")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_lam_sweeps_models_are_theta_0_plus_lam_times_the_direction_rounded_as_written(dtype):
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(50_000, generator=g).to(dtype), "steps": torch.arange(3)}
+    direction = {"w": 0.01 * torch.randn(50_000, generator=g)}
+    for lam in (0.1, 0.3, 0.55, 1.0):
+        model = _along(base, direction, lam)
+        expected = (base["w"].float() + lam * direction["w"]).to(dtype)  # lam * d rounded, then the sum
+        assert torch.equal(model["w"], expected) and model["steps"] is base["steps"]

@@ -55,7 +55,6 @@ from mergecl.merging.engine import (
     _pipeline,
     _public,
     merge_checkpoints,
-    pass_workers,
     read_merge_options,
 )
 from mergecl.merging.registry import RNG_BLOCK, Rule, all_rules, get_rule
@@ -189,7 +188,7 @@ def _running(rule: Rule, method, opts, base, finetuned, out, task_vectors, max_s
             with ExitStack() as step_stack:
                 previous = None if state is None else step_stack.enter_context(open_checkpoint(state, "running state"))
                 fold = _folder(job, running, previous, t, opts.seed)
-                chunks = _pipeline(_jobs(job, merged), fold, pass_workers(rule, opts))
+                chunks = _pipeline(_jobs(job, merged), fold, job.workers)
                 wide = [replace(e, dtype=_compute_dtype(e.dtype)) for e in merged]  # the state's dtypes
                 specs = [(e.key, e.dtype, e.shape) for e in wide]
                 if folder is None:
@@ -263,7 +262,7 @@ def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
         return merged.to(entry.dtype)
 
-    chunks = _pipeline(jobs(), compute, pass_workers(rule, opts))
+    chunks = _pipeline(jobs(), compute, job.workers)
     info = {"step": step, "running": True}
     if out is None:
         return MergeResult(state=_collect(job.entries, chunks), path=None, info=info)

@@ -290,6 +290,9 @@ class _Merge:
             budget = max(RNG_BLOCK, (STACK_BUDGET // (self.num_tasks + 2)) // RNG_BLOCK * RNG_BLOCK)
             self.chunk_size = min(self.chunk_size, budget)
         self.buffers = _Buffers(self.chunk_size)
+        # fixed now: inside the merge pass torch runs single-threaded, and a pass nested in it (a
+        # tensor's own TIES thresholds, through ``map``) must still get the pool's threads
+        self.workers = pass_workers(rule, options)
 
     # --- the MergeView of a rule's ``prepare`` -----------------------------------------------------
 
@@ -303,7 +306,7 @@ class _Merge:
 
     def map(self, fn: Callable[[Chunk], Any], tensors: list[TensorInfo]) -> Iterator[Any]:
         jobs = ((entry, start, stop) for entry in tensors for start, stop in self._bounds(entry))
-        return _pipeline(jobs, lambda *job: fn(self._read_chunk(*job)), pass_workers(self.rule, self.options))
+        return _pipeline(jobs, lambda *job: fn(self._read_chunk(*job)), self.workers)
 
     def _read_chunk(self, entry: TensorInfo, start: int, stop: int) -> Chunk:
         base = self._read_base(entry, start, stop)
@@ -410,8 +413,7 @@ class _Merge:
 
     def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
         """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order."""
-        workers = pass_workers(self.rule, self.options)
-        return _pipeline(self._jobs(kwargs_of), functools.partial(self._chunk, lam), workers)
+        return _pipeline(self._jobs(kwargs_of), functools.partial(self._chunk, lam), self.workers)
 
     def _jobs(self, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[tuple[_Entry, int, int, dict]]:
         """Every chunk, in order, with the rule's extra arguments for its tensor (from ``kwargs_of``:

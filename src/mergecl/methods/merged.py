@@ -229,8 +229,9 @@ def merge_space(vectors: TaskVectors, space: str, where: str = "method_options")
 
 
 def _along(base: State, direction: State, lam: float) -> State:
-    """theta_0 + lam * direction, each entry in its own dtype."""
-    return {k: (v.float() + lam * direction[k]).to(v.dtype) if k in direction else v for k, v in base.items()}
+    """theta_0 + lam * direction, each entry in its own dtype: (lam * d) + theta_0 in place, one
+    fresh tensor per entry instead of two (IEEE products and sums commute: the same numbers)."""
+    return {k: (direction[k] * lam).add_(v.float()).to(v.dtype) if k in direction else v for k, v in base.items()}
 
 
 def _mean(values: list[float]) -> float:
