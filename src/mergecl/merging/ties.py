@@ -218,12 +218,8 @@ def kth_magnitudes(view: MergeView, tensors: list[TensorInfo], keep: float) -> l
     below = [int(cum[t, b - 1]) if b > 0 else 0 for t, b in enumerate(bins)]
 
     def low_bits(chunk: Chunk) -> Tensor:  # pass 2: histogram of the low 16 bits inside each task's bin
-        counts = []
-        for bits, b in zip(_abs_bits(chunk), bins, strict=True):
-            # 1 + the low bits inside the bin; 0 below it, 65537 above: no mask to build and gather
-            low = bits.sub_(b << 16).clamp_(-1, 1 << 16).add_(1)
-            counts.append(torch.bincount(low, minlength=(1 << 16) + 2)[1:-1])
-        return torch.stack(counts)
+        rows = zip(_abs_bits(chunk), bins, strict=True)
+        return torch.stack([torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16) for bits, b in rows])
 
     low = sum(view.map(low_bits, tensors))
     thresholds = []
