@@ -95,9 +95,10 @@ def test_a_failing_chunk_in_a_threaded_merge_names_the_tensor_and_writes_nothing
     fts[1]["enc.big"][RNG_BLOCK + 7] = float("nan")
     base_path, ft_paths = save_all(tmp_path, base, fts)
     out = tmp_path / "merged.safetensors"
-    with pytest.raises(MergeclError, match="enc.big"):
+    with pytest.raises(MergeclError, match="enc.big") as failed:
         merge(base_path, ft_paths, "magmax", out=out, chunk_size=RNG_BLOCK, workers=2)
     assert not out.exists()
+    assert failed.traceback and torch.get_num_threads() == threads_before  # the pool ended with the error
     with pytest.raises(MergeclError, match="workers"):
         merge(base, fts, "magmax", workers=0)
     assert torch.get_num_threads() == threads_before  # the pool's single-threaded torch is undone

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,7 @@ def _running(rule: Rule, method, opts, base, finetuned, out, task_vectors, max_s
                 previous = None if state is None else step_stack.enter_context(open_checkpoint(state, "running state"))
                 fold = _folder(job, running, previous, t, opts.seed)
                 chunks = _pipeline(_jobs(job, merged), fold, job.workers)
+                step_stack.callback(chunks.close)  # the pool ends here, even on an error
                 wide = [replace(e, dtype=_compute_dtype(e.dtype)) for e in merged]  # the state's dtypes
                 specs = [(e.key, e.dtype, e.shape) for e in wide]
                 if folder is None:
@@ -241,7 +242,7 @@ def _folder(job: _Merge, running, previous, t: int, seed: int):
 
 def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned, out, max_shard_size):
     """Step ``step``'s model theta_0 + lam * finish(state, step), in memory or written to OUT/stepS."""
-    lam, rule = opts.lam, job.rule
+    lam = opts.lam
 
     def jobs() -> Iterator[tuple]:
         for entry in job.entries:
@@ -262,7 +263,12 @@ def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
         return merged.to(entry.dtype)
 
-    chunks = _pipeline(jobs(), compute, job.workers)
+    with closing(_pipeline(jobs(), compute, job.workers)) as chunks:  # the pool ends here, even on an error
+        return _written_step(job, chunks, step, method, opts, base, finetuned, out, max_shard_size)
+
+
+def _written_step(job: _Merge, chunks, step, method, opts, base, finetuned, out, max_shard_size) -> MergeResult:
+    rule = job.rule
     info = {"step": step, "running": True}
     if out is None:
         return MergeResult(state=_collect(job.entries, chunks), path=None, info=info)

@@ -597,6 +597,9 @@ def merge_checkpoints(
         info = dict(prepared.info) if prepared is not None else {}
         merging = job if staging is None else _StagedMerge(job, staging)
         chunks = merging.output(lam, prepared.kwargs if prepared is not None else None)
+        # closed here, not when collected: an error's traceback (kept by a caller) would keep the
+        # pool, and torch's single-threaded setting, alive
+        readers.callback(chunks.close)
         if out is None:
             return MergeResult(state=_collect(job.entries, chunks), path=None, info=info)
         metadata = {
