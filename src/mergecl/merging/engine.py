@@ -79,8 +79,8 @@ class EngineOptions(Options):
     workers: int | None = Field(
         None,
         ge=1,
-        description="threads computing chunks, one core each (default: torch's thread count for chunked rules, "
-        "1 for whole-tensor rules and on a GPU; the same result)",
+        description="threads computing chunks, one core each (default: torch's thread count; 1 on a GPU; "
+        "whole-tensor rules always use torch's own threads; the same result)",
     )
     device: str = Field(
         "cpu",
@@ -232,9 +232,11 @@ def pass_workers(rule: Rule, options: EngineOptions) -> int:
     """The threads of a merge pass: as asked, else one per core torch would use for chunked rules
     on the CPU, and one for whole-tensor rules (their SVDs and matrix products use torch's own
     threads) and on a GPU (one stream of chunks)."""
+    if rule.granularity == "tensor":  # a pool would run their SVDs single-threaded: other roundings
+        return 1
     if options.workers is not None:
         return options.workers
-    if options.device != "cpu" or STAGE_CPU or rule.granularity == "tensor":
+    if options.device != "cpu" or STAGE_CPU:
         return 1
     return torch.get_num_threads()
 
