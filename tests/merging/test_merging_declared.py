@@ -33,7 +33,9 @@ class WholeTensorView:
     def __init__(self, rule: Rule, base, finetuned, inputs) -> None:
         self.rule, self.base, self.finetuned, self.inputs = rule, base, finetuned, inputs
         self.num_tasks = len(finetuned)
-        self.chunk_size = 1 << 40
+
+    def one_chunk(self, tensor: TensorInfo) -> bool:
+        return True
 
     def tensors(self) -> list[TensorInfo]:
         return [TensorInfo(k, v.dtype, tuple(v.shape)) for k, v in self.base.items() if v.is_floating_point()]

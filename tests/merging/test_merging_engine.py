@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergecl import MergeclError, merge
-from mergecl.merging import rules, ties
+from mergecl.merging import engine, rules, ties
 from mergecl.merging.engine import RNG_BLOCK, merge_checkpoints
 from mergecl.merging.registry import all_rules
 
@@ -108,7 +108,6 @@ threads_before = torch.get_num_threads()
 
 
 def test_chunked_rules_use_a_thread_per_core_and_whole_tensor_rules_torchs_threads(monkeypatch):
-    from mergecl.merging import engine
 
     seen = {}
 
@@ -132,6 +131,7 @@ def test_chunked_rules_use_a_thread_per_core_and_whole_tensor_rules_torchs_threa
         merge(base, fts, "magmax", workers=3)
         assert seen["workers"] == 3
         seen.clear()  # a tensor's own TIES thresholds: passes nested in the merge pass, threaded as well
+        monkeypatch.setattr(engine, "STACK_BUDGET", RNG_BLOCK)  # enc.big streamed, not whole
         merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK)
         assert len(seen["every pass"]) > 1 and set(seen["every pass"]) == {2}
         torch.set_num_threads(1)  # e.g. OMP_NUM_THREADS=1: the user gave the merge one core
@@ -161,10 +161,13 @@ def test_ties_global_matches_the_released_algorithm(tmp_path):
     assert torch.equal(got != 0, expected != 0)
 
 
-def test_ties_tensor_scope_matches_rule_per_tensor():
+@pytest.mark.parametrize("streamed", [False, True])
+def test_ties_tensor_scope_matches_rule_per_tensor(monkeypatch, streamed):
+    if streamed:  # enc.big in pieces, its own threshold and majority sign found by streaming passes
+        monkeypatch.setattr(engine, "STACK_BUDGET", RNG_BLOCK)
     base, fts = make_models()
     merged = merge(base, fts, "ties", scope="tensor", keep=0.3, lam=1.0, chunk_size=RNG_BLOCK)
-    for key in ("enc.big", "enc.w", "head.w"):  # enc.big is streamed in pieces with its own threshold
+    for key in ("enc.big", "enc.w", "head.w"):
         tau = ties.ties([ft[key] - base[key] for ft in fts], keep=0.3)
         assert torch.allclose(merged[key], base[key] + tau, atol=1e-6), key
 

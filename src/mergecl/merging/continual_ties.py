@@ -134,9 +134,8 @@ class _Running:
     def num_tasks(self) -> int:
         return 2 if self.with_next else 1
 
-    @property
-    def chunk_size(self) -> int:
-        return self.view.chunk_size
+    def one_chunk(self, tensor: TensorInfo) -> bool:
+        return self.view.one_chunk(tensor)
 
     def tensors(self) -> list[TensorInfo]:
         return self.view.tensors()
@@ -167,9 +166,8 @@ class _Flat:
     def num_tasks(self) -> int:
         return self.view.num_tasks
 
-    @property
-    def chunk_size(self) -> int:
-        return self.view.chunk_size
+    def one_chunk(self, tensor: TensorInfo) -> bool:
+        return self.view.one_chunk(tensor)
 
     def tensors(self) -> list[TensorInfo]:
         return self.view.tensors()

@@ -291,6 +291,7 @@ class _Merge:
         if rule.granularity == "stack":  # all T chunks of a position at once: shrink the chunk as T grows
             budget = max(RNG_BLOCK, (STACK_BUDGET // (self.num_tasks + 2)) // RNG_BLOCK * RNG_BLOCK)
             self.chunk_size = min(self.chunk_size, budget)
+        self.whole_tensors = rule.granularity == "stack" and rule.whole_tensors(options)
         self.buffers = _Buffers(self.chunk_size)
         # fixed now: inside the merge pass torch runs single-threaded, and a pass nested in it (a
         # tensor's own TIES thresholds, through ``map``) must still get the pool's threads
@@ -300,6 +301,11 @@ class _Merge:
 
     def tensors(self) -> list[TensorInfo]:
         return [e for e in self.entries if e.merged]
+
+    def one_chunk(self, tensor: TensorInfo) -> bool:
+        if self.rule.granularity == "tensor" or tensor.numel <= self.chunk_size:
+            return True
+        return self.whole_tensors and (self.num_tasks + 2) * tensor.numel <= STACK_BUDGET
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
         for entry in tensors:
@@ -317,7 +323,7 @@ class _Merge:
     # --- reading --------------------------------------------------------------------------------
 
     def _bounds(self, entry: TensorInfo) -> Iterator[tuple[int, int]]:
-        step = entry.numel if self.rule.granularity == "tensor" else self.chunk_size
+        step = entry.numel if self.one_chunk(entry) else self.chunk_size
         for start in range(0, entry.numel, max(step, 1)):
             yield start, min(start + step, entry.numel)
 

@@ -26,6 +26,9 @@ declaration says what it needs, so the engine pays only for that:
 - ``running``: how the rule goes on from its own state when one more task vector arrives
   (``Running``), so that a model kept up to date task after task (``mergecl learn``) stores one
   tensor per tensor, whatever the number of tasks. A rule without it keeps every task vector there.
+- ``whole_tensors``: (``stack`` rules, per options) hand each tensor over in one chunk wherever its
+  T task vectors fit the engine's stack budget, in chunks only beyond it (TIES per tensor: a tensor
+  in one chunk finds its own threshold there, with no streaming passes over the checkpoints).
 - ``propagates_non_finite``: a NaN or infinite entry of any task vector makes that entry of the
   merged vector non-finite (sums and selects by magnitude do; a random pick does not). The engine
   then checks the merged chunk only, not every task vector's (a pass over each input saved), and
@@ -135,9 +138,10 @@ class MergeView(Protocol):
     """What a rule's ``prepare`` sees of a merge: the tensors, and a way to stream over them."""
 
     num_tasks: int
-    chunk_size: int  # elements per chunk: a tensor larger than this arrives in several chunks
 
     def tensors(self) -> list[TensorInfo]: ...  # the merged tensors, in order
+
+    def one_chunk(self, tensor: TensorInfo) -> bool: ...  # the tensor reaches ``fn`` whole
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]: ...
 
@@ -172,6 +176,7 @@ class Rule:
     passes: Callable[[Options], int] = lambda options: 0  # reads ``prepare`` makes (for the progress bar)
     running: Running | None = None  # None: no running form (mergecl learn keeps every task vector)
     propagates_non_finite: bool = False  # True: the engine checks the merged chunk, not each input
+    whole_tensors: Callable[[Options], bool] = lambda options: False  # stack rules: tensors in one chunk
 
     @property
     def continual(self) -> bool:
@@ -211,6 +216,7 @@ def register_rule(
     passes: Callable[[Options], int] | None = None,
     running: Running | None = None,
     propagates_non_finite: bool = False,
+    whole_tensors: Callable[[Options], bool] | None = None,
 ):
     """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
 
@@ -243,6 +249,7 @@ def register_rule(
             passes or (lambda options: 0),
             running,
             propagates_non_finite,
+            whole_tensors or (lambda options: False),
         )
         return fn
 
