@@ -406,9 +406,13 @@ class _Merge:
     def _finite(self, x: Tensor) -> bool:
         return all_finite(x)
 
-    def _fits(self, merged: Tensor, dtype: torch.dtype) -> bool:
-        """The merged values are finite and round to finite ``dtype`` values."""
-        return all_finite(merged) and not _overflows(merged, dtype)
+    def _fits(self, merged: Tensor, out: Tensor) -> bool:
+        """The merged values are finite and stay so in the output dtype (``out``, merged rounded to
+        it): fp16 and bf16 overflow to inf, so ``out`` is checked (half the bytes); fp8 saturates
+        without a word, so ``merged`` is checked against its limit."""
+        if out.dtype in (torch.float16, torch.bfloat16):
+            return all_finite(out)
+        return all_finite(merged) and not _overflows(merged, out.dtype)
 
     def _blame_non_finite(self, key: str, reader, theta: Tensor, base: Tensor) -> None:
         if not torch.isfinite(base).all():
@@ -449,12 +453,13 @@ class _Merge:
         checked = checked or not self.rule.propagates_non_finite or bool(self.options.dare)
         base = self._read_base(entry, start, stop)
         merged = self._merge_chunk(entry, start, stop, base, extra, checked).reshape(-1)
-        merged = base.add(merged, alpha=lam) if lam != 1.0 else base.add(merged)
-        if not self._fits(merged, entry.dtype):
+        merged = base.add_(merged, alpha=lam) if lam != 1.0 else base.add_(merged)  # in base's buffer
+        out = merged.to(entry.dtype, copy=True)  # a fresh tensor: the buffer is the next chunk's
+        if not self._fits(merged, out):
             if not checked:
                 self._merged(entry, start, stop, lam, extra, checked=True)  # raises the input's error
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
-        return merged.to(entry.dtype)
+        return out
 
     def _copy_bounds(self, entry: TensorInfo) -> Iterator[tuple[int, int]]:
         for start in range(0, entry.numel, self.chunk_size):
@@ -499,8 +504,8 @@ class _StagedMerge(_Merge):
     def _finite(self, x: Tensor) -> bool:
         return self._holds(torch.isfinite(x).all())
 
-    def _fits(self, merged: Tensor, dtype: torch.dtype) -> bool:
-        limit = _overflow_limit(dtype)
+    def _fits(self, merged: Tensor, out: Tensor) -> bool:
+        limit = _overflow_limit(out.dtype)
         return self._holds(merged.abs().amax() < (math.inf if limit is None else limit))  # NaN: False
 
     def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
