@@ -1,6 +1,7 @@
 """The streaming engine on files and state dicts: equality with in-memory merges, the reference TIES,
 dtypes, key selection, every error case, atomic outputs."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergecl import MergeclError, merge
-from mergecl.merging import engine, rules, ties
+from mergecl.merging import engine, registry, rules, ties
 from mergecl.merging.engine import RNG_BLOCK, merge_checkpoints
 from mergecl.merging.registry import all_rules
 
@@ -131,7 +132,7 @@ def test_chunked_rules_use_a_thread_per_core_and_whole_tensor_rules_torchs_threa
         merge(base, fts, "magmax", workers=3)
         assert seen["workers"] == 3
         seen.clear()  # a tensor's own TIES thresholds: passes nested in the merge pass, threaded as well
-        monkeypatch.setattr(engine, "STACK_BUDGET", RNG_BLOCK)  # enc.big streamed, not whole
+        monkeypatch.setattr(engine, "WHOLE_BUDGET", RNG_BLOCK)  # enc.big streamed, not whole
         merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK)
         assert len(seen["every pass"]) > 1 and set(seen["every pass"]) == {2}
         torch.set_num_threads(1)  # e.g. OMP_NUM_THREADS=1: the user gave the merge one core
@@ -164,12 +165,33 @@ def test_ties_global_matches_the_released_algorithm(tmp_path):
 @pytest.mark.parametrize("streamed", [False, True])
 def test_ties_tensor_scope_matches_rule_per_tensor(monkeypatch, streamed):
     if streamed:  # enc.big in pieces, its own threshold and majority sign found by streaming passes
-        monkeypatch.setattr(engine, "STACK_BUDGET", RNG_BLOCK)
+        monkeypatch.setattr(engine, "WHOLE_BUDGET", RNG_BLOCK)
     base, fts = make_models()
     merged = merge(base, fts, "ties", scope="tensor", keep=0.3, lam=1.0, chunk_size=RNG_BLOCK)
     for key in ("enc.big", "enc.w", "head.w"):
         tau = ties.ties([ft[key] - base[key] for ft in fts], keep=0.3)
         assert torch.allclose(merged[key], base[key] + tau, atol=1e-6), key
+
+
+def test_whole_tensors_stay_within_their_memory_budget_over_every_thread(monkeypatch):
+    """TIES per tensor takes enc.big whole only while (T + 2) rows of it, in every merge thread at
+    once, fit WHOLE_BUDGET: more threads, and it is streamed in chunks (memory stays bounded)."""
+    seen = []
+    rule = registry.RULES["ties"]
+    fn = rule.fn
+    monkeypatch.setitem(
+        registry.RULES,
+        "ties",
+        dataclasses.replace(rule, fn=lambda taus, **kw: seen.append(taus.shape) or fn(taus, **kw)),
+    )
+    base, fts = make_models()  # T = 3: 5 rows of enc.big
+    monkeypatch.setattr(engine, "WHOLE_BUDGET", 5 * base["enc.big"].numel() * 2)
+    whole = merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK, workers=2)
+    assert (3, base["enc.big"].numel()) in seen
+    seen.clear()
+    streamed = merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK, workers=3)
+    assert max(shape[1] for shape in seen) == RNG_BLOCK
+    assert all(torch.allclose(whole[k], streamed[k], atol=1e-6) for k in whole)
 
 
 def test_each_rule_against_its_pure_function():

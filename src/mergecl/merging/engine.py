@@ -58,6 +58,7 @@ from mergecl.tensors import all_finite
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
+WHOLE_BUDGET = 1 << 26  # elements whole tensors (``whole_tensors``) may hold over all threads: 256 MB fp32
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # True: CPU merges go through the device stage too, its transfers plain copies (the tests' way to run
@@ -303,9 +304,12 @@ class _Merge:
         return [e for e in self.entries if e.merged]
 
     def one_chunk(self, tensor: TensorInfo) -> bool:
+        """Whether ``tensor`` comes in one chunk: whole-tensor rules, small tensors, and for a rule
+        declared ``whole_tensors`` those whose T + 2 rows, in every thread at once, fit WHOLE_BUDGET
+        (so memory stays bounded whatever the number of tasks and cores)."""
         if self.rule.granularity == "tensor" or tensor.numel <= self.chunk_size:
             return True
-        return self.whole_tensors and (self.num_tasks + 2) * tensor.numel <= STACK_BUDGET
+        return self.whole_tensors and (self.num_tasks + 2) * tensor.numel * self.workers <= WHOLE_BUDGET
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
         for entry in tensors:
