@@ -232,11 +232,14 @@ def main() -> None:
 
 def alternate(tools: dict, outs: dict, repeats: int, env: dict) -> dict[str, list[tuple[float, float]]]:
     """``repeats`` timed runs of each tool, alternating which goes first; each tool's output from the
-    run before is removed first (untimed), so that no run pays for deleting a 0.4-0.9 GB file."""
+    run before is removed first and the disks synced (untimed), so that no run pays for deleting a
+    0.4-0.9 GB file or for writing back the dirty pages of the run before it (mergekit does not
+    fsync its output: the kernel would write it back during the next run, whichever tool's)."""
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
     for repeat in range(repeats):
         for name in list(tools) if repeat % 2 == 0 else list(reversed(tools)):
             shutil.rmtree(outs[name], ignore_errors=True)
+            os.sync()
             runs[name].append(timed(tools[name], env))
     return runs
 
