@@ -162,36 +162,57 @@ def test_ties_global_matches_the_released_algorithm(tmp_path):
     assert torch.equal(got != 0, expected != 0)
 
 
+def wide_models(t=3, tensors=12):
+    """Models of several tensors of two chunks and more each (at chunk_size RNG_BLOCK): no one of
+    them is a large part of the model, so TIES per tensor may hold one whole (its budget is at most
+    the model's bytes)."""
+    g = torch.Generator().manual_seed(5)
+    base = {f"w{i}": torch.randn(RNG_BLOCK * 2 + 123, generator=g) for i in range(tensors)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(t)]
+    return base, fts
+
+
+def recording_ties(monkeypatch) -> list:
+    """The shapes of the [T, n] chunks the TIES rule is called with, from now on."""
+    seen = []
+    rule = registry.RULES["ties"]
+    fn = rule.fn
+    wrapped = dataclasses.replace(rule, fn=lambda taus, **kw: seen.append(tuple(taus.shape)) or fn(taus, **kw))
+    monkeypatch.setitem(registry.RULES, "ties", wrapped)
+    return seen
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_ties_tensor_scope_matches_rule_per_tensor(monkeypatch, streamed):
-    if streamed:  # enc.big in pieces, its own threshold and majority sign found by streaming passes
-        monkeypatch.setattr(engine, "WHOLE_BUDGET", RNG_BLOCK)
-    base, fts = make_models()
-    merged = merge(base, fts, "ties", scope="tensor", keep=0.3, lam=1.0, chunk_size=RNG_BLOCK)
-    for key in ("enc.big", "enc.w", "head.w"):
+    seen = recording_ties(monkeypatch)
+    if streamed:  # in pieces, each tensor's own threshold and majority sign found by streaming passes
+        monkeypatch.setattr(engine, "WHOLE_BUDGET", 0)
+    base, fts = wide_models()
+    merged = merge(base, fts, "ties", scope="tensor", keep=0.3, lam=1.0, chunk_size=RNG_BLOCK, workers=2)
+    assert max(n for _, n in seen) == (RNG_BLOCK if streamed else base["w0"].numel())
+    for key in base:
         tau = ties.ties([ft[key] - base[key] for ft in fts], keep=0.3)
         assert torch.allclose(merged[key], base[key] + tau, atol=1e-6), key
 
 
-def test_whole_tensors_stay_within_their_memory_budget_over_every_thread(monkeypatch):
-    """TIES per tensor takes enc.big whole only while (T + 2) rows of it, in every merge thread at
-    once, fit WHOLE_BUDGET: more threads, and it is streamed in chunks (memory stays bounded)."""
-    seen = []
-    rule = registry.RULES["ties"]
-    fn = rule.fn
-    monkeypatch.setitem(
-        registry.RULES,
-        "ties",
-        dataclasses.replace(rule, fn=lambda taus, **kw: seen.append(taus.shape) or fn(taus, **kw)),
-    )
-    base, fts = make_models()  # T = 3: 5 rows of enc.big
-    monkeypatch.setattr(engine, "WHOLE_BUDGET", 5 * base["enc.big"].numel() * 2)
+def test_whole_tensors_stay_within_their_memory_budget_over_every_thread_and_one_model(monkeypatch):
+    """TIES per tensor takes a tensor whole only while its T + 2 rows, in every merge thread at
+    once, fit WHOLE_BUDGET and the model's own bytes: with more threads, or in a model it dominates,
+    it is streamed in chunks (memory stays bounded)."""
+    seen = recording_ties(monkeypatch)
+    base, fts = wide_models()  # T = 3: 5 rows of 4 bytes; 12 tensors: 48 bytes per entry in the model
+    numel = base["w0"].numel()
+    monkeypatch.setattr(engine, "WHOLE_BUDGET", 5 * numel * 4 * 2)  # 2 threads' worth
     whole = merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK, workers=2)
-    assert (3, base["enc.big"].numel()) in seen
+    assert set(seen) == {(3, numel)}
     seen.clear()
     streamed = merge(base, fts, "ties", scope="tensor", chunk_size=RNG_BLOCK, workers=3)
-    assert max(shape[1] for shape in seen) == RNG_BLOCK
+    assert max(n for _, n in seen) == RNG_BLOCK
     assert all(torch.allclose(whole[k], streamed[k], atol=1e-6) for k in whole)
+    seen.clear()
+    monkeypatch.setattr(engine, "WHOLE_BUDGET", 1 << 40)
+    merge({"w0": base["w0"]}, [{"w0": ft["w0"]} for ft in fts], "ties", scope="tensor", chunk_size=RNG_BLOCK)
+    assert max(n for _, n in seen) == RNG_BLOCK  # 5 rows of the model's only tensor: more than the model
 
 
 def test_each_rule_against_its_pure_function():

@@ -58,7 +58,7 @@ from mergecl.tensors import all_finite
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
-WHOLE_BUDGET = 1 << 26  # elements whole tensors (``whole_tensors``) may hold over all threads: 256 MB fp32
+WHOLE_BUDGET = 256 << 20  # bytes whole tensors (``whole_tensors``) may hold over all threads (and one model's at most)
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # True: CPU merges go through the device stage too, its transfers plain copies (the tests' way to run
@@ -293,6 +293,8 @@ class _Merge:
             budget = max(RNG_BLOCK, (STACK_BUDGET // (self.num_tasks + 2)) // RNG_BLOCK * RNG_BLOCK)
             self.chunk_size = min(self.chunk_size, budget)
         self.whole_tensors = rule.granularity == "stack" and rule.whole_tensors(options)
+        model_bytes = sum(e.numel * e.dtype.itemsize for e in self.entries)
+        self.whole_budget = min(WHOLE_BUDGET, model_bytes)  # memory: the interpreter plus one model at most
         self.buffers = _Buffers(self.chunk_size)
         # fixed now: inside the merge pass torch runs single-threaded, and a pass nested in it (a
         # tensor's own TIES thresholds, through ``map``) must still get the pool's threads
@@ -305,11 +307,13 @@ class _Merge:
 
     def one_chunk(self, tensor: TensorInfo) -> bool:
         """Whether ``tensor`` comes in one chunk: whole-tensor rules, small tensors, and for a rule
-        declared ``whole_tensors`` those whose T + 2 rows, in every thread at once, fit WHOLE_BUDGET
-        (so memory stays bounded whatever the number of tasks and cores)."""
+        declared ``whole_tensors`` those whose T + 2 rows, in every thread at once, fit the budget
+        (WHOLE_BUDGET, and no more than the model's own bytes): memory stays bounded whatever the
+        number of tasks and cores."""
         if self.rule.granularity == "tensor" or tensor.numel <= self.chunk_size:
             return True
-        return self.whole_tensors and (self.num_tasks + 2) * tensor.numel * self.workers <= WHOLE_BUDGET
+        rows = (self.num_tasks + 2) * tensor.numel * self.workers
+        return self.whole_tensors and rows * _compute_dtype(tensor.dtype).itemsize <= self.whole_budget
 
     def chunks(self, tensors: list[TensorInfo]) -> Iterator[Chunk]:
         for entry in tensors:
