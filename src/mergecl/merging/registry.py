@@ -27,8 +27,9 @@ declaration says what it needs, so the engine pays only for that:
   (``Running``), so that a model kept up to date task after task (``mergecl learn``) stores one
   tensor per tensor, whatever the number of tasks. A rule without it keeps every task vector there.
 - ``whole_tensors``: (``stack`` rules, per options) hand each tensor over in one chunk wherever its
-  T task vectors fit the engine's stack budget, in chunks only beyond it (TIES per tensor: a tensor
-  in one chunk finds its own threshold there, with no streaming passes over the checkpoints).
+  T task vectors, in every merge thread at once, fit the engine's budget for whole tensors (and the
+  model's own size), in chunks only beyond it (TIES per tensor: a tensor in one chunk finds its own
+  threshold there, with no streaming passes over the checkpoints); ``MergeView.one_chunk`` says which.
 - ``propagates_non_finite``: a NaN or infinite entry of any task vector makes that entry of the
   merged vector non-finite (sums and selects by magnitude do; a random pick does not). The engine
   then checks the merged chunk only, not every task vector's (a pass over each input saved), and
@@ -176,7 +177,7 @@ class Rule:
     passes: Callable[[Options], int] = lambda options: 0  # reads ``prepare`` makes (for the progress bar)
     running: Running | None = None  # None: no running form (mergecl learn keeps every task vector)
     propagates_non_finite: bool = False  # True: the engine checks the merged chunk, not each input
-    whole_tensors: Callable[[Options], bool] = lambda options: False  # stack rules: tensors in one chunk
+    whole_tensors: Callable[[Options], bool] = lambda options: False  # stack rules: tensors whole where they fit
 
     @property
     def continual(self) -> bool:

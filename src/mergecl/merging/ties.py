@@ -115,10 +115,10 @@ def ties(
     return ties_disjoint_mean(trimmed, ties_elect(trimmed, majority_sign))
 
 
-def trim_rows(taus: Tensor, thresholds: Sequence[float]) -> Tensor:
-    """[T, n] task vectors trimmed in place against thresholds found on fp32 bit patterns (so fp64
-    tensors are ranked at fp32 precision, as the radix select ranks them)."""
-    return _trim(taus, torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1))
+def fp32_limits(thresholds: Sequence[float]) -> Tensor:
+    """Thresholds found on fp32 bit patterns (``kth_magnitudes``) as the [T, 1] column ``_trim``
+    compares in fp32 (so fp64 tensors are ranked at fp32 precision, as the radix select ranks them)."""
+    return torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1)
 
 
 def _trim(taus: Tensor, limits: Tensor) -> Tensor:
@@ -151,8 +151,8 @@ def _merge_chunk(
     waits for every column's elected sign), 2-4x faster than passes over the whole [T, n]."""
     if thresholds is None:  # the chunk is a whole tensor: its own, exact in its dtype
         limits = torch.stack([ties_threshold(row, keep) for row in taus]).unsqueeze(1)
-    else:  # found on fp32 bit patterns (``kth_magnitudes``): compared in fp32
-        limits = torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1)
+    else:
+        limits = fp32_limits(thresholds)
     signs = taus.new_empty(taus.shape[1])
     for columns in _blocks(taus.shape[1]):
         block = _trim(taus[:, columns], limits)
@@ -251,8 +251,10 @@ def _added(histograms: Iterator[Tensor]) -> Tensor:
 def majority_sign(view: MergeView, tensors: list[TensorInfo], thresholds: Sequence[float]) -> float:
     """Sign of the sum of elected signs over ``tensors`` (given to zero-sum entries)."""
 
+    limits = fp32_limits(thresholds)
+
     def elected(chunk: Chunk) -> int:
-        trimmed = trim_rows(_stacked(chunk.taus), thresholds)
+        trimmed = _trim(_stacked(chunk.taus), limits)
         return int(torch.sign(trimmed.sum(dim=0)).sum())
 
     total = sum(view.map(elected, tensors))
