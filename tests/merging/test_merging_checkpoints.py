@@ -62,6 +62,23 @@ def test_read_safetensors_gives_what_the_library_gives(tmp_path):
     assert torch.equal(read_safetensors(path)["w"], library["w"])
 
 
+def test_a_read_fills_the_buffer_it_is_given_and_only_one_it_can_fill(tmp_path):
+    path = tmp_path / "x.safetensors"
+    value = torch.arange(12, dtype=torch.float32).bfloat16()
+    save_file({"w": value}, str(path))
+    with SafetensorsReader(path) as reader:
+        buffer = torch.full((5,), -1.0, dtype=torch.bfloat16)
+        got = reader.read("w", 3, 8, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr() and torch.equal(buffer, value[3:8])
+        # not contiguous, another dtype, another size: a fresh tensor, and the buffer untouched
+        strided = torch.full((10,), -1.0, dtype=torch.bfloat16)[::2]
+        for out in (strided, torch.zeros(5), torch.zeros(4, dtype=torch.bfloat16)):
+            before = out.clone()
+            got = reader.read("w", 3, 8, out=out)
+            assert got.data_ptr() != out.data_ptr() and torch.equal(got, value[3:8])
+            assert torch.equal(out, before)
+
+
 @needs_proc
 def test_readers_close_their_files(tmp_path):
     path = tmp_path / "x.safetensors"
