@@ -2,7 +2,6 @@
 line of test code): the streaming engine (small chunks, two threads, files) gives exactly what the
 rule's own function gives on whole tensors, computed here without the engine."""
 
-import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -143,7 +142,8 @@ def non_finite_survives(rule: Rule, bad: float) -> bool:
 
 
 def test_the_folding_rules_let_the_engine_check_merged_chunks_only():
-    assert {"average", "task_arithmetic", "magmax", "random_mix"} <= set(PROPAGATING)
+    assert {"average", "task_arithmetic", "magmax"} <= set(PROPAGATING)
+    assert "random_mix" not in PROPAGATING  # a pick drops the other tasks' entries, NaN or not
 
 
 @pytest.mark.parametrize("name", PROPAGATING)
@@ -153,13 +153,7 @@ def test_a_rule_that_claims_it_propagates_every_non_finite_entry(name, bad):
 
 
 def test_a_rule_that_drops_entries_does_not_pass_for_one_that_propagates():
-    def pick(taus, pick):  # random_mix written with torch.where: the unpicked entries are dropped
-        mixed = None
-        for t, tau in enumerate(taus):
-            mixed = tau.clone() if mixed is None else torch.where(pick == t, tau, mixed)
-        return mixed
-
-    assert not non_finite_survives(dataclasses.replace(all_rules()["random_mix"], fn=pick), float("nan"))
+    assert not non_finite_survives(all_rules()["random_mix"], float("nan"))  # the check can fail
 
 
 @pytest.mark.parametrize("name", PROPAGATING)
