@@ -152,6 +152,25 @@ def test_a_plugin_given_with_plugin_is_listed(tmp_path):
     assert "entrywise_min" in item_line(done.stdout, "RULE")  # a CL method too
 
 
+def test_the_program_starts_without_collections_and_leaves_them_on_with_the_imports_frozen(tmp_path):
+    probe = (
+        "import gc, sys\n"
+        "from mergecl.cli import main\n"
+        "sys.argv = ['mergecl', 'list', 'rules']\n"
+        "assert main() == 0\n"
+        "print('enabled', gc.isenabled(), 'frozen', gc.get_freeze_count())\n"
+        "assert main(['list', 'rules']) == 0\n"  # a caller's argv: its process is left as it is
+        "print('again', gc.get_freeze_count())\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", MERGECL_QUIET="1")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    frozen = int(words[words.index("frozen") + 1])
+    assert words[words.index("enabled") + 1] == "True" and frozen > 100_000  # torch's modules among them
+    assert int(words[words.index("again") + 1]) <= frozen  # nothing more frozen (some frozen objects freed)
+
+
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
