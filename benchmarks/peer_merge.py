@@ -207,12 +207,12 @@ def main() -> None:
                 config.write_text(mergekit_config(rule, base, finetuned, dtype_name))
                 cli = [args.mergekit, "-m", "mergekit.scripts.run_yaml", str(config), str(outs["mergekit"])]
                 tools["mergekit"] = cli + ["--lazy-unpickle", "--allow-crimes"]
-            runs = {name: alternate(tools, outs, args.repeats, env)[name] for name in tools}
+            runs = {name: alternate(tools, outs, args.repeats, env, inputs)[name] for name in tools}
             busy_runs = {}
             if args.busy:
                 spinner = subprocess.Popen([sys.executable, "-c", BUSY])
                 try:
-                    busy_runs = alternate(tools, outs, args.repeats, env)
+                    busy_runs = alternate(tools, outs, args.repeats, env, inputs)
                 finally:
                     spinner.kill()
             for name, results in runs.items():
@@ -230,16 +230,19 @@ def main() -> None:
                 print(row, flush=True)
 
 
-def alternate(tools: dict, outs: dict, repeats: int, env: dict) -> dict[str, list[tuple[float, float]]]:
+def alternate(tools: dict, outs: dict, repeats: int, env: dict, inputs: list[Path]) -> dict[str, list[tuple]]:
     """``repeats`` timed runs of each tool, alternating which goes first; each tool's output from the
     run before is removed first and the disks synced (untimed), so that no run pays for deleting a
     0.4-0.9 GB file or for writing back the dirty pages of the run before it (mergekit does not
-    fsync its output: the kernel would write it back during the next run, whichever tool's)."""
+    fsync its output: the kernel would write it back during the next run, whichever tool's). The
+    inputs are read once more before each run (untimed): mergekit's 8-9 GB beside both models' files
+    evicts some of them on a 24 GB machine, and the run after it would read those from the disk."""
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
     for repeat in range(repeats):
         for name in list(tools) if repeat % 2 == 0 else list(reversed(tools)):
             shutil.rmtree(outs[name], ignore_errors=True)
             os.sync()
+            read_all(inputs)
             runs[name].append(timed(tools[name], env))
     return runs
 
