@@ -623,10 +623,20 @@ _mergecl() {{
     return script + "complete -o filenames -F _mergecl mergecl\n"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options only as spelled: ``--scop`` is an error, not ``--scope`` (argparse's default takes any
+    unambiguous prefix, and an option added later would change what a user's prefix means). The
+    subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mergecl import __version__
 
-    parser = argparse.ArgumentParser(prog="mergecl", description="Continual learning by model merging.")
+    parser = _Parser(prog="mergecl", description="Continual learning by model merging.")
     parser.add_argument("--version", action="version", version=f"mergecl {__version__}")
     parser.add_argument(
         "--plugin",

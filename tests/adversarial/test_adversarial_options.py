@@ -125,3 +125,21 @@ def test_mergecl_run_refuses_a_bad_option_before_it_writes_anything(tmp_path):
     expected = f"{bad}: method_options.ewc: unknown option 'lamda' (options: lam, decay, fisher_labels)"
     assert done.stderr == f"mergecl: error: {expected}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, prefix",
+    [
+        (["merge", "--method", "ties", "--scop", "tensor", "--base", "b", "-o", "o", "f"], "--scop"),
+        (["run", "--dry", "c.yaml"], "--dry"),
+    ],
+)
+def test_an_option_is_taken_only_as_spelled_not_as_a_prefix(argv, prefix, tmp_path, monkeypatch, capsys):
+    from mergecl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
