@@ -129,6 +129,7 @@ def test_random_mix_draws_each_entry_from_some_input(taus, seed):
     pick = torch.randint(len(taus), taus[0].shape, generator=torch.Generator().manual_seed(seed))
     stacked = torch.stack(taus)
     got = rules.random_mix(stacked, pick)
+    assert got.shape == taus[0].shape and got.dtype == taus[0].dtype
     assert bool(((stacked == got).any(dim=0)).all())
     for entry, task in enumerate(pick.tolist()):
         assert got[entry] == stacked[task, entry]

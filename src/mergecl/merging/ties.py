@@ -250,7 +250,6 @@ def _added(histograms: Iterator[Tensor]) -> Tensor:
 
 def majority_sign(view: MergeView, tensors: list[TensorInfo], thresholds: Sequence[float]) -> float:
     """Sign of the sum of elected signs over ``tensors`` (given to zero-sum entries)."""
-
     limits = fp32_limits(thresholds)
 
     def elected(chunk: Chunk) -> int:
