@@ -38,7 +38,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from mergecl.errors import MergeclError
 from mergecl.merging import rules
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
 from mergecl.merging.device import DEVICE_PATTERN, Landing, Staging, resolve_device
+from mergecl.merging.forked import can_fork, forked_map
 from mergecl.merging.registry import RNG_BLOCK, Chunk, Draw, Rule, TensorInfo, get_rule
 from mergecl.options import Options, read_options
 from mergecl.progress import bar as progress_bar
@@ -59,6 +60,9 @@ from mergecl.tensors import all_finite
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 WHOLE_BUDGET = 256 << 20  # bytes whole tensors (``whole_tensors``) may hold over all threads (and one model's at most)
+# checkpoint bytes a merge pass reads from which its workers are forked processes (Linux): below,
+# forking (~10-50 ms, page tables of the whole process) costs more than the lock it saves
+FORK_FROM = 64 << 20
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # True: CPU merges go through the device stage too, its transfers plain copies (the tests' way to run
@@ -231,6 +235,20 @@ class _Buffers:
         return buffer if buffer.numel() == n else buffer[:n]
 
 
+class _Tally:
+    """A forked worker's progress bar: counts the bytes read, which the parent's bar then shows."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def update(self, n: float = 1) -> None:
+        self.count += int(n)
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
 def pass_workers(rule: Rule, options: EngineOptions) -> int:
     """The threads of a merge pass: as asked, else one per core torch would use for chunked rules
     on the CPU, and one for whole-tensor rules (their SVDs and matrix products use torch's own
@@ -301,6 +319,8 @@ class _Merge:
         # fixed now: inside the merge pass torch runs single-threaded, and a pass nested in it (a
         # tensor's own TIES thresholds, through ``map``) must still get the pool's threads
         self.workers = pass_workers(rule, options)
+        pass_bytes = model_bytes * (self.num_tasks + 1 + sum(len(readers) for readers in inputs.values()))
+        self.forks = self.workers > 1 and can_fork() and pass_bytes >= FORK_FROM
 
     # --- the MergeView of a rule's ``prepare`` -----------------------------------------------------
 
@@ -432,16 +452,54 @@ class _Merge:
     # --- the merge pass -------------------------------------------------------------------------
 
     def output(self, lam: float, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[Tensor]:
-        """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order."""
+        """theta_0 + lam * rule(...) for every chunk of every tensor, in the output dtype, in order.
+        Computed by forked processes for a large pass (``forks``) whose chunks need nothing from this
+        process (no per-tensor arguments from a rule's ``prepare``, which are computed as the pass
+        goes); else in threads."""
+        if self.forks and kwargs_of is None:
+            return self._forked_output(lam)
         return _pipeline(self._jobs(kwargs_of), functools.partial(self._chunk, lam), self.workers)
+
+    def _forked_output(self, lam: float) -> Iterator[Tensor]:
+        """``output`` from ``workers`` forked processes (forked.py); the bytes they read go to this
+        process's progress bar, and a chunk that fails in one is computed here for its error."""
+        entries = self.entries
+
+        def compute(index: int, start: int, stop: int) -> Tensor:
+            return self._chunk(lam, entries[index], start, stop, {})
+
+        def child_init() -> Callable[[], int]:
+            self.progress = tally = _Tally()
+            return tally.take
+
+        jobs = ((i, start, stop) for i, entry in enumerate(entries) for start, stop in self._all_bounds(entry))
+        # a tensor's first chunk is its largest
+        firsts = ((entry, next(self._all_bounds(entry), (0, 0))) for entry in entries)
+        slot_bytes = max((stop - start) * entry.dtype.itemsize for entry, (start, stop) in firsts)
+        chunks = forked_map(
+            jobs,
+            compute,
+            lambda job: (entries[job[0]].dtype, job[2] - job[1]),
+            self.workers,
+            slot_bytes,
+            child_init=child_init,
+            on_failure=lambda job: compute(*job),
+        )
+        with closing(chunks):  # the workers end with this generator, even when it is abandoned
+            for chunk, nread in chunks:
+                self.progress.update(nread)
+                yield chunk
 
     def _jobs(self, kwargs_of: Callable[[TensorInfo], dict] | None) -> Iterator[tuple[_Entry, int, int, dict]]:
         """Every chunk, in order, with the rule's extra arguments for its tensor (from ``kwargs_of``:
         whole-tensor passes run here, in this thread, not in the pool)."""
         for entry in self.entries:
             extra = kwargs_of(entry) if entry.merged and kwargs_of is not None else {}
-            for start, stop in self._bounds(entry) if entry.merged else self._copy_bounds(entry):
+            for start, stop in self._all_bounds(entry):
                 yield entry, start, stop, extra
+
+    def _all_bounds(self, entry: _Entry) -> Iterator[tuple[int, int]]:
+        return self._bounds(entry) if entry.merged else self._copy_bounds(entry)
 
     def _chunk(self, lam: float, entry: _Entry, start: int, stop: int, extra: dict) -> Tensor:
         if not entry.merged:
