@@ -5,12 +5,13 @@ Builds a random Llama-layout model (``--params``, default ~220M) and ``--tasks``
 directory), in bf16 and fp32; then, for each rule, runs ``mergecl merge`` and ``mergekit-yaml``
 alternately (``--repeats`` times each, the first tool alternating), each in a fresh process, and
 reports best and median wall time, GB/s of checkpoint bytes read (base + T inputs, once), the
-process's peak RSS, and the largest difference between the two outputs; the raw read speed of
-the same files from the page cache (one reused buffer) is measured in the same run. "merge GB/s"
-takes each tool's startup out of its best wall time (the same interpreter and imports running
-``--help``, best of 3: on a slow day importing torch alone takes seconds). MagMax and random mix,
-which mergekit lacks, are timed for mergecl alone. ``--busy`` times every run again beside a
-second process that keeps one core busy, and reports how much slower each tool got.
+process's peak memory (its RSS plus its worker processes' PSS), and the largest difference between
+the two outputs; the raw read speed of the same files from the page cache (one reused buffer) is
+measured in the same run. "merge GB/s" takes each tool's startup out of its best wall time (the
+same interpreter and imports running ``--help``, best of 3: on a slow day importing torch alone
+takes seconds). MagMax and random mix, which mergekit lacks, are timed for mergecl alone.
+``--busy`` times every run again beside a second process that keeps one core busy, and reports how
+much slower each tool got.
 
 mergekit is never a dependency of mergecl: install it in its own virtual environment and pass its
 interpreter (the CPU torch wheel, so that pip does not pull CUDA):
@@ -125,21 +126,46 @@ runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
 
 
+def workers_pss_kb(pid: int) -> int:
+    """The proportional set size (PSS) of ``pid``'s child processes (mergecl's forked merge workers),
+    summed; 0 when it has none (or has just ended)."""
+    total = 0
+    try:
+        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except OSError:
+        return 0
+    for child in children:
+        try:
+            for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one fresh process running ``cmd`` = [python, "-m", module, *args]."""
+    """(wall seconds, peak memory in MB) of one fresh process running ``cmd`` = [python, "-m", module,
+    *args]. Memory: the process's own peak RSS plus the peak PSS of its child processes, sampled every
+    10 ms (an upper bound: pages a child shares with the process count twice)."""
     python, flag, module, *args = cmd
     assert flag == "-m", cmd
+    workers_peak = 0
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty tool never blocks on it
         started = time.perf_counter()
-        code = subprocess.run(
+        process = subprocess.Popen(
             [python, "-c", PEAK_RSS, module, *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
+        while process.poll() is None:
+            workers_peak = max(workers_peak, workers_pss_kb(process.pid))
+            time.sleep(0.01)
         wall = time.perf_counter() - started
         stderr.seek(0)
         text = stderr.read().decode(errors="replace")
-    if code.returncode != 0:
+    if process.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{text[-2000:]}")
-    return wall, max(int(kb) for kb in re.findall(r"peak-rss-kb (\d+)", text)) / 1024
+    own = max(int(kb) for kb in re.findall(r"peak-rss-kb (\d+)", text))
+    return wall, (own + workers_peak) / 1024
 
 
 def mergekit_config(rule: str, base: Path, finetuned: list[Path], dtype_name: str) -> str:
@@ -196,7 +222,8 @@ def main() -> None:
         print(f"\n{dtype_name}: T = {args.tasks}, {gigabytes:.2f} GB of checkpoints; page-cache read "
               f"{gigabytes / min(reads):.2f} GB/s (best of {args.repeats})")  # fmt: skip
         busy = " | best, busy | x quiet" if args.busy else ""
-        print(f"| rule | tool | best | median | GB/s (best) | merge GB/s | peak RSS MB | max diff vs mergecl{busy} |")
+        header = "| rule | tool | best | median | GB/s (best) | merge GB/s | peak memory MB | max diff vs mergecl"
+        print(f"{header}{busy} |")
         print("|:---|:---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.busy else ""))
         for rule in args.rules:
             tools = {"mergecl": [sys.executable, "-m", "mergecl", "merge", *RULES[rule][0], "--base", str(base)]}

@@ -58,6 +58,9 @@ from mergecl.progress import bar as progress_bar
 from mergecl.tensors import all_finite
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in cache, fastest here
+# ... in forked workers, which pay no lock hand-off per op: half, and the chunk's buffers fit a core's
+# L2 (bf16 average of 8 models 1.26-1.33 s against 1.34-1.46 s; MagMax 2.2 s against 2.5-2.8 s)
+FORKED_CHUNK = 1 << 17
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 WHOLE_BUDGET = 256 << 20  # bytes whole tensors (``whole_tensors``) may hold over all threads (and one model's at most)
 # checkpoint bytes a merge pass reads from which its workers are forked processes (Linux): below,
@@ -80,12 +83,16 @@ class EngineOptions(Options):
     dare: float = Field(0.0, ge=0, lt=1, description="DARE: drop each task-vector entry with this probability")
     include: str | None = Field(None, description="merge only tensors whose name matches this regex")
     exclude: str | None = Field(None, description="copy tensors whose name matches this regex from the base")
-    chunk_size: int = Field(DEFAULT_CHUNK, description=f"elements per chunk, a multiple of {RNG_BLOCK}")
+    chunk_size: int = Field(
+        DEFAULT_CHUNK,
+        description=f"elements per chunk, a multiple of {RNG_BLOCK} (if not given: {FORKED_CHUNK} in forked workers)",
+    )
     workers: int | None = Field(
         None,
         ge=1,
-        description="threads computing chunks, one core each (default: torch's thread count; 1 on a GPU; "
-        "whole-tensor rules always use torch's own threads; the same result)",
+        description="workers computing chunks, one core each: forked processes for a large merge pass on Linux, "
+        "else threads (default: torch's thread count; 1 on a GPU; whole-tensor rules always use torch's own "
+        "threads; the same result)",
     )
     device: str = Field(
         "cpu",
@@ -464,6 +471,8 @@ class _Merge:
         """``output`` from ``workers`` forked processes (forked.py); the bytes they read go to this
         process's progress bar, and a chunk that fails in one is computed here for its error."""
         entries = self.entries
+        if "chunk_size" not in self.options.model_fields_set:  # the last pass: the prepare passes are done
+            self.chunk_size = min(self.chunk_size, FORKED_CHUNK)
 
         def compute(index: int, start: int, stop: int) -> Tensor:
             return self._chunk(lam, entries[index], start, stop, {})
