@@ -17,7 +17,8 @@ overflow) raises ``MergeclError`` naming the tensor and the file; an output is w
 whole merge succeeded.
 
 ``device``: where the rule computes. On the CPU (the default) ``workers`` threads may compute chunks
-ahead. On a CUDA device (``_StagedMerge``) the merge pass moves every chunk the rule computes on
+ahead, or, for the merge pass of a large merge on Linux, as many forked processes (forked.py). On
+a CUDA device (``_StagedMerge``) the merge pass moves every chunk the rule computes on
 (base, task vectors, inputs, draws, all read or drawn on the CPU as here) to the device through
 pinned buffers and brings the merged chunk back (device.py), so that reading, transfers, computing
 and writing overlap; the checks run on the device and are read with the chunk, and a chunk that

@@ -67,8 +67,8 @@ def forked_map(
     """
     ahead = 2 * workers  # jobs in flight
     slots = ahead + 1  # and the one the consumer holds
-    memory = mmap.mmap(-1, slots * slot_bytes)  # anonymous and shared: the children write, we read
-    buffer = torch.frombuffer(memory, dtype=torch.uint8).view(slots, slot_bytes)
+    memory = mmap.mmap(-1, max(1, slots * slot_bytes))  # anonymous and shared: the children write, we read
+    buffer = torch.frombuffer(memory, dtype=torch.uint8)[: slots * slot_bytes].view(slots, slot_bytes)
     job_read, job_write = os.pipe()
     done_read, done_write = os.pipe()
     pids: list[int] = []
