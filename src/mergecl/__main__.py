@@ -1,3 +1,3 @@
-from mergecl.cli import main
+from mergecl.cli import program
 
-raise SystemExit(main())
+program()

@@ -171,6 +171,34 @@ def test_the_program_starts_without_collections_and_leaves_them_on_with_the_impo
     assert int(words[words.index("again") + 1]) <= frozen  # nothing more frozen (some frozen objects freed)
 
 
+@pytest.mark.parametrize(
+    "argv, code",
+    [(["list", "rules"], 0), (["merge", "--scop", "x"], 2), (["merge", "--help"], 0)],
+)
+def test_the_program_ends_without_teardown_but_runs_exit_handlers_and_flushes(tmp_path, argv, code):
+    """``program()`` leaves by ``os._exit`` (no interpreter teardown): the exit status, the output
+    and the ``atexit`` handlers are what a normal exit gives; a running thread gets the normal exit."""
+    probe = (
+        "import atexit, sys, threading, time\n"
+        "from mergecl.cli import program\n"
+        "atexit.register(print, 'exit handler ran')\n"
+        "if sys.argv[1] == 'thread':\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.5), print('thread finished'))).start()\n"
+        "sys.argv = ['mergecl', *sys.argv[2:]]\n"
+        "program()\n"
+        "print('not reached')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", MERGECL_QUIET="1")
+    for mode in ("alone", "thread"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, mode, *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == code, done.stderr
+        assert done.stdout.rstrip().endswith("exit handler ran") and "not reached" not in done.stdout
+        assert ("thread finished" in done.stdout) == (mode == "thread")
+        assert ("usage: mergecl merge" in done.stdout + done.stderr) == (argv[0] == "merge")
+
+
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
