@@ -168,3 +168,16 @@ def test_small_merges_and_rules_with_per_tensor_arguments_stay_in_threads(monkey
     assert calls == []
     merge(base, fts, "average", workers=2)
     assert len(calls) == 1
+
+
+def test_a_host_program_that_ignores_its_children_still_gets_its_merge(forking, monkeypatch):
+    """With SIGCHLD ignored the kernel reaps the workers itself: waiting on them finds none."""
+    monkeypatch.setattr(forked, "POLL_S", 0.05)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        base, fts = models()
+        merged = merge(base, fts, "magmax", chunk_size=RNG_BLOCK, workers=2)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert forking == [2]
+    assert_same(merged, merge(base, fts, "magmax", chunk_size=RNG_BLOCK, workers=1))

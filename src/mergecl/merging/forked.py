@@ -110,9 +110,9 @@ def forked_map(
         for pid in pids:  # idle children have seen the job pipe close; busy ones are not needed
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):  # already reaped (SIGCHLD ignored)
                 pass
-            os.waitpid(pid, 0)
 
 
 def _collect(jobs, layout, buffer, job_write, done_read, pids, ahead, on_failure):
@@ -128,7 +128,10 @@ def _collect(jobs, layout, buffer, job_write, done_read, pids, ahead, on_failure
             job = next(jobs, None)
             if job is None:
                 return
-            os.write(job_write, JOB.pack(sequence, sequence % slots, *job))
+            try:
+                os.write(job_write, JOB.pack(sequence, sequence % slots, *job))
+            except BrokenPipeError:  # no worker left to read it
+                raise WorkerDied("the merge worker processes ended unexpectedly (killed, or out of memory?)") from None
             pending.append((sequence, job))
             sequence += 1
 
@@ -151,11 +154,12 @@ def _collect(jobs, layout, buffer, job_write, done_read, pids, ahead, on_failure
 def _read_message(fd: int, pids: list[int]) -> bytes:
     """One DONE message; raises if a worker died (killed, out of memory) instead of waiting forever."""
     data = b""
+    poller = select.poll()  # not select(): it fails on descriptors past 1024 (many open shards)
+    poller.register(fd, select.POLLIN)
     while len(data) < DONE.size:
-        ready, _, _ = select.select([fd], [], [], POLL_S)
-        if not ready:
+        if not poller.poll(POLL_S * 1000):
             for pid in pids:
-                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                if _ended(pid):
                     pids.remove(pid)
                     raise WorkerDied("a merge worker process ended unexpectedly (killed, or out of memory?)")
             continue
@@ -164,6 +168,13 @@ def _read_message(fd: int, pids: list[int]) -> bytes:
             raise WorkerDied("the merge worker processes ended unexpectedly (killed, or out of memory?)")
         data += more
     return data
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) != (0, 0)
+    except ChildProcessError:  # already reaped (SIGCHLD ignored by the host program)
+        return True
 
 
 def _serve(job_read: int, done_write: int, buffer: Tensor, compute, tally: Callable[[], int]) -> None:
