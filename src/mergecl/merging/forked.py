@@ -44,8 +44,9 @@ class WorkerDied(RuntimeError):
 
 def can_fork() -> bool:
     """Linux only: macOS's system libraries are not safe to use in a forked child without exec,
-    and Windows has no fork (both keep the threads)."""
-    return sys.platform.startswith("linux")
+    and Windows has no fork (both keep the threads). Nor once this process has used CUDA: a forked
+    child cannot, and a state dict to merge may hold CUDA tensors."""
+    return sys.platform.startswith("linux") and not torch.cuda.is_initialized()
 
 
 def forked_map(
