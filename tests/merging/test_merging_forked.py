@@ -76,8 +76,12 @@ def test_a_forked_merge_equals_the_sequential_one_bit_for_bit(tmp_path, forking,
     merge(base_path, ft_paths, method, seed=3, chunk_size=RNG_BLOCK, workers=3, out=out, **options)
     assert forking == [3]
     assert_same(sequential, load_file(str(out)))
-    in_memory = merge(base, fts, method, seed=3, chunk_size=RNG_BLOCK, workers=2, **options)  # state dicts in
+    from_memory = tmp_path / "from_memory.safetensors"  # state dicts in, a file out
+    merge(base, fts, method, seed=3, chunk_size=RNG_BLOCK, workers=2, out=from_memory, **options)
     assert forking == [3, 2]
+    assert_same(sequential, load_file(str(from_memory)))
+    in_memory = merge(base, fts, method, seed=3, chunk_size=RNG_BLOCK, workers=2, **options)
+    assert forking == [3, 2]  # a result collected in memory: threads (no copy-on-write of its pages)
     assert_same(sequential, in_memory)
     assert no_children_left()
 
@@ -106,13 +110,13 @@ def test_chunks_are_computed_in_other_processes_that_report_their_reads(tmp_path
     monkeypatch.setattr(engine._Merge, "_chunk", chunk)
     monkeypatch.setattr(engine, "progress_bar", lambda total, *a, **k: reads.append(("total", total)) or Bar())
     base, fts = models()
-    merge(base, fts, "average", chunk_size=RNG_BLOCK, workers=1)
+    merge(base, fts, "average", chunk_size=RNG_BLOCK, workers=1, out=tmp_path / "one.safetensors")
     assert {int(line) for line in seen.read_text().split()} == {os.getpid()}
     (_, total), *updates = reads
     assert sum(updates) > 0.99 * total
     seen.unlink()
     reads.clear()
-    merge(base, fts, "average", chunk_size=RNG_BLOCK, workers=2)
+    merge(base, fts, "average", chunk_size=RNG_BLOCK, workers=2, out=tmp_path / "two.safetensors")
     pids = {int(line) for line in seen.read_text().split()}
     assert pids and os.getpid() not in pids  # (whichever worker is free takes the next chunk)
     assert reads[0] == ("total", total) and sum(reads[1:]) == sum(updates)  # the workers' reads reached the bar
@@ -164,30 +168,34 @@ def test_a_pass_abandoned_by_its_writer_leaves_no_process_and_no_output(tmp_path
     assert not out.exists() and no_children_left()
 
 
-def test_small_merges_and_rules_with_per_tensor_arguments_stay_in_threads(monkeypatch):
+def test_small_merges_in_memory_results_and_per_tensor_arguments_stay_in_threads(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(engine, "forked_map", lambda *a, **k: calls.append(a) or forked.forked_map(*a, **k))
     base, fts = models()
-    merge(base, fts, "average", workers=2)  # ~3 MB read: below FORK_FROM
+    out = tmp_path / "merged.safetensors"
+    merge(base, fts, "average", workers=2, out=out)  # ~3 MB read: below FORK_FROM
     assert calls == []
     monkeypatch.setattr(engine, "FORK_FROM", 0)
-    merge(base, fts, "ties", workers=2)  # its thresholds come with each tensor, from this process
+    merge(base, fts, "ties", workers=2, out=out, force=True)  # its thresholds come with each tensor, from here
     assert calls == []
-    merge(base, fts, "average", workers=2)
+    merge(base, fts, "average", workers=2)  # collected in this process's memory
+    assert calls == []
+    merge(base, fts, "average", workers=2, out=out, force=True)
     assert len(calls) == 1
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a child could not read CUDA tensors
-    merge(base, fts, "average", workers=2)
+    merge(base, fts, "average", workers=2, out=out, force=True)
     assert len(calls) == 1
 
 
-def test_a_host_program_that_ignores_its_children_still_gets_its_merge(forking, monkeypatch):
+def test_a_host_program_that_ignores_its_children_still_gets_its_merge(tmp_path, forking, monkeypatch):
     """With SIGCHLD ignored the kernel reaps the workers itself: waiting on them finds none."""
     monkeypatch.setattr(forked, "POLL_S", 0.05)
     previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
         base, fts = models()
-        merged = merge(base, fts, "magmax", chunk_size=RNG_BLOCK, workers=2)
+        merge(base, fts, "magmax", chunk_size=RNG_BLOCK, workers=2, out=tmp_path / "merged.safetensors")
     finally:
         signal.signal(signal.SIGCHLD, previous)
     assert forking == [2]
+    merged = load_file(str(tmp_path / "merged.safetensors"))
     assert_same(merged, merge(base, fts, "magmax", chunk_size=RNG_BLOCK, workers=1))

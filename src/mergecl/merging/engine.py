@@ -64,9 +64,9 @@ DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in ca
 FORKED_CHUNK = 1 << 17
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 WHOLE_BUDGET = 256 << 20  # bytes whole tensors (``whole_tensors``) may hold over all threads (and one model's at most)
-# checkpoint bytes a merge pass reads from which its workers are forked processes (Linux): below,
-# forking (8-15 ms per worker from a 0.5 GB process, more from larger ones) costs more than it saves
-FORK_FROM = 64 << 20
+# checkpoint bytes a merge pass reads from which its workers are forked processes (Linux; a merge
+# written to a file): they were faster at 3.95 GB (bf16, 8 models) and 7.9 GB, no faster at 1 GB
+FORK_FROM = 2 << 30
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # True: CPU merges go through the device stage too, its transfers plain copies (the tests' way to run
@@ -301,7 +301,9 @@ class _Merge:
     """One merge: the readers, the validated layout, and the chunk streams a rule consumes (it is
     the ``MergeView`` a rule's ``prepare`` gets)."""
 
-    def __init__(self, rule: Rule, options, base, finetuned, inputs, progress, vectors: bool) -> None:
+    def __init__(
+        self, rule: Rule, options, base, finetuned, inputs, progress, vectors: bool, to_file: bool = False
+    ) -> None:
         self.rule = rule
         self.options = options
         self.rule_options = {name: getattr(options, name) for name in rule.options.model_fields}
@@ -328,7 +330,10 @@ class _Merge:
         # tensor's own TIES thresholds, through ``map``) must still get the pool's threads
         self.workers = pass_workers(rule, options)
         pass_bytes = model_bytes * (self.num_tasks + 1 + sum(len(readers) for readers in inputs.values()))
-        self.forks = self.workers > 1 and can_fork() and pass_bytes >= FORK_FROM
+        # forked workers only for a merge streamed to a file (``to_file``): while they live, every page
+        # this process writes is first copied (copy-on-write), and a result collected here in memory
+        # made a 1 GB merge 2.5-7x slower than threads
+        self.forks = to_file and self.workers > 1 and can_fork() and pass_bytes >= FORK_FROM
 
     # --- the MergeView of a rule's ``prepare`` -----------------------------------------------------
 
@@ -680,7 +685,7 @@ def merge_checkpoints(
         nbytes = sum(numel(base_reader.spec(k)[1]) * base_reader.spec(k)[0].itemsize for k in base_reader.keys())
         total = nbytes * (len(ft_readers) + 1) * (1 + rule.passes(opts))
         bar = readers.enter_context(progress_bar(total, "merging", enabled=progress, unit="B", unit_scale=True))
-        job = _Merge(rule, opts, base_reader, ft_readers, input_readers, bar, task_vectors)
+        job = _Merge(rule, opts, base_reader, ft_readers, input_readers, bar, task_vectors, to_file=out is not None)
         prepared = rule.prepare(job, opts) if rule.prepare is not None else None
         lam = prepared.lam if prepared is not None and prepared.lam is not None else opts.lam
         info = dict(prepared.info) if prepared is not None else {}
