@@ -1,4 +1,4 @@
-"""A merge pass computed in forked worker processes, one core each (POSIX).
+"""A merge pass computed in forked worker processes, one core each (Linux).
 
 Why processes: the chunks of a merge pass are small (a megabyte, to stay in the core's cache), and
 every torch op and read of a chunk releases and retakes the interpreter lock; with two threads in
@@ -36,6 +36,7 @@ from torch import Tensor
 JOB = struct.Struct("<5q")  # sequence number, slot, then the caller's job: three integers
 DONE = struct.Struct("<3q")  # sequence number, 1 if computed, the bytes the child read for it
 POLL_S = 1.0  # how often a waiting parent checks that its workers are alive
+DIED = "the merge worker processes ended unexpectedly (killed, or out of memory?)"
 
 
 class WorkerDied(RuntimeError):
@@ -132,15 +133,17 @@ def _collect(jobs, layout, buffer, job_write, done_read, pids, ahead, on_failure
             try:
                 os.write(job_write, JOB.pack(sequence, sequence % slots, *job))
             except BrokenPipeError:  # no worker left to read it
-                raise WorkerDied("the merge worker processes ended unexpectedly (killed, or out of memory?)") from None
+                raise WorkerDied(DIED) from None
             pending.append((sequence, job))
             sequence += 1
 
+    poller = select.poll()  # not select(): it fails on descriptors past 1024 (many open shards)
+    poller.register(done_read, select.POLLIN)
     send_more()
     while pending:
         number, job = pending[0]
         while number not in finished:
-            got, ok, nread = DONE.unpack(_read_message(done_read, pids))
+            got, ok, nread = DONE.unpack(_read_message(done_read, poller, pids))
             finished[got] = ok, nread
         ok, nread = finished.pop(number)
         pending.popleft()
@@ -152,21 +155,20 @@ def _collect(jobs, layout, buffer, job_write, done_read, pids, ahead, on_failure
         send_more()  # only now: the slot just yielded is free once the consumer asks for the next
 
 
-def _read_message(fd: int, pids: list[int]) -> bytes:
-    """One DONE message; raises if a worker died (killed, out of memory) instead of waiting forever."""
+def _read_message(fd: int, poller, pids: list[int]) -> bytes:
+    """One DONE message from ``fd`` (registered with ``poller``); raises if a worker died (killed,
+    out of memory) instead of waiting forever."""
     data = b""
-    poller = select.poll()  # not select(): it fails on descriptors past 1024 (many open shards)
-    poller.register(fd, select.POLLIN)
     while len(data) < DONE.size:
         if not poller.poll(POLL_S * 1000):
             for pid in pids:
                 if _ended(pid):
                     pids.remove(pid)
-                    raise WorkerDied("a merge worker process ended unexpectedly (killed, or out of memory?)")
+                    raise WorkerDied(DIED)
             continue
         more = os.read(fd, DONE.size - len(data))
         if not more:
-            raise WorkerDied("the merge worker processes ended unexpectedly (killed, or out of memory?)")
+            raise WorkerDied(DIED)
         data += more
     return data
 
