@@ -126,15 +126,18 @@ runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
 
 
-def workers_pss_kb(pid: int) -> int:
-    """The proportional set size (PSS) of ``pid``'s child processes (mergecl's forked merge workers),
-    summed; 0 when it has none (or has just ended)."""
-    total = 0
+def child_pids(pid: int) -> list[str]:
+    """``pid``'s child processes (mergecl's forked merge workers); none once it has ended."""
     try:
-        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+        return [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     except OSError:
-        return 0
-    for child in children:
+        return []
+
+
+def workers_pss_kb(pid: int) -> int:
+    """The proportional set size (PSS) of ``pid``'s child processes, summed; 0 when it has none."""
+    total = 0
+    for child in child_pids(pid):
         try:
             for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -144,20 +147,26 @@ def workers_pss_kb(pid: int) -> int:
     return total
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict | None = None, workers: bool = True) -> tuple[float, float | None]:
     """(wall seconds, peak memory in MB) of one fresh process running ``cmd`` = [python, "-m", module,
     *args]. Memory: the process's own peak RSS plus the peak PSS of its child processes, sampled every
-    10 ms (an upper bound: pages a child shares with the process count twice)."""
+    10 ms (an upper bound: pages a child shares with the process count twice). A PSS sample costs the
+    kernel 2-7 ms per 2 workers (it walks their page tables: on 2 busy cores it made a 1.9 s merge
+    0.1 s slower), so with ``workers`` False the children are only looked for, and the memory is None
+    if there were any: ``alternate`` then measures it in a run of its own."""
     python, flag, module, *args = cmd
     assert flag == "-m", cmd
-    workers_peak = 0
+    workers_peak, had_children = 0, False
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty tool never blocks on it
         started = time.perf_counter()
         process = subprocess.Popen(
             [python, "-c", PEAK_RSS, module, *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
         while process.poll() is None:
-            workers_peak = max(workers_peak, workers_pss_kb(process.pid))
+            if workers:
+                workers_peak = max(workers_peak, workers_pss_kb(process.pid))
+            else:
+                had_children = had_children or bool(child_pids(process.pid))
             time.sleep(0.01)
         wall = time.perf_counter() - started
         stderr.seek(0)
@@ -165,7 +174,7 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     if process.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{text[-2000:]}")
     own = max(int(kb) for kb in re.findall(r"peak-rss-kb (\d+)", text))
-    return wall, (own + workers_peak) / 1024
+    return wall, None if had_children else (own + workers_peak) / 1024
 
 
 def mergekit_config(rule: str, base: Path, finetuned: list[Path], dtype_name: str) -> str:
@@ -263,14 +272,24 @@ def alternate(tools: dict, outs: dict, repeats: int, env: dict, inputs: list[Pat
     0.4-0.9 GB file or for writing back the dirty pages of the run before it (mergekit does not
     fsync its output: the kernel would write it back during the next run, whichever tool's). The
     inputs are read once more before each run (untimed): mergekit's 8-9 GB beside both models' files
-    evicts some of them on a 24 GB machine, and the run after it would read those from the disk."""
+    evicts some of them on a 24 GB machine, and the run after it would read those from the disk.
+    The timed runs do not sample their workers' memory; a tool that has workers runs once more for it."""
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+
+    def fresh(name: str) -> None:
+        shutil.rmtree(outs[name], ignore_errors=True)
+        os.sync()
+        read_all(inputs)
+
     for repeat in range(repeats):
         for name in list(tools) if repeat % 2 == 0 else list(reversed(tools)):
-            shutil.rmtree(outs[name], ignore_errors=True)
-            os.sync()
-            read_all(inputs)
-            runs[name].append(timed(tools[name], env))
+            fresh(name)
+            runs[name].append(timed(tools[name], env, workers=False))
+    for name, results in runs.items():
+        if any(memory is None for _, memory in results):  # it forks workers: their memory, sampled, in one run more
+            fresh(name)
+            memory = timed(tools[name], env)[1]
+            runs[name] = [(wall, memory) for wall, _ in results]
     return runs
 
 
