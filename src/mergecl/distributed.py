@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,7 +119,14 @@ def wrap(module: nn.Module) -> nn.Module:
     # buffers (BatchNorm statistics) stay per process: the zero-shot head's is constant anyway.
     # find_unused_parameters: HF encoders carry parameters the forward never uses (BERT's pooler
     # under mean pooling), which DDP would otherwise wait for forever.
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which would still send
+        # rank 0's buffers to every process at each wrap (once per task): torch's own advice is to
+        # keep broadcast_buffers=False until it can turn that off too (init_sync_buffers)
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(
+            module, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
+        )
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -3,6 +3,8 @@ the loop trains a sharded copy (DTensor weights and gradients reach the hooks) a
 the weights plain training gives; what FSDP2 cannot shard is a one-line error; the older spelling
 shard_optimizer still reads. The 2-process equivalence with DDP is tests/run/test_run_distributed.py."""
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -101,3 +103,15 @@ def test_shard_optimizer_is_the_older_spelling_of_shard():
     assert TrainSettings().shard == "none" and "shard_optimizer" not in TrainSettings().model_dump()
     with pytest.raises(ValueError, match="shard_optimizer is now spelled shard"):
         TrainSettings(shard_optimizer=True, shard="full")
+
+
+def test_ddp_keeps_buffers_per_process_without_a_deprecation_warning(one_process):
+    """DDP's broadcast_buffers is deprecated in torch 2.13; its replacement would sync the buffers
+    at every wrap. The wrap keeps them per process and says nothing to the user's log."""
+    module = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = distributed.wrap(module)
+    assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    assert wrapped.broadcast_buffers is False
+    assert [str(w.message) for w in caught if "buffers" in str(w.message)] == []
