@@ -3,9 +3,11 @@
 Builds the random Llama-layout model of peer_merge.py (``--params``, default ~220M) and ``--tasks``
 fine-tuned copies (base + 0.01 noise), in bf16 and fp32; then, for each rule, runs ``mergecl merge``
 on every device of ``--devices`` alternately (``--repeats`` times each, the first device
-alternating), each in a fresh process (CUDA's start-up included), and reports best and median wall
-time, GB/s of checkpoint bytes read (base + T inputs, once; TIES with scope global reads them four
-times), the process's peak RSS, and the largest absolute difference from the first device's output.
+alternating), each in a fresh process (CUDA's start-up included) under peer_merge.py's protocol
+(the previous output removed, disks synced, inputs read again, all untimed), and reports best and
+median wall time, GB/s of checkpoint bytes read (base + T inputs, once; TIES with scope global reads
+them four times), the peak memory (the process's RSS and its CPU merge workers' PSS, measured in a
+run of its own), and the largest absolute difference from the first device's output.
 ``--check`` exits 1 when an output differs from it by more than ``--tolerance`` (default: 1e-5 for
 fp32 outputs; for bf16 one bf16 step at 1.0, 2^-7, where the norm weights lie: the devices sum in
 other orders, and a different last bit of an fp32 value can round to the next bf16 value).
@@ -27,7 +29,7 @@ import sys
 import torch
 from merge_speed import read_all  # the raw page-cache read
 from peer_merge import RULES as PEER_RULES
-from peer_merge import make_models, max_difference, model_arguments, output_file, timed
+from peer_merge import alternate, make_models, max_difference, model_arguments, output_file
 
 # rule -> mergecl merge flags: peer_merge's (average, task_arithmetic, ties per tensor) and a rule of
 # each other kind the device path runs differently: a running select, whole-model passes, draws
@@ -61,17 +63,17 @@ def main() -> None:
         read = min(read_all(inputs) for _ in range(2))  # the first warms the page cache
         print(f"\n{dtype_name}: T = {args.tasks}, {gigabytes:.2f} GB of checkpoints; page-cache read "
               f"{gigabytes / read:.2f} GB/s")  # fmt: skip
-        print(f"| rule | device | best | median | GB/s (best) | peak RSS MB | max diff vs {args.devices[0]} |")
+        print(f"| rule | device | best | median | GB/s (best) | peak memory MB | max diff vs {args.devices[0]} |")
         print("|:---|:---|---:|---:|---:|---:|---:|")
         tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[dtype_name]
         for rule in args.rules:
             outs = {device: args.out / "merged" / f"{dtype_name}-{rule}-{device}" for device in args.devices}
-            runs: dict[str, list[tuple[float, float]]] = {device: [] for device in args.devices}
-            for repeat in range(args.repeats):
-                for device in args.devices if repeat % 2 == 0 else reversed(args.devices):
-                    cmd = [sys.executable, "-m", "mergecl", "merge", *RULES[rule], "--base", str(base)]
-                    cmd += ["--device", device, "-o", str(outs[device]), "--max-shard-size", "1000GB"]
-                    runs[device].append(timed([*cmd, "--force", "--quiet", *map(str, finetuned)], env))
+            tools = {}
+            for device in args.devices:
+                cmd = [sys.executable, "-m", "mergecl", "merge", *RULES[rule], "--base", str(base)]
+                cmd += ["--device", device, "-o", str(outs[device]), "--max-shard-size", "1000GB"]
+                tools[device] = [*cmd, "--quiet", *map(str, finetuned)]
+            runs = alternate(tools, outs, args.repeats, env, inputs)  # peer_merge's protocol
             reference = output_file(outs[args.devices[0]])
             for device, results in runs.items():
                 walls = [wall for wall, _ in results]
