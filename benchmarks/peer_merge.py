@@ -232,8 +232,8 @@ def main() -> None:
               f"{gigabytes / min(reads):.2f} GB/s (best of {args.repeats})")  # fmt: skip
         busy = " | best, busy | x quiet" if args.busy else ""
         header = "| rule | tool | best | median | GB/s (best) | merge GB/s | peak memory MB | max diff vs mergecl"
-        print(f"{header}{busy} |")
-        print("|:---|:---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.busy else ""))
+        print(f"{header} | mergecl faster by, best (median){busy} |")
+        print("|:---|:---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.busy else ""))
         for rule in args.rules:
             tools = {"mergecl": [sys.executable, "-m", "mergecl", "merge", *RULES[rule][0], "--base", str(base)]}
             outs = {name: args.out / "merged" / f"{dtype_name}-{rule}-{name}" for name in ("mergecl", "mergekit")}
@@ -243,7 +243,7 @@ def main() -> None:
                 config.write_text(mergekit_config(rule, base, finetuned, dtype_name))
                 cli = [args.mergekit, "-m", "mergekit.scripts.run_yaml", str(config), str(outs["mergekit"])]
                 tools["mergekit"] = cli + ["--lazy-unpickle", "--allow-crimes"]
-            runs = {name: alternate(tools, outs, args.repeats, env, inputs)[name] for name in tools}
+            runs = alternate(tools, outs, args.repeats, env, inputs)
             busy_runs = {}
             if args.busy:
                 spinner = subprocess.Popen([sys.executable, "-c", BUSY])
@@ -254,12 +254,15 @@ def main() -> None:
             for name, results in runs.items():
                 walls = [wall for wall, _ in results]
                 rss = max(peak for _, peak in results)
-                diff = "-"
+                diff = ratio = "-"
                 if name != "mergecl":
                     diff = f"{max_difference(output_file(outs['mergecl']), output_file(outs[name])):.3g}"
+                    ours = [wall for wall, _ in runs["mergecl"]]
+                    ratio = f"{min(walls) / min(ours):.2f}x ({statistics.median(walls) / statistics.median(ours):.2f}x)"
                 merge_rate = gigabytes / max(min(walls) - startup[name], 1e-9)
                 row = (f"| {rule} | {name} | {min(walls):.2f} s | {statistics.median(walls):.2f} s | "
-                       f"{gigabytes / min(walls):.2f} | {merge_rate:.2f} | {rss:,.0f} | {diff} |")  # fmt: skip
+                       f"{gigabytes / min(walls):.2f} | {merge_rate:.2f} | {rss:,.0f} | {diff} | "
+                       f"{ratio} |")  # fmt: skip
                 if args.busy:
                     loaded = min(wall for wall, _ in busy_runs[name])
                     row += f" {loaded:.2f} s | {loaded / min(walls):.2f} |"
