@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-peer_merge = pytest.importorskip("peer_merge")
+import peer_merge  # noqa: E402 (a script folder, put on the path just above)
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the benchmark reads /proc")
 
 TOOL = """import os, sys, time
