@@ -248,7 +248,7 @@ def main() -> None:
             if args.busy:
                 spinner = subprocess.Popen([sys.executable, "-c", BUSY])
                 try:
-                    busy_runs = alternate(tools, outs, args.repeats, env, inputs)
+                    busy_runs = alternate(tools, outs, args.repeats, env, inputs, memory=False)  # walls only
                 finally:
                     spinner.kill()
             for name, results in runs.items():
@@ -269,15 +269,18 @@ def main() -> None:
                 print(row, flush=True)
 
 
-def alternate(tools: dict, outs: dict, repeats: int, env: dict, inputs: list[Path]) -> dict[str, list[tuple]]:
+def alternate(
+    tools: dict, outs: dict, repeats: int, env: dict, inputs: list[Path], memory: bool = True
+) -> dict[str, list[tuple]]:
     """``repeats`` timed runs of each tool, alternating which goes first; each tool's output from the
     run before is removed first and the disks synced (untimed), so that no run pays for deleting a
     0.4-0.9 GB file or for writing back the dirty pages of the run before it (mergekit does not
     fsync its output: the kernel would write it back during the next run, whichever tool's). The
     inputs are read once more before each run (untimed): mergekit's 8-9 GB beside both models' files
     evicts some of them on a 24 GB machine, and the run after it would read those from the disk.
-    The timed runs do not sample their workers' memory; a tool that has workers runs once more for it."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    The timed runs do not sample their workers' memory; with ``memory``, a tool that has workers
+    runs once more for it (else its memory stays None)."""
+    runs: dict[str, list[tuple[float, float | None]]] = {name: [] for name in tools}
 
     def fresh(name: str) -> None:
         shutil.rmtree(outs[name], ignore_errors=True)
@@ -289,10 +292,10 @@ def alternate(tools: dict, outs: dict, repeats: int, env: dict, inputs: list[Pat
             fresh(name)
             runs[name].append(timed(tools[name], env, workers=False))
     for name, results in runs.items():
-        if any(memory is None for _, memory in results):  # it forks workers: their memory, sampled, in one run more
+        if memory and any(peak is None for _, peak in results):  # it forks workers: sampled in one run more
             fresh(name)
-            memory = timed(tools[name], env)[1]
-            runs[name] = [(wall, memory) for wall, _ in results]
+            peak = timed(tools[name], env)[1]
+            runs[name] = [(wall, peak) for wall, _ in results]
     return runs
 
 
