@@ -21,8 +21,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MERGECL_QUIET=1
 
-python3 -c "import mergecl, torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())" \
-    2>&1 | tee "$out/versions.log" || exit 1
+python3 -c "import sys, mergecl, torch
+torch.cuda.is_available() or sys.exit(f'gpu_check: no CUDA device here (torch {torch.__version__})')
+print('torch', torch.__version__, '|', torch.cuda.get_device_name())" 2>&1 | tee "$out/versions.log" || exit 1
 status=0
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, keep its output, remember a failure
     local name=$1 limit=$2
