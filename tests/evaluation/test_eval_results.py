@@ -60,6 +60,15 @@ def test_results_round_trip_through_json():
     assert json.dumps(through_json(results).to_json(), indent=1) == text  # results.json: same bytes
 
 
+def test_a_final_only_methods_validation_accuracy_is_the_mean_of_its_row():
+    # its one validation row was once summarized as step 1 of a matrix: task 1's accuracy alone
+    joint = {s: SeedSummary.of_final_row([90.0, 92.0, 94.0], val_rows=[[88.0, 89.0, 96.0 + int(s)]]) for s in "01"}
+    assert joint["0"].val.final_acc == pytest.approx(91.0) and joint["0"].val.avg_incremental_acc is None
+    result = MethodResult.mean_of(joint, {"0": 3, "1": 3})
+    assert result.val == pytest.approx({"final_acc": 91.0 + 1 / 6})
+    assert through_json(RunResults({"joint": result}, META)).methods["joint"].val == result.val
+
+
 def test_a_final_only_method_has_its_final_numbers_only():
     seed = SeedSummary.of_final_row([90.0, 80.0, 70.0], all_class_acc=79.0, wall_time_s=2.0)
     assert seed.evaluated == FINAL_ONLY and seed.final_acc == 80.0 and seed.all_class_acc == 79.0

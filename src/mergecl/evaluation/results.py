@@ -104,10 +104,9 @@ class SeedSummary:
         val_rows: metrics.AccuracyMatrixLike | None = None,
     ) -> SeedSummary:
         """The summary of a final-only method: the final accuracy is the mean of its one row; the
-        metrics over steps are undefined."""
-        # NB: the validation rows of a final-only method are summarized as a matrix, as results.json
-        # always has (its one row then counts as step 1: only its first task is in val's final_acc)
-        val = cls.of_rows(val_rows) if val_rows else None
+        metrics over steps are undefined. Its validation summary is of its last validation row the
+        same way (summarized as a matrix, that one row was step 1: only task 1 counted)."""
+        val = cls.of_final_row(list(val_rows[-1])) if val_rows else None
         final = sum(row) / len(row)
         return cls(FINAL_ONLY, [row], final, all_class_acc=all_class_acc, wall_time_s=wall_time_s, val=val)
 
@@ -193,8 +192,9 @@ class MethodResult:
             if len(values) > 1:
                 std[metric] = statistics.stdev(values)
         val = None
-        if all(s.val is not None for s in summaries):
-            val = {m: statistics.fmean(s.val.value(m) for s in summaries) for m in ("final_acc", "avg_incremental_acc")}
+        if all(s.val is not None for s in summaries):  # a final-only method's val has no avg_incremental_acc
+            metrics_of_val = [m for m in ("final_acc", "avg_incremental_acc") if summaries[0].val.value(m) is not None]
+            val = {m: statistics.fmean(s.val.value(m) for s in summaries) for m in metrics_of_val}
         return cls(
             evaluated,
             matrix,
