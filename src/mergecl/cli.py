@@ -17,6 +17,7 @@ import threading
 import time
 
 from mergecl.errors import MergeclError
+from mergecl.launch import say
 
 
 def _merge_help() -> str:
@@ -211,7 +212,7 @@ def _add_run(sub) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
     p.add_argument(
-        "--nproc", type=int, default=1, metavar="N", help="processes on this machine (torchrun + DDP; one per GPU)"
+        "--nproc", type=int, default=1, metavar="N", help="processes on this machine (DDP or FSDP; one per GPU)"
     )
     p.add_argument(
         "--dry-run",
@@ -237,8 +238,9 @@ def _run_run(args) -> int:
         return 0
     echo = _quiet(args.quiet)
     started = time.perf_counter()
-    if not _distributed(args):
-        return 0
+    launched = _distributed(args)
+    if launched is not None:
+        return launched
     results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
     return _summary(results, path, started)
 
@@ -261,7 +263,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
     p.add_argument(
-        "--nproc", type=int, default=1, metavar="N", help="processes on this machine (torchrun + DDP; one per GPU)"
+        "--nproc", type=int, default=1, metavar="N", help="processes on this machine (DDP or FSDP; one per GPU)"
     )
 
 
@@ -270,38 +272,35 @@ def _run_bench(args) -> int:
 
     echo = _quiet(args.quiet)
     started = time.perf_counter()
-    if not _distributed(args):
-        return 0
+    launched = _distributed(args)
+    if launched is not None:
+        return launched
     results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, orders=args.orders, echo=echo)
     return _summary(results, path, started)
 
 
-def _distributed(args) -> bool:
-    """Under torchrun: join the process group. With --nproc N: start N processes of this very command
-    through torchrun, wait for them and return False (the processes did the work)."""
-    import subprocess
-
+def _distributed(args) -> int | None:
+    """Under torchrun (or ``--nproc``'s launcher): join the process group, None (this process runs
+    the command). With --nproc N: run this very command as N processes (launch.py), wait for them and
+    return their exit status."""
     from mergecl import distributed
+    from mergecl.launch import launch
 
     if distributed.init_from_env():
-        return True
+        return None
     if args.nproc <= 1:
         if args.nproc < 1:
             raise MergeclError(f"--nproc: expected a positive number of processes, got {args.nproc}")
-        return True
-    argv, skip = [], False  # the children find WORLD_SIZE set; torchrun's own parser would choke on --nproc
+        return None
+    argv, skip = [], False  # the same command without --nproc (the processes find WORLD_SIZE set)
     for arg in args.argv:
         if skip or arg == "--nproc" or arg.startswith("--nproc="):
             skip = arg == "--nproc"
             continue
         argv.append(arg)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     env = dict(os.environ, OMP_NUM_THREADS=threads)  # oversubscribed cores spin-wait: 5-10x slower
-    code = subprocess.call([*launch, "-m", "mergecl", *argv], env=env)
-    if code != 0:
-        raise MergeclError(f"torchrun with {args.nproc} processes exited with status {code}")
-    return False
+    return launch([sys.executable, "-m", "mergecl", *argv], args.nproc, env)
 
 
 def _summary(results, path, started: float) -> int:
@@ -678,7 +677,7 @@ def _load_plugins(argv: list[str]) -> None:
 
 
 def _exit_interrupted(signum, frame) -> None:
-    print("mergecl: interrupted", file=sys.stderr, flush=True)
+    say("mergecl: interrupted")
     os._exit(130)  # nothing is written yet: leave at once
 
 
@@ -698,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         _load_plugins(sys.argv[1:] if argv is None else argv)
         parser = build_parser()
     except MergeclError as err:  # a plugin that cannot be loaded
-        print(f"mergecl: error: {_one_line(str(err))}", file=sys.stderr)
+        say(f"mergecl: error: {_one_line(str(err))}")
         return 2
     finally:
         if in_main_thread:
@@ -723,13 +722,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         return handlers[args.command](args)
     except MergeclError as err:
-        print(f"mergecl: error: {_one_line(str(err))}", file=sys.stderr)
+        say(f"mergecl: error: {_one_line(str(err))}")
         return 2
     except OSError as err:  # any command: a full disk, a read-only or forbidden place (writes are atomic)
-        print(f"mergecl: error: {_one_line(_os_error(err))}", file=sys.stderr)
+        say(f"mergecl: error: {_one_line(_os_error(err))}")
         return 2
     except KeyboardInterrupt:
-        print("mergecl: interrupted", file=sys.stderr)
+        say("mergecl: interrupted")
         return 130
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mergecl.errors import MergeclError
+from mergecl.launch import STORE
 
 
 def active() -> bool:
@@ -46,15 +47,23 @@ def is_main() -> bool:
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes in the environment; False when not under torchrun."""
+    """Join the process group the environment describes (torchrun's, or ``--nproc``'s: launch.py);
+    False when there is none."""
     if active():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return False
     use_cuda = torch.cuda.is_available() and os.environ.get("MERGECL_DIST_BACKEND", "") != "gloo"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    backend = "nccl" if use_cuda else "gloo"
+    if os.environ.get(STORE):  # --nproc: the launcher holds the store (no process binds a port)
+        host, port = os.environ[STORE].rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), world, is_master=False)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
+    else:
+        dist.init_process_group(backend)
     return True
 
 
@@ -117,16 +126,16 @@ def wrap(module: nn.Module) -> nn.Module:
     device = module_device(module)
     device_ids = [device.index] if device.type == "cuda" else None
     # buffers (BatchNorm statistics) stay per process: the zero-shot head's is constant anyway.
-    # find_unused_parameters: HF encoders carry parameters the forward never uses (BERT's pooler
-    # under mean pooling), which DDP would otherwise wait for forever.
+    # static_graph: HF encoders carry parameters the forward never uses (BERT's pooler under mean
+    # pooling), which DDP would otherwise wait for forever. A static graph finds them in its first
+    # step; find_unused_parameters would search the graph at every step, and warn from every
+    # process of every task wherever all parameters are used (an MLP, a LoRA).
     with warnings.catch_warnings():
         # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which would still send
         # rank 0's buffers to every process at each wrap (once per task): torch's own advice is to
         # keep broadcast_buffers=False until it can turn that off too (init_sync_buffers)
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        return DistributedDataParallel(
-            module, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
-        )
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -115,3 +115,32 @@ def test_ddp_keeps_buffers_per_process_without_a_deprecation_warning(one_process
     assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
     assert wrapped.broadcast_buffers is False
     assert [str(w.message) for w in caught if "buffers" in str(w.message)] == []
+
+
+class Pooled(nn.Module):
+    """A BERT-like encoder under mean pooling: its pooler is a parameter the forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.pooler = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.body(x).mean(dim=1)
+
+
+def test_ddp_trains_past_a_parameter_the_forward_never_uses_and_says_nothing(one_process, capfd):
+    """Plain DDP waits for the unused parameter's gradient (in one process: refuses the next step);
+    the wrap's static graph finds it in the first step. find_unused_parameters would also work but
+    warns from every process of every task where all parameters are used (the MLP below)."""
+    torch.manual_seed(0)
+    model = distributed.wrap(Pooled())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        optimizer.step()
+    assert model.module.pooler.weight.grad is None and model.module.body.weight.grad is not None
+    mlp = distributed.wrap(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)))
+    for _ in range(2):
+        mlp(torch.randn(5, 4)).sum().backward()
+    assert "unused" not in capfd.readouterr().err
