@@ -66,6 +66,20 @@ def test_results_from_progress():
     assert "final_row" in on_disk["joint"] and "accuracy_matrix" not in on_disk["joint"]
 
 
+def test_the_per_step_values_are_those_of_the_seeds_and_steps_in_the_numbers():
+    # seed 1 stopped after step 1, and seed 0's training logged step 3 before its row was evaluated
+    progress = {
+        "seeds": {
+            "0": seed({"magmax": [ROW[1], ROW[2]]}, method_info={"magmax": {"0": {"lam": 0.5}, "1": {"lam": 0.3}}}),
+            "1": seed({"magmax": [ROW[1]]}, method_info={"magmax": {"0": {"lam": 0.9}}}),
+        }
+    }
+    progress["seeds"]["0"]["method_info"]["magmax"]["2"] = {"lam": 0.1}
+    magmax = results_from_progress(CONFIG, progress, META).methods["magmax"]
+    assert magmax.seeds_in_numbers() == ["0"] and magmax.steps == 2
+    assert magmax.step_info == {"lam": pytest.approx([0.5, 0.3])}
+
+
 def test_a_method_without_a_row_is_not_in_the_results_yet():
     progress = {"seeds": {"0": seed({"seq_ft": [ROW[1]]})}}
     assert list(results_from_progress(CONFIG, progress, RunMeta()).methods) == ["seq_ft"]

@@ -471,11 +471,15 @@ def method_result(spec: MethodSpec, seeds: list[int], progress: dict[str, Any], 
     steps = {seed: len(of_seed[seed]["rows"][spec.name]) for seed in per_seed}
     furthest = max(steps.values())
     coverage = {seed: steps.get(seed, 0) for seed in of_seed}
+    averaged = {seed: summary for seed, summary in per_seed.items() if steps[seed] == furthest}
+    # the per-step values of the same seeds and steps as the numbers (a training logs its step
+    # before the method's row is evaluated)
     step_info = {
-        **logged_per_step(progress, seeds, "stream_info", spec.training),
-        **logged_per_step(progress, seeds, "method_info", spec.name),
+        key: values[:furthest]
+        for kind, name in (("stream_info", spec.training), ("method_info", spec.name))
+        for key, values in logged_per_step(progress, [int(seed) for seed in averaged], kind, name).items()
     }
-    return MethodResult.mean_of({s: v for s, v in per_seed.items() if steps[s] == furthest}, coverage, step_info)
+    return MethodResult.mean_of(averaged, coverage, step_info)
 
 
 def seed_summary(spec: MethodSpec, progress: dict[str, Any], meta: RunMeta) -> SeedSummary | None:
