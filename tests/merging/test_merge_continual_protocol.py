@@ -67,7 +67,7 @@ def assert_same(a, b):
         ("average", []),
         ("magmax", ["--chunk-size", str(RNG_BLOCK), "--workers", "2"]),
         ("task_arithmetic", ["--lam", "0.7", "--dare", "0.3", "--seed", "5", "--exclude", "enc\\.w"]),
-        ("opcm", []),  # a sequential tensor rule: merged from scratch at every step
+        ("opcm", []),  # a sequential tensor rule with a model-wide coefficient: from its state and norms
         ("ties", ["--keep", "0.3"]),
         ("random_mix", ["--recompute", "--seed", "3"]),
     ],
@@ -80,7 +80,7 @@ def test_cli_every_step_equals_a_plain_merge_of_the_first_s(tmp_path, capsys, me
         == 0
     )
     printed = capsys.readouterr().out
-    expected_how = "running state" if method in ("average", "magmax", "task_arithmetic") else "from scratch"
+    expected_how = "running state" if method in ("average", "magmax", "task_arithmetic", "opcm") else "from scratch"
     assert expected_how in printed
     plain_flags = [f for f in flags if f != "--recompute"]
     for s in range(1, T + 1):
@@ -103,7 +103,8 @@ def test_the_public_function():
 def test_which_rules_run_from_a_state():
     assert uses_running("average") and uses_running("magmax") and uses_running("random_mix")
     assert not uses_running("average", recompute=True)
-    assert not uses_running("ties") and not uses_running("opcm") and not uses_running("fisher")
+    assert not uses_running("ties") and not uses_running("fisher") and not uses_running("continual_ties")
+    assert uses_running("opcm")  # its coefficient from one norm per task and the state's
     assert running_rules()[:4] == ["average", "task_arithmetic", "magmax", "random_mix"]
     assert uses_running("dop")  # its prepare only names the tensors: its running form gets the names
 

@@ -5,8 +5,10 @@ Step s (1..T) is the merge of checkpoints 1..s by the rule, exactly what ``merge
 first s checkpoints. Two ways to get there, one result:
 
 - **running** (the rule declares a running form that goes on without a whole-model pass,
-  ``Rule.running_form``: average, task_arithmetic, magmax, random_mix, dop): a running state of one model's size (fp32,
-  fp64 for fp64 tensors) goes on from step to step. Each step reads the base twice, the new
+  ``Rule.running_form``: average, task_arithmetic, magmax, random_mix, dop, opcm): a running state
+  of one model's size (fp32, fp64 for fp64 tensors) goes on from step to step; for a rule with a
+  model-wide coefficient (opcm's rescaling) also each task vector's squared norm, summed in the
+  order of the rule's own pass. Each step reads the base twice, the new
   checkpoint once and the state twice, and writes the new state and the output: O(1) in T, and
   memory O(chunk) as in every merge. The state lives in a hidden temporary directory inside the
   output directory (in memory without one) and is removed at the end. random_mix's running form is
@@ -71,7 +73,7 @@ def step_path(out: str | os.PathLike, step: int) -> Path:
 
 def uses_running(method: str, recompute: bool = False) -> bool:
     """Whether a continual merge by ``method`` goes on from a running state (O(1) reads per step)."""
-    return not recompute and get_rule(method).running_form(norms_kept=False) is not None
+    return not recompute and get_rule(method).running_form(norms_kept=True) is not None
 
 
 def running_rules() -> list[str]:
@@ -184,10 +186,12 @@ def _running(rule: Rule, method, opts, base, finetuned, out, task_vectors, max_s
         job = _Merge(rule, opts, base_reader, ft_readers, {}, bar, task_vectors)
         merged = [e for e in job.entries if e.merged]
         state: Any = None  # the running state after the last step: a path or an in-memory state dict
+        task_sq: list[float] = []  # a rule with a coefficient: each task vector's squared norm
         for t in range(count):
+            norms: dict[tuple[str, int], tuple[float, float]] | None = {} if running.coefficient else None
             with ExitStack() as step_stack:
                 previous = None if state is None else step_stack.enter_context(open_checkpoint(state, "running state"))
-                fold = _folder(job, running, previous, t, opts.seed)
+                fold = _folder(job, running, previous, t, opts.seed, norms)
                 chunks = _pipeline(_jobs(job, merged), fold, job.workers)
                 step_stack.callback(chunks.close)  # the pool ends here, even on an error
                 wide = [replace(e, dtype=_compute_dtype(e.dtype)) for e in merged]  # the state's dtypes
@@ -199,8 +203,17 @@ def _running(rule: Rule, method, opts, base, finetuned, out, task_vectors, max_s
             if isinstance(state, Path):
                 state.unlink()
             state = new_state
+            lam, info = opts.lam, {}
+            if norms is not None:  # summed in tensor order, as the rule's prepare pass sums them
+                chunks_in_order = [norms[(entry.key, start)] for entry, start, _ in _jobs(job, merged)]
+                task_sq.append(sum(tau_sq for tau_sq, _ in chunks_in_order))
+                merged_norm = sum(merged_sq for _, merged_sq in chunks_in_order) ** 0.5
+                scale = running.coefficient([n**0.5 for n in task_sq], merged_norm)
+                lam, info = opts.lam * scale, {"lambda": scale}
             with open_checkpoint(state, "running state") as current:
-                yield _write_step(job, running, current, t + 1, method, opts, base, finetuned, out, max_shard_size)
+                yield _write_step(
+                    job, running, current, t + 1, method, opts, base, finetuned, out, max_shard_size, lam, info
+                )
 
 
 def _jobs(job: _Merge, entries) -> Iterator[tuple]:
@@ -209,16 +222,14 @@ def _jobs(job: _Merge, entries) -> Iterator[tuple]:
             yield entry, start, stop
 
 
-def _folder(job: _Merge, running, previous, t: int, seed: int):
+def _folder(job: _Merge, running, previous, t: int, seed: int, norms: dict | None = None):
     """compute(entry, start, stop): the state after task t (0-based) on [start, stop), a fresh tensor.
     Draws come from a generator seeded by (seed, tensor, t) per RNG block (per tensor for a
-    ``tensor`` rule), so the result does not depend on chunking or threads."""
-
+    ``tensor`` rule), so the result does not depend on chunking or threads. ``norms`` (a rule with a
+    coefficient) gets, per chunk, tau_t's squared norm and the finished state's (float64)."""
     own = job.rule_options
 
-    def compute(entry, start: int, stop: int) -> Tensor:
-        base = job._read_base(entry, start, stop)
-        tau = job._tau(t, entry, start, stop, base, job.buffers.get(("tau",), stop - start, base.dtype))
+    def folded(entry, start: int, stop: int, base: Tensor, tau: Tensor) -> Tensor:
         if previous is None:
             return tau.clone()
         state = previous.read(entry.key, start, stop).to(base.dtype, copy=True)
@@ -237,12 +248,26 @@ def _folder(job: _Merge, running, previous, t: int, seed: int):
                 state[lo:hi].copy_(block)
         return state
 
+    def compute(entry, start: int, stop: int) -> Tensor:
+        base = job._read_base(entry, start, stop)
+        tau = job._tau(t, entry, start, stop, base, job.buffers.get(("tau",), stop - start, base.dtype))
+        tau_sq = _squared_norm(tau) if norms is not None else 0.0
+        state = folded(entry, start, stop, base, tau)
+        if norms is not None:
+            shaped = state.reshape(entry.shape) if job.rule.granularity == "tensor" else state
+            norms[(entry.key, start)] = (tau_sq, _squared_norm(running.finish(shaped.clone(), t + 1)))
+        return state
+
     return compute
 
 
-def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned, out, max_shard_size):
-    """Step ``step``'s model theta_0 + lam * finish(state, step), in memory or written to OUT/stepS."""
-    lam = opts.lam
+def _squared_norm(x: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
+
+def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned, out, max_shard_size, lam, info):
+    """Step ``step``'s model theta_0 + lam * finish(state, step), in memory or written to OUT/stepS
+    (``info``: reported with it, e.g. the coefficient)."""
 
     def jobs() -> Iterator[tuple]:
         for entry in job.entries:
@@ -264,12 +289,12 @@ def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned
         return merged.to(entry.dtype)
 
     with closing(_pipeline(jobs(), compute, job.workers)) as chunks:  # the pool ends here, even on an error
-        return _written_step(job, chunks, step, method, opts, base, finetuned, out, max_shard_size)
+        return _written_step(job, chunks, step, method, opts, base, finetuned, out, max_shard_size, info)
 
 
-def _written_step(job: _Merge, chunks, step, method, opts, base, finetuned, out, max_shard_size) -> MergeResult:
+def _written_step(job: _Merge, chunks, step, method, opts, base, finetuned, out, max_shard_size, info) -> MergeResult:
     rule = job.rule
-    info = {"step": step, "running": True}
+    info = {"step": step, "running": True, **info}
     if out is None:
         return MergeResult(state=_collect(job.entries, chunks), path=None, info=info)
     inputs = finetuned[:step]
