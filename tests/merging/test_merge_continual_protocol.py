@@ -67,7 +67,7 @@ def assert_same(a, b):
         ("average", []),
         ("magmax", ["--chunk-size", str(RNG_BLOCK), "--workers", "2"]),
         ("task_arithmetic", ["--lam", "0.7", "--dare", "0.3", "--seed", "5", "--exclude", "enc\\.w"]),
-        ("opcm", []),  # a sequential tensor rule with a model-wide coefficient: from its state and norms
+        ("opcm", ["--workers", "2"]),  # a sequential tensor rule with a model-wide coefficient: state and norms
         ("ties", ["--keep", "0.3"]),
         ("random_mix", ["--recompute", "--seed", "3"]),
     ],
