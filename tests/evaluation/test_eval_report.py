@@ -13,6 +13,7 @@ from mergecl.errors import MergeclError
 from mergecl.evaluation.metrics import summarize
 from mergecl.evaluation.report import (
     acc_over_tasks_figure,
+    figure_bytes,
     format_table,
     heatmap_figure,
     markdown_table,
@@ -447,6 +448,49 @@ def test_tradeoff_scatter_one_labelled_point_per_method_with_error_bars():
     assert offsets["magmax"] != offsets["twin"]
     assert "std over seeds" in ax.get_title()
     assert not any("…" in label for label in _all_text(fig))
+
+
+# CLINC150's continual-merging suite (docs/results/continual-merging.md): 15 methods, 12 of them
+# within 7 points of each other, where the labels used to pile up
+CLUSTER = {
+    "zero_shot": (67.44, -3.83), "seq_ft": (71.11, -11.23), "ind_ft": (67.28, -17.96), "magmax": (79.11, 0.56),
+    "ind_ft+magmax": (74.89, -5.37), "average": (78.11, 0.86), "ind_ft+average": (72.67, -6.48),
+    "task_arithmetic": (28.11, -40.62), "ind_ft+task_arithmetic": (74.78, -4.44), "ties": (77.06, 0.12),
+    "ind_ft+ties": (75.22, -4.88), "iso_c": (63.06, -16.36), "ind_ft+iso_c": (78.11, -1.85),
+    "opcm": (78.78, -5.31), "ind_ft+opcm": (77.17, -4.07),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_tradeoff_labels_never_overlap_and_stay_inside_even_for_a_cluster(fmt):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mergecl.evaluation.results import MethodResult, RunMeta, RunResults
+
+    methods = {
+        name: MethodResult(final_acc=acc, bwt=bwt, std={"final_acc": 1.5, "bwt": 2.5})
+        for name, (acc, bwt) in CLUSTER.items()
+    }
+    fig = tradeoff_figure(RunResults(methods, RunMeta(seeds=[0, 1, 2])))
+    figure_bytes(fig, fmt)  # saving draws it again: the layout, and so the labels, must hold
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # at the figure's dpi: the labels' white boxes, measured below, are where they show
+    renderer = canvas.get_renderer()
+    (ax,) = fig.axes
+    frame = ax.get_window_extent(renderer)
+    boxes = {t.get_text(): t.get_bbox_patch().get_window_extent(renderer) for t in ax.texts}
+    assert sorted(boxes) == sorted(CLUSTER)
+    for name, box in boxes.items():
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, name
+        for other, box2 in boxes.items():
+            if other < name:
+                shared = max(0, min(box.x1, box2.x1) - max(box.x0, box2.x0)) * max(
+                    0, min(box.y1, box2.y1) - max(box.y0, box2.y0)
+                )
+                assert shared == 0, (name, other)
+    for label in ax.texts:  # a label that stands off its point is joined to it
+        if np.hypot(*label.xyann) > 8:
+            assert label.arrow_patch is not None, label.get_text()
 
 
 def test_tradeoff_with_one_seed_has_no_error_bars():

@@ -511,7 +511,6 @@ def tradeoff_figure(results: Results) -> Any:
     fig = Figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
     with_std = False
-    offsets = _label_offsets(points)
     for i, name, result in points:
         style = _style(i)
         xerr, yerr = result.std.get("bwt"), result.std.get("final_acc")
@@ -531,16 +530,6 @@ def tradeoff_figure(results: Results) -> Any:
             capsize=3,
             label=name,
             zorder=3,
-        )
-        ax.annotate(
-            name,
-            (result.bwt, result.final_acc),
-            xytext=offsets[name],
-            textcoords="offset points",
-            fontsize=8,
-            color=style["color"],
-            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
-            zorder=4,
         )
     ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=1)
     if points:  # every point and its error bars inside, the line BWT = 0 too, room for the labels
@@ -563,25 +552,79 @@ def tradeoff_figure(results: Results) -> Any:
         fontsize=10,
     )
     ax.grid(True, alpha=0.3)
+    _place_labels(fig, ax, [(name, r.bwt, r.final_acc, _style(i)["color"]) for i, name, r in points])  # last
     return fig
 
 
-def _label_offsets(points: list[tuple[int, str, MethodResult]]) -> dict[str, tuple[float, float]]:
-    """The offset (points) of each method's label from its point: up and right, and one line lower for
-    each point placed before it close by, so that the labels of equal or near points never overlap."""
-    xs = [r.bwt for _, _, r in points]
-    ys = [r.final_acc for _, _, r in points]
-    xspan = (max(xs) - min(xs)) or 1.0 if xs else 1.0
-    yspan = (max(ys) - min(ys)) or 1.0 if ys else 1.0
-    placed: list[tuple[float, float, int]] = []
-    offsets = {}
-    for _, name, r in sorted(points, key=lambda p: -(p[2].final_acc or 0.0)):
-        x, y = r.bwt / xspan, r.final_acc / yspan
-        near = [line for px, py, line in placed if abs(px - x) < 0.12 and abs(py - y) < 0.08]
-        line = next(n for n in range(len(placed) + 1) if n not in near)
-        placed.append((x, y, line))
-        offsets[name] = (7.0, 5.0 - 11.0 * line)
-    return offsets
+LABEL_SIZE = 8.0  # points
+LABEL_RINGS = (7.0, 13.0, 20.0, 28.0, 38.0, 50.0, 64.0, 80.0, 100.0, 125.0)  # offsets tried, in points
+LABEL_ANGLES = (30, -30, 90, -90, 150, -150, 0, 180, 60, -60, 120, -120)  # degrees, right and up first
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[tuple[str, float, float, str]]) -> None:
+    """Each (name, x, y, color) label beside its point where it overlaps no other label and no
+    marker and stays inside the axes: tried on rings of growing radius around the point, nearest
+    first; joined to its point by a thin line when it stands off. Sizes in points, measured from the
+    text's outline, so the placement holds in every format and dpi; the axes' place is the
+    constrained layout's (fixed first), and the labels take no part in it."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+
+    fig.draw_without_rendering()
+    to_points = 72.0 / fig.dpi
+    box = ax.get_window_extent()
+    frame = (box.x0 * to_points, box.y0 * to_points, box.x1 * to_points, box.y1 * to_points)
+    at = [tuple(v * to_points for v in ax.transData.transform((x, y))) for _, x, y, _ in labels]
+    marker = 5.0  # half the marker's box (markersize 7 and its edge)
+    taken = [(px - marker, py - marker, px + marker, py + marker) for px, py in at]
+    font = FontProperties(size=LABEL_SIZE)
+    pad = 0.15 * LABEL_SIZE + 0.5  # the label's bbox pad, and a hair
+    for (name, x, y, color), (px, py) in sorted(zip(labels, at, strict=True), key=lambda item: -item[1][1]):
+        extents = TextPath((0, 0), name, prop=font).get_extents()
+        width, height = extents.width + 2 * pad, LABEL_SIZE * 1.2 + 2 * pad
+        best = None
+        for radius in LABEL_RINGS:
+            for angle in LABEL_ANGLES:
+                dx, dy = radius * math.cos(math.radians(angle)), radius * math.sin(math.radians(angle))
+                left = px + dx - width * (0.0 if dx > 1e-6 else 1.0 if dx < -1e-6 else 0.5)
+                bottom = py + dy - height * (0.0 if dy > 1e-6 else 1.0 if dy < -1e-6 else 0.5)
+                rect = (left, bottom, left + width, bottom + height)
+                cost = sum(_overlap(rect, other) for other in taken) + _outside(rect, frame)
+                if best is None or cost < best[0]:
+                    best = (cost, radius, dx, dy, rect)
+                if cost == 0.0:
+                    break
+            if best[0] == 0.0:
+                break
+        _, radius, dx, dy, rect = best
+        taken.append(rect)
+        ax.annotate(
+            name,
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            ha="left" if dx > 1e-6 else "right" if dx < -1e-6 else "center",
+            va="bottom" if dy > 1e-6 else "top" if dy < -1e-6 else "center",
+            fontsize=LABEL_SIZE,
+            color=color,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            arrowprops=None
+            if radius == LABEL_RINGS[0]
+            else {"arrowstyle": "-", "color": color, "linewidth": 0.6, "shrinkA": 0, "shrinkB": 4},
+            annotation_clip=False,
+            zorder=4,
+        ).set_in_layout(False)
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """The area two boxes (x0, y0, x1, y1) share."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _outside(rect: tuple[float, ...], frame: tuple[float, ...]) -> float:
+    """How much of a box lies outside the frame (its area, weighted to count more than an overlap)."""
+    inside = _overlap(rect, frame)
+    return 10.0 * ((rect[2] - rect[0]) * (rect[3] - rect[1]) - inside)
 
 
 def _run_seed_words(results: RunResults) -> str | None:
