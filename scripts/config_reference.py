@@ -56,8 +56,8 @@ DESCRIPTIONS = {
     "data.source": "the data source (a registered name; its options: below)",
     "data.root": "the folder the source reads; null = <data root>/<source> ($MERGECL_DATA, else ~/.cache/mergecl/data)",
     "data.scenario": "class-, task- or domain-incremental, or permuted inputs",
-    "data.n_tasks": "how many tasks the classes (or permutations) are split into; null = the scenario's own "
-    "(one per domain, one per class group)",
+    "data.n_tasks": "how many tasks the classes (or permutations) are split into; null (the default) = the "
+    "source's own tasks where it gives them (a task column, one data set per task, order: groups), else 5",
     "data.order": "the class order: seeded (shuffled by the run's seed), sorted, groups (the source's class "
     "groups, e.g. CLINC150's domains), paper (a paper preset's order), or a list of class indices",
     "data.val_fraction": "share of each task's training data held out for validation when the source has no "

@@ -255,8 +255,13 @@ def test_the_task_column_defines_the_tasks(tmp_path: Path) -> None:
     assert [t.name for t in build_scenario("class", ds, n_tasks=2, order="seeded").tasks] == ["social", "school"]
     ordered = get_source("files", path, task_column="task", task_order=["school", "social"])
     assert [t.classes for t in build_scenario("class", ordered, n_tasks=None).tasks] == [[2, 3], [0, 1]]
-    with pytest.raises(MergeclError, match=r"the task column 'task' of 'd' makes 2 tasks, but n_tasks is 5 \(null"):
+    with pytest.raises(MergeclError, match=r"the task column 'task' of 'd' makes 2 tasks, but n_tasks is 5 \(leave"):
         build_scenario("class", ds, n_tasks=5)
+    # a run config that leaves n_tasks out takes the column's tasks (it once had to say null)
+    from mergecl.experiment.runner import run_scenario
+
+    config = parse_config({"data": {"source": "files", "root": str(path), "options": {"task_column": "task"}}})
+    assert [t.name for t in run_scenario(config, 0).tasks] == ["social", "school"]
     with pytest.raises(MergeclError, match=r"gives its tasks \(task column 'task'\): order \[0, 1, 2, 3\] does not"):
         build_scenario("class", ds, n_tasks=None, order=[0, 1, 2, 3])
     # a domain-incremental scenario takes the same tasks, over all classes

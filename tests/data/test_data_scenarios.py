@@ -141,14 +141,16 @@ def test_bad_arguments() -> None:
         class_incremental(ds, 2, [0, 1, 2])
     with pytest.raises(MergeclError, match="unknown class order 'random'"):
         class_incremental(ds, 2, "random")
-    with pytest.raises(MergeclError, match="n_tasks is required"):
-        class_incremental(ds)
     with pytest.raises(MergeclError, match="has no class groups"):
         class_incremental(ds, order="groups")
     with pytest.raises(MergeclError, match="unknown scenario kind 'online'"):
         build_scenario("online", ds, 2)
-    with pytest.raises(MergeclError, match="permuted scenario needs n_tasks"):
-        build_scenario("permuted", ds)
+
+
+def test_n_tasks_left_out_takes_the_sources_own_tasks_else_five() -> None:
+    ds = synthetic()
+    assert [t.classes for t in class_incremental(ds).tasks] == [t.classes for t in class_incremental(ds, 5).tasks]
+    assert len(build_scenario("permuted", ds).tasks) == 5
 
 
 def test_groups_order_makes_one_task_per_group() -> None:

@@ -43,6 +43,7 @@ Order = str | Sequence[int]
 ORDERS = ("seeded", "natural", "groups", "paper")
 KINDS = ("class", "task", "domain", "permuted")
 DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TASKS = 5  # n_tasks None: the source's own tasks where it gives them, else this many
 
 __all__ = [
     "build_scenario",
@@ -129,7 +130,8 @@ def class_incremental(
     """Disjoint class groups, one per task, in ``order`` (see ``class_order``).
 
     ``order="groups"`` makes one task per ``ds.class_groups`` entry (CLINC150: 10 domains), named
-    after the group; ``n_tasks`` may then be omitted. Otherwise ``n_tasks`` is required.
+    after the group, as a source's own tasks are (``given_tasks``); ``n_tasks`` None takes them, and
+    otherwise cuts the classes into ``DEFAULT_TASKS``.
     """
     if kind not in ("class", "task"):
         raise MergeclError(f"class_incremental makes 'class' or 'task' scenarios, not {kind!r}")
@@ -144,16 +146,15 @@ def class_incremental(
             n = len(ds.class_groups)
             if ds.given_tasks:
                 raise MergeclError(
-                    f"the {ds.given_tasks} of {ds.name!r} makes {n} tasks, but n_tasks is {n_tasks} (null takes them)"
+                    f"the {ds.given_tasks} of {ds.name!r} makes {n} tasks, but n_tasks is {n_tasks} "
+                    "(leave n_tasks out to take them)"
                 )
             raise MergeclError(f"order 'groups' makes {n} tasks for {ds.name!r}, but n_tasks is {n_tasks}")
         class_order(ds, [c for g in ds.class_groups.values() for c in g])  # every class exactly once
         names = list(ds.class_groups)
         cut = [sorted(g) for g in ds.class_groups.values()]
     else:
-        if n_tasks is None:
-            raise MergeclError("n_tasks is required unless order is 'groups'")
-        cut = split_classes(class_order(ds, order, seed), n_tasks)
+        cut = split_classes(class_order(ds, order, seed), DEFAULT_TASKS if n_tasks is None else n_tasks)
         names = [f"task{t + 1} (classes {_preview(ds.class_names, c)})" for t, c in enumerate(cut)]
     assert ds.val is not None
     tasks = [
@@ -298,9 +299,7 @@ def build_scenario(
     elif kind == "domain":
         scenario = domain_incremental(source, domain_order, seed, val_fraction)
     else:
-        if n_tasks is None:
-            raise MergeclError("a permuted scenario needs n_tasks")
-        scenario = permuted(source, n_tasks, seed, identity_first, val_fraction)
+        scenario = permuted(source, DEFAULT_TASKS if n_tasks is None else n_tasks, seed, identity_first, val_fraction)
     if train_per_class is not None:
         for task in scenario.tasks:
             task.train = subsample_per_class(task.train, train_per_class, seed + task.index)

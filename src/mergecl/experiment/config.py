@@ -68,7 +68,7 @@ class DataConfig(_Strict):
     source: str = "digits"
     root: str | None = None
     scenario: Literal["class", "task", "domain", "permuted"] = "class"
-    n_tasks: int | None = Field(5, ge=1)
+    n_tasks: int | None = Field(None, ge=1)  # None: the source's own tasks, else 5 (scenarios.py)
     order: str | list[int] = "seeded"
     domain_order: str | list[str] | None = None  # domain-incremental: a list, or 'paper'
     val_fraction: float = Field(0.1, gt=0, lt=1)
