@@ -56,7 +56,13 @@ def init_from_env() -> bool:
         return False
     use_cuda = torch.cuda.is_available() and os.environ.get("MERGECL_DIST_BACKEND", "") != "gloo"
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, devices = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= devices:  # NCCL runs one process per GPU
+            raise MergeclError(
+                f"this machine has {devices} CUDA device(s), one per process: run at most {devices} processes "
+                f"here (--nproc {devices}), or MERGECL_DIST_BACKEND=gloo"
+            )
+        torch.cuda.set_device(local_rank)
     backend = "nccl" if use_cuda else "gloo"
     if os.environ.get(STORE):  # --nproc: the launcher holds the store (no process binds a port)
         host, port = os.environ[STORE].rsplit(":", 1)
