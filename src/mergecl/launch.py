@@ -108,10 +108,17 @@ def _lines(errors: Path, processes: int, failed: list[tuple[int, int]]) -> list[
         lines += [line for line in said if line not in lines]
     for rank, status in failed:
         if status < 0:
-            lines.append(f"mergecl: error: the process of rank {rank} was ended by {signal.Signals(-status).name}")
+            lines.append(f"mergecl: error: the process of rank {rank} was ended by {_signal_name(-status)}")
     return lines
 
 
 def _status(returncode: int) -> int:
     """A shell's exit status for a child's return code (-N: ended by signal N, i.e. 128 + N)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name of its own
+        return f"signal {number}"
