@@ -21,8 +21,9 @@ alone, so the last rescaling is the only one that counts.)
 
 mergecl's engine hands the rule each tensor's task vectors in task order; the fold keeps S only,
 so memory is O(1) in the number of tasks. Its running form (``mergecl learn``, ``mergecl merge
---continual``) keeps S and one norm per task: the coefficient is recomputed from them at each step. The model-wide norms need a pass of their own
-(``prepare``), which runs the same fold once more. The thin SVD stands in for the release's full
+--continual``) keeps S and one norm per task: the coefficient is recomputed from them at each
+step. The model-wide norms need a pass of their own (``prepare``), which runs the same fold once
+more. The thin SVD stands in for the release's full
 one: every zeroed entry lies in the leading min(m, n) block, so the result is the same.
 """
 
