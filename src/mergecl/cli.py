@@ -17,7 +17,7 @@ import threading
 import time
 
 from mergecl.errors import MergeclError
-from mergecl.launch import say
+from mergecl.launch import hand_over, launched, say
 
 
 def _merge_help() -> str:
@@ -730,6 +730,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("mergecl: interrupted")
         return 130
+    except Exception:  # a crash: its traceback as Python prints it, once for --nproc's processes
+        if not launched():
+            raise
+        import traceback
+
+        hand_over(traceback.format_exc())
+        return 1
 
 
 def program() -> None:

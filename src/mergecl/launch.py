@@ -6,7 +6,10 @@ traceback and a report of its own and exits 1 whatever the failure was, and ever
 the same error. Here a process hands its one-line error to this one (``say``: a file per rank in
 ``$MERGECL_LAUNCH_ERRORS``), which prints each distinct line once, stops the other processes (they
 would wait for the failed one in their next collective) and exits as the first failed process did:
-1 when a method failed, 2 for an error.
+1 when a method failed, 2 for an error. A process that crashes hands over its traceback
+(``hand_over``); only the first crash's is printed: the others' are mostly the same one, or the
+collectives that lost it. A process a signal ended (the out-of-memory killer) is the cause of the
+others' failures: it alone is named, and its status is the launch's.
 """
 
 from __future__ import annotations
@@ -26,18 +29,30 @@ GRACE_S = 3.0  # after one process failed: time for the others to end on their o
 STOP_S = 5.0  # after SIGTERM (or SIGINT): time before SIGKILL
 
 
+def launched() -> bool:
+    """Whether this process is one that ``launch`` started."""
+    return bool(os.environ.get(ERRORS))
+
+
+def hand_over(traceback_text: str) -> None:
+    """In a process ``launch`` started: leave the traceback of a crash to the launcher."""
+    _leave(f"rank{os.environ.get('RANK', '0')}.traceback", traceback_text)
+
+
+def _leave(name: str, text: str) -> bool:
+    try:
+        with open(Path(os.environ[ERRORS]) / name, "a", encoding="utf-8") as handle:
+            handle.write(text)
+        return True
+    except (KeyError, OSError):  # not launched, or the launcher is gone
+        return False
+
+
 def say(line: str) -> None:
     """Print ``line`` (a process's last word, e.g. ``mergecl: error: ...``) on stderr; in a process
     ``launch`` started, hand it to the launcher instead, which prints it once for all processes."""
-    folder = os.environ.get(ERRORS)
-    if folder:
-        try:
-            with open(Path(folder) / f"rank{os.environ.get('RANK', '0')}", "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
-            return
-        except OSError:
-            pass  # the launcher is gone: say it here
-    print(line, file=sys.stderr, flush=True)
+    if not (launched() and _leave(f"rank{os.environ.get('RANK', '0')}", line + "\n")):
+        print(line, file=sys.stderr, flush=True)
 
 
 def launch(command: list[str], processes: int, env: dict[str, str]) -> int:
@@ -65,6 +80,7 @@ def launch(command: list[str], processes: int, env: dict[str, str]) -> int:
         except KeyboardInterrupt:  # from a terminal, Ctrl-C reached the processes too: they end
             _end(children, GRACE_S)
             raise
+        failed.sort(key=lambda item: item[1] >= 0)  # a signal-ended process first: the cause
         for line in _lines(Path(errors), processes, failed):
             print(line, file=sys.stderr, flush=True)
     return _status(failed[0][1]) if failed else 0
@@ -99,16 +115,20 @@ def _end(children: list[subprocess.Popen], grace_s: float) -> None:
 
 
 def _lines(errors: Path, processes: int, failed: list[tuple[int, int]]) -> list[str]:
-    """What the processes said, each distinct line once, in rank order; and a line for each process
-    that a signal ended (another process's or the system's: the out-of-memory killer's)."""
+    """What to print: for a process a signal ended (another process's or the system's), that alone;
+    else the first failed process's traceback, if it crashed, then what the processes said, each
+    distinct line once, in rank order."""
+    ended = [(rank, _signal_name(-status)) for rank, status in failed if status < 0]
+    if ended:
+        return [f"mergecl: error: the process of rank {rank} was ended by {name}" for rank, name in ended]
     lines: list[str] = []
+    crash = errors / f"rank{failed[0][0]}.traceback" if failed else None
+    if crash is not None and crash.exists():
+        lines.append(crash.read_text(encoding="utf-8").rstrip("\n"))
     for rank in range(processes):
         path = errors / f"rank{rank}"
         said = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         lines += [line for line in said if line not in lines]
-    for rank, status in failed:
-        if status < 0:
-            lines.append(f"mergecl: error: the process of rank {rank} was ended by {_signal_name(-status)}")
     return lines
 
 

@@ -48,6 +48,47 @@ def test_a_process_ended_by_a_signal_is_named(capfd):
     assert capfd.readouterr().err == "mergecl: error: the process of rank 1 was ended by SIGKILL\n"
 
 
+def test_of_crashes_only_the_first_traceback_is_printed(capfd):
+    # rank 1 crashes; rank 0 then fails in what would be its next collective: collateral
+    code = (
+        "from mergecl.launch import hand_over\n"
+        "rank = os.environ['RANK']\n"
+        "time.sleep(0.0 if rank == '1' else 0.6)\n"
+        "hand_over(f'Traceback (most recent call last):\\nRuntimeError: crash of rank {rank}\\n'); sys.exit(1)"
+    )
+    assert launch(python(code), 2, ENV) == 1
+    assert capfd.readouterr().err == "Traceback (most recent call last):\nRuntimeError: crash of rank 1\n"
+
+
+def test_a_process_a_signal_ended_is_the_cause_not_the_crashes_it_caused(capfd):
+    code = (
+        "import signal\nfrom mergecl.launch import hand_over\n"
+        "if os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(0.2)\n"
+        "hand_over('Traceback (most recent call last):\\nRuntimeError: Connection closed by peer\\n'); sys.exit(1)"
+    )
+    assert launch(python(code), 2, ENV) == 128 + 9
+    assert capfd.readouterr().err == "mergecl: error: the process of rank 1 was ended by SIGKILL\n"
+
+
+def test_a_launched_process_hands_its_crash_over_instead_of_printing_it(tmp_path, monkeypatch, capsys):
+    from mergecl import cli
+
+    def crash(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_run_list", crash)
+    monkeypatch.setenv("MERGECL_LAUNCH_ERRORS", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["list"]) == 1
+    assert capsys.readouterr().err == ""
+    handed = (tmp_path / "rank1.traceback").read_text()
+    assert handed.startswith("Traceback (most recent call last):") and handed.endswith("RuntimeError: boom\n")
+    monkeypatch.delenv("MERGECL_LAUNCH_ERRORS")
+    with pytest.raises(RuntimeError, match="boom"):  # not launched: Python's own traceback
+        cli.main(["list"])
+
+
 def mergecl(*args, cwd) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mergecl", *map(str, args)]
     return subprocess.run(command, env=ENV, cwd=cwd, capture_output=True, text=True, timeout=300)
