@@ -26,7 +26,7 @@ ERRORS = "MERGECL_LAUNCH_ERRORS"  # the folder where this launch's processes lea
 STORE = "MERGECL_LAUNCH_STORE"  # host:port of the store the launching process holds
 POLL_S = 0.05
 GRACE_S = 3.0  # after one process failed: time for the others to end on their own (the same error)
-STOP_S = 5.0  # after SIGTERM (or SIGINT): time before SIGKILL
+STOP_S = 5.0  # after SIGTERM: time before SIGKILL
 
 
 def launched() -> bool:
@@ -102,10 +102,10 @@ def _wait(children: list[subprocess.Popen]) -> list[tuple[int, int]]:
 
 def _end(children: list[subprocess.Popen], grace_s: float) -> None:
     """Give the children still running ``grace_s`` to end, then SIGTERM, then after ``STOP_S`` SIGKILL."""
-    for sig, wait_s in ((None, grace_s), (signal.SIGTERM, STOP_S), (signal.SIGKILL, None)):
+    for stop, wait_s in ((None, grace_s), (subprocess.Popen.terminate, STOP_S), (subprocess.Popen.kill, None)):
         for child in children:
-            if sig is not None and child.poll() is None:
-                child.send_signal(sig)
+            if stop is not None and child.poll() is None:
+                stop(child)
         deadline = time.monotonic() + (wait_s or 0.0)
         for child in children:
             try:
