@@ -472,3 +472,35 @@ def test_an_integer_buffer_missing_from_a_fine_tuned_checkpoint_comes_from_the_b
     assert "embeddings.position_ids" in capfd.readouterr().err
     with pytest.raises(MergeclError, match=r"finetuned\[0\]: missing tensor 'w'"):  # a float tensor is never guessed
         merge(base, [{"embeddings.position_ids": torch.arange(4)}], "average")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_checkpoint_in_the_compute_dtype_is_read_straight_into_the_computes_buffers(tmp_path, dtype):
+    """fp32 (the rule's dtype): base and theta_t land in the base and tau buffers themselves, with no
+    staging buffer and no copy (the buffers a fold touches then fit the core's cache); bf16 is read
+    into a buffer of its own and widened. The task vectors are the same either way."""
+    from mergecl.merging.checkpoints import open_checkpoint
+    from mergecl.progress import bar
+
+    base, fts = make_models(2, dtype=dtype)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i, ft in enumerate(fts):
+        save_file(ft, str(tmp_path / f"ft{i}.safetensors"))
+    rule = registry.get_rule("average")
+    with (
+        open_checkpoint(tmp_path / "base.safetensors", "base") as base_reader,
+        open_checkpoint(tmp_path / "ft0.safetensors", "ft0") as ft0,
+        open_checkpoint(tmp_path / "ft1.safetensors", "ft1") as ft1,
+        bar(0, "test", enabled=False) as progress,
+    ):
+        job = engine._Merge(
+            rule, engine.read_merge_options("average", {}), base_reader, [ft0, ft1], {}, progress, False
+        )
+        entry = next(e for e in job.entries if e.key == "enc.w")
+        chunk = job._read_chunk(entry, 0, entry.numel)
+        taus = [tau.clone() for tau in chunk.taus]
+        slots = set(job.buffers._local.__dict__)
+    for ft, tau in zip(fts, taus, strict=True):
+        assert torch.equal(tau, (ft["enc.w"].float() - base["enc.w"].float()).reshape(-1))
+    staged = {slot for slot in slots if slot[0] == "raw"}
+    assert staged == (set() if dtype == torch.float32 else {("raw", "base"), ("raw", "theta")})
