@@ -504,3 +504,13 @@ def test_a_checkpoint_in_the_compute_dtype_is_read_straight_into_the_computes_bu
         assert torch.equal(tau, (ft["enc.w"].float() - base["enc.w"].float()).reshape(-1))
     staged = {slot for slot in slots if slot[0] == "raw"}
     assert staged == (set() if dtype == torch.float32 else {("raw", "base"), ("raw", "theta")})
+
+
+def test_a_fold_with_more_buffers_of_its_own_gets_smaller_forked_chunks():
+    """The forked pass sizes a fold's chunks so that its fp32 buffers (the base, the task vector and
+    the rule's declared ``fold_buffers``) fit ``FORKED_CACHE``: MagMax's three at 64K entries."""
+    assert engine.forked_chunk(registry.get_rule("average")) == engine.FORKED_CHUNK
+    assert registry.get_rule("magmax").fold_buffers == 3
+    assert engine.forked_chunk(registry.get_rule("magmax")) == RNG_BLOCK
+    assert (2 + 3) * 4 * RNG_BLOCK <= engine.FORKED_CACHE < (2 + 3) * 4 * 2 * RNG_BLOCK
+    assert engine.forked_chunk(registry.get_rule("random_mix")) == engine.FORKED_CHUNK  # a stack rule

@@ -62,6 +62,10 @@ DEFAULT_CHUNK = 1 << 18  # elements per chunk and input (1 MB fp32): stays in ca
 # ... in forked workers, which pay no lock hand-off per op: half, and the chunk's buffers fit a core's
 # L2 (bf16 average of 8 models 1.26-1.33 s against 1.34-1.46 s; MagMax 2.2 s against 2.5-2.8 s)
 FORKED_CHUNK = 1 << 17
+# ... and fewer for a fold rule with more buffers of its own (``fold_buffers``): a chunk's fp32
+# buffers (the base, the task vector and the rule's) fit this much of a core's 2 MB L2 (MagMax's
+# three at 64K entries: bf16 1.53-1.55 s against 1.71-1.76 s at 128K; the average's one: no change)
+FORKED_CACHE = 3 << 19
 STACK_BUDGET = 1 << 25  # elements a ``stack`` rule may hold per chunk position, over all T inputs
 WHOLE_BUDGET = 256 << 20  # bytes whole tensors (``whole_tensors``) may hold over all threads (and one model's at most)
 # checkpoint bytes a merge pass reads from which its workers are forked processes (Linux; a merge
@@ -241,6 +245,16 @@ class _Buffers:
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
             buffer = buffers[slot] = torch.empty(max(n, self.size), dtype=dtype, device=self.device)
         return buffer if buffer.numel() == n else buffer[:n]
+
+
+def forked_chunk(rule: Rule) -> int:
+    """A forked worker's chunk for ``rule``: ``FORKED_CHUNK``, or less for a fold whose buffers (its
+    ``fold_buffers``, the base's and the task vector's) would not fit ``FORKED_CACHE`` (a multiple of
+    ``RNG_BLOCK``, as every chunk)."""
+    if rule.granularity != "fold":
+        return FORKED_CHUNK
+    fits = FORKED_CACHE // (torch.float32.itemsize * (2 + rule.fold_buffers))
+    return max(RNG_BLOCK, min(FORKED_CHUNK, fits // RNG_BLOCK * RNG_BLOCK))
 
 
 class _Tally:
@@ -489,7 +503,7 @@ class _Merge:
         process's progress bar, and a chunk that fails in one is computed here for its error."""
         entries = self.entries
         if "chunk_size" not in self.options.model_fields_set:  # the last pass: the prepare passes are done
-            self.chunk_size = min(self.chunk_size, FORKED_CHUNK)
+            self.chunk_size = min(self.chunk_size, forked_chunk(self.rule))
 
         def compute(index: int, start: int, stop: int) -> Tensor:
             return self._chunk(lam, entries[index], start, stop, {})

@@ -178,6 +178,7 @@ class Rule:
     running: Running | None = None  # None: no running form (mergecl learn keeps every task vector)
     propagates_non_finite: bool = False  # True: the engine checks the merged chunk, not each input
     whole_tensors: Callable[[Options], bool] = lambda options: False  # stack rules: tensors whole where they fit
+    fold_buffers: int = 1  # chunk-sized fp32 buffers a fold rule holds (the engine sizes its chunks by them)
 
     @property
     def continual(self) -> bool:
@@ -218,6 +219,7 @@ def register_rule(
     running: Running | None = None,
     propagates_non_finite: bool = False,
     whole_tensors: Callable[[Options], bool] | None = None,
+    fold_buffers: int = 1,
 ):
     """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
 
@@ -251,6 +253,7 @@ def register_rule(
             running,
             propagates_non_finite,
             whole_tensors or (lambda options: False),
+            fold_buffers,
         )
         return fn
 

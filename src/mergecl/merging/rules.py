@@ -51,7 +51,11 @@ def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
 
 
 @register_rule(
-    "magmax", lam=0.5, running=Running(lambda best, tau, t, g: magmax([best, tau])), propagates_non_finite=True
+    "magmax",
+    lam=0.5,
+    running=Running(lambda best, tau, t, g: magmax([best, tau])),
+    propagates_non_finite=True,
+    fold_buffers=3,  # best, |best| and the 0/1 weight
 )
 def magmax(taus: Iterable[Tensor]) -> Tensor:
     """Each entry takes the signed tau_t of largest |tau_t|; ties go to the later task.
