@@ -504,6 +504,7 @@ class _Merge:
         entries = self.entries
         if "chunk_size" not in self.options.model_fields_set:  # the last pass: the prepare passes are done
             self.chunk_size = min(self.chunk_size, forked_chunk(self.rule))
+            self.buffers = _Buffers(self.chunk_size)  # sized for it: a full chunk gets a buffer, not a slice
 
         def compute(index: int, start: int, stop: int) -> Tensor:
             return self._chunk(lam, entries[index], start, stop, {})
