@@ -13,3 +13,9 @@ def all_finite(x: Tensor) -> bool:
     propagate through it); only a non-finite sum, which large finite values can also give by
     overflow, needs the exact check, a bool reduction about 40x slower than the sum on CPU builds."""
     return math.isfinite(x.sum().item()) or bool(torch.isfinite(x).all())
+
+
+def squared_norm(x: Tensor) -> float:
+    """||x||^2 in float64: the whole-model norms (OPCM's coefficient) are sums of these, tensor by
+    tensor, and every holder sums them the same way to give the same bits."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2

@@ -61,7 +61,7 @@ from mergecl.merging.engine import (
 )
 from mergecl.merging.registry import RNG_BLOCK, Rule, all_rules, get_rule
 from mergecl.progress import bar as progress_bar
-from mergecl.tensors import all_finite
+from mergecl.tensors import all_finite, squared_norm
 
 STATE_PREFIX = ".mergecl-running-"  # the running state's temporary directory inside OUT
 
@@ -251,18 +251,14 @@ def _folder(job: _Merge, running, previous, t: int, seed: int, norms: dict | Non
     def compute(entry, start: int, stop: int) -> Tensor:
         base = job._read_base(entry, start, stop)
         tau = job._tau(t, entry, start, stop, base, job.buffers.get(("tau",), stop - start, base.dtype))
-        tau_sq = _squared_norm(tau) if norms is not None else 0.0
+        tau_sq = squared_norm(tau) if norms is not None else 0.0
         state = folded(entry, start, stop, base, tau)
         if norms is not None:
             shaped = state.reshape(entry.shape) if job.rule.granularity == "tensor" else state
-            norms[(entry.key, start)] = (tau_sq, _squared_norm(running.finish(shaped.clone(), t + 1)))
+            norms[(entry.key, start)] = (tau_sq, squared_norm(running.finish(shaped.clone(), t + 1)))
         return state
 
     return compute
-
-
-def _squared_norm(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 
 
 def _write_step(job: _Merge, running, state, step, method, opts, base, finetuned, out, max_shard_size, lam, info):

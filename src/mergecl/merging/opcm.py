@@ -38,6 +38,7 @@ from torch import Tensor
 from mergecl.merging.registry import MergeView, Prepared, Running, register_rule
 from mergecl.merging.tsv import is_matrix
 from mergecl.options import Options
+from mergecl.tensors import squared_norm
 
 # the release projects the weights of nn.Linear modules only; mergecl sees tensors, not modules:
 # 2-D tensors are weight matrices unless named so (embedding tables: word, position, token type)
@@ -99,7 +100,7 @@ def opcm_fold(
     merged = None
     for tau in taus:
         if norms is not None:
-            norms.append(float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2)
+            norms.append(squared_norm(tau))
         merged = tau.clone() if merged is None else opcm_step(merged, tau, alpha, plain_names, name)
     return merged
 
@@ -116,7 +117,7 @@ def _coefficient(view: MergeView, options: Options) -> Prepared:
     for chunk in view.chunks(view.tensors()):
         norms: list[float] = []
         merged = opcm_fold(chunk.taus, options.alpha, norms, options.plain_names, chunk.tensor.key)
-        merged_sq += float(torch.linalg.vector_norm(merged, dtype=torch.float64)) ** 2
+        merged_sq += squared_norm(merged)
         task_sq = [total + n for total, n in zip(task_sq, norms, strict=True)]
     scale = opcm_coefficient([n**0.5 for n in task_sq], merged_sq**0.5)
     lam = getattr(options, "lam", None)

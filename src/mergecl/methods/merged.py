@@ -37,6 +37,7 @@ from mergecl.errors import MergeclError
 from mergecl.merging.engine import merge
 from mergecl.merging.registry import Running, get_rule
 from mergecl.models.lora import LoraPair, dense_task_vector, fold_dense
+from mergecl.tensors import squared_norm
 from mergecl.training.loop import NonFiniteError
 
 __all__ = [
@@ -131,7 +132,7 @@ def running_form(rule: str, options: Mapping[str, Any]) -> Running | None:
 
 def model_norm(tensors: Mapping[str, Tensor]) -> float:
     """The norm of a whole model's tensors (float64 sums)."""
-    return sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2 for v in tensors.values()) ** 0.5
+    return sum(squared_norm(v) for v in tensors.values()) ** 0.5
 
 
 @dataclass
