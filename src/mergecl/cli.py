@@ -238,9 +238,9 @@ def _run_run(args) -> int:
         return 0
     echo = _quiet(args.quiet)
     started = time.perf_counter()
-    launched = _distributed(args)
-    if launched is not None:
-        return launched
+    status = _distributed(args)  # --nproc: the launched processes' exit status
+    if status is not None:
+        return status
     results, path = run(args.config, out=args.out, resume=args.resume, echo=echo, seeds=args.seeds)
     return _summary(results, path, started)
 
@@ -272,9 +272,9 @@ def _run_bench(args) -> int:
 
     echo = _quiet(args.quiet)
     started = time.perf_counter()
-    launched = _distributed(args)
-    if launched is not None:
-        return launched
+    status = _distributed(args)  # --nproc: the launched processes' exit status
+    if status is not None:
+        return status
     results, path = bench(args.suite, quick=args.quick, seeds=args.seeds, out=args.out, orders=args.orders, echo=echo)
     return _summary(results, path, started)
 

@@ -483,14 +483,12 @@ def test_a_checkpoint_in_the_compute_dtype_is_read_straight_into_the_computes_bu
     from mergecl.progress import bar
 
     base, fts = make_models(2, dtype=dtype)
-    save_file(base, str(tmp_path / "base.safetensors"))
-    for i, ft in enumerate(fts):
-        save_file(ft, str(tmp_path / f"ft{i}.safetensors"))
+    base_path, (ft0_path, ft1_path) = save_all(tmp_path, base, fts)
     rule = registry.get_rule("average")
     with (
-        open_checkpoint(tmp_path / "base.safetensors", "base") as base_reader,
-        open_checkpoint(tmp_path / "ft0.safetensors", "ft0") as ft0,
-        open_checkpoint(tmp_path / "ft1.safetensors", "ft1") as ft1,
+        open_checkpoint(base_path, "base") as base_reader,
+        open_checkpoint(ft0_path, "ft0") as ft0,
+        open_checkpoint(ft1_path, "ft1") as ft1,
         bar(0, "test", enabled=False) as progress,
     ):
         job = engine._Merge(
