@@ -177,3 +177,113 @@ def test_a_bad_input_is_still_named_when_only_merged_chunks_are_checked(name, la
     base["big.weight"][RNG_BLOCK + 3] = -3e38
     with pytest.raises(MergeclError, match=r"tensor 'big.weight' overflows when subtracted from the base"):
         merge(base, finetuned, name, chunk_size=RNG_BLOCK, workers=2, **options)
+
+
+PICKING = [n for n in RULE_NAMES if all_rules()[n].picks]
+
+
+def test_random_mix_is_declared_a_pick():
+    assert "random_mix" in PICKING and not all_rules()["average"].picks
+
+
+def draws_of(rule: Rule, key: str, numel: int, num_tasks: int, seed: int = 7) -> dict[str, torch.Tensor]:
+    return {name: draw.make(seed, key, 0, numel, numel, num_tasks) for name, draw in rule.draws.items()}
+
+
+def picks_blind(fn, dtype: torch.dtype, kwargs: dict) -> bool:
+    """What the engine relies on: fn(stack) - b == fn(stack - b) for any b per entry, and every
+    entry of fn(stack) is one of the stack's at that entry, in the stack's dtype."""
+    g = torch.Generator().manual_seed(1)
+    stack = torch.randn(4, 2 * RNG_BLOCK, generator=g).to(dtype)
+    shift = torch.randn(2 * RNG_BLOCK, generator=g)
+    picked = fn(stack.clone(), **kwargs)
+    one_of_them = picked.dtype == dtype and bool((stack == picked).any(0).all())
+    return one_of_them and torch.equal(picked.float() - shift, fn(stack.float() - shift, **kwargs))
+
+
+@pytest.mark.parametrize("name", PICKING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rule_that_claims_it_picks_takes_one_input_per_entry_blind_to_the_values(name, dtype):
+    rule = all_rules()[name]
+    assert picks_blind(rule.fn, dtype, {**rule.options().model_dump(), **draws_of(rule, "w", 2 * RNG_BLOCK, 4)})
+
+
+def test_a_pick_by_magnitude_fails_the_pick_check():
+    def largest_magnitude(taus):  # one input's entry each, but chosen by looking at them
+        return taus.gather(0, taus.abs().argmax(0, keepdim=True)).squeeze(0)
+
+    assert not picks_blind(largest_magnitude, torch.float32, {})
+
+
+def bf16_models(count: int) -> tuple[dict, list[dict]]:
+    base = {k: v.bfloat16() if v.is_floating_point() else v for k, v in model(0).items()}
+    finetuned = [
+        {k: (v.float() + 0.1 * model(i + 1)[k]).bfloat16() if v.is_floating_point() else v for k, v in base.items()}
+        for i in range(count)
+    ]
+    return base, finetuned
+
+
+@pytest.mark.parametrize("name", PICKING)
+def test_a_pick_from_stored_bf16_values_equals_the_pick_from_fp32_task_vectors(name, tmp_path):
+    rule = all_rules()[name]
+    base, finetuned = bf16_models(3)
+    paths = []
+    for i, state in enumerate([base, *finetuned]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, paths[-1])
+    out = merge(paths[0], paths[1:], name, seed=7, chunk_size=RNG_BLOCK, workers=2, out=tmp_path / "out.safetensors")
+    merged = load_file(out)
+    for key, value in base.items():
+        if not value.is_floating_point():
+            assert torch.equal(merged[key], value)
+            continue
+        taus = torch.stack([(ft[key].float() - value.float()).reshape(-1) for ft in finetuned])
+        kwargs = {**rule.options().model_dump(), **draws_of(rule, key, value.numel(), 3)}
+        tau = rule.fn(taus, **kwargs).reshape(value.shape)
+        assert torch.equal(merged[key], value.float().add(tau, alpha=rule.lam).bfloat16()), key
+
+
+@pytest.mark.parametrize("name", PICKING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pick_still_checks_every_checkpoint_and_names_a_picked_overflow(name, dtype, tmp_path):
+    """The unpicked entries are dropped, but a NaN there is still an error naming its file; a task
+    vector that overflows fp32 where it is picked is named as the task vectors' own path names it;
+    where it is not picked nothing uses it, and the merge is the pick's."""
+    rule = all_rules()[name]
+    base, finetuned = bf16_models(3)
+    cast = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
+    base, finetuned = cast(base), [cast(ft) for ft in finetuned]
+    numel = base["big.weight"].numel()
+    pick = draws_of(rule, "big.weight", numel, 3)["pick"]
+    entry = RNG_BLOCK + 3
+    unpicked = [t for t in range(3) if t != int(pick[entry])]
+
+    def save(states):
+        paths = []
+        for i, state in enumerate(states):
+            paths.append(tmp_path / f"m{i}.safetensors")
+            save_file(state, paths[-1])
+        return paths
+
+    nan = [dict(ft) for ft in finetuned]
+    nan[unpicked[0]]["big.weight"] = nan[unpicked[0]]["big.weight"].clone()
+    nan[unpicked[0]]["big.weight"][entry] = float("nan")
+    paths = save([base, *nan])
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(MergeclError, match=rf"m{unpicked[0] + 1}.safetensors: tensor 'big.weight' has NaN/Inf values"):
+        merge(paths[0], paths[1:], name, seed=7, chunk_size=RNG_BLOCK, out=out)
+    assert not out.exists()
+
+    huge = [{**ft, "big.weight": ft["big.weight"].clone()} for ft in finetuned]
+    far = {**base, "big.weight": base["big.weight"].clone()}
+    far["big.weight"][entry] = -3e38
+    for state in huge:
+        state["big.weight"][entry] = 3e38  # every theta - theta_0 = 3e38 - (-3e38) = inf there
+    with pytest.raises(MergeclError, match=r"tensor 'big.weight' overflows when subtracted from the base"):
+        merge(far, huge, name, seed=7, chunk_size=RNG_BLOCK, workers=2)
+    for t in unpicked:  # only the unpicked ones overflow: the picked one is finite
+        huge[t]["big.weight"][entry] = 3e38
+    huge[int(pick[entry])]["big.weight"][entry] = -3e38
+    merged = merge(far, huge, name, seed=7, chunk_size=RNG_BLOCK, workers=2)
+    assert merged["big.weight"][entry] == -3e38 and torch.isfinite(merged["big.weight"]).all()

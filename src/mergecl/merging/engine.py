@@ -73,6 +73,8 @@ WHOLE_BUDGET = 256 << 20  # bytes whole tensors (``whole_tensors``) may hold ove
 FORK_FROM = 2 << 30
 LAM_LIMIT = torch.finfo(torch.float32).max
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# what a ``picks`` rule gathers from as stored (else from the task vectors)
+PICKED_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # True: CPU merges go through the device stage too, its transfers plain copies (the tests' way to run
 # the code of a CUDA merge on a machine without one)
 STAGE_CPU = False
@@ -430,15 +432,7 @@ class _Merge:
         reader = self.finetuned[t]
         theta = self._raw(reader, entry.key, start, stop, "theta", into=out)
         self.progress.update(theta.numel() * theta.dtype.itemsize)
-        if theta.data_ptr() == out.data_ptr():  # read straight into out
-            if not self.vectors:
-                out.sub_(base)
-        elif self.vectors:
-            out.copy_(theta)
-        elif theta.dtype != out.dtype:  # widen first: faster than a mixed-dtype sub, and fp8 needs it
-            out.copy_(theta).sub_(base)
-        else:
-            torch.sub(theta, base, out=out)
+        self._minus_base(theta, base, out)
         if checked and not self._finite(out):
             self._blame_non_finite(entry.key, reader, start, stop, base)
         if self.options.dare:
@@ -447,6 +441,33 @@ class _Merge:
             drop = self._draw(drop, entry, start, stop)
             return rules.dare(out, drop, p)
         return out
+
+    def _minus_base(self, theta: Tensor, base: Tensor, out: Tensor) -> Tensor:
+        """theta - base in ``out`` (theta as read: the task vector itself if ``vectors``)."""
+        if theta.data_ptr() == out.data_ptr():  # read straight into out
+            return out if self.vectors else out.sub_(base)
+        if self.vectors:
+            return out.copy_(theta)
+        if theta.dtype != out.dtype:  # widen first: faster than a mixed-dtype sub, and fp8 needs it
+            return out.copy_(theta).sub_(base)
+        return torch.sub(theta, base, out=out)
+
+    def _stored(self, entry: TensorInfo, start: int, stop: int) -> Tensor | None:
+        """The [T, n] stack of the fine-tuned checkpoints' values on [start, stop), as stored, each
+        checked finite; None where they are not all stored in one dtype a gather takes."""
+        dtypes = {reader.spec(entry.key)[0] for reader in self.finetuned}
+        if len(dtypes) != 1 or not dtypes <= PICKED_DTYPES:
+            return None
+        n = stop - start
+        stack = self.buffers.get(("stored",), self.num_tasks * n, dtypes.pop()).view(self.num_tasks, n)
+        for t, reader in enumerate(self.finetuned):
+            theta = self._raw(reader, entry.key, start, stop, "theta", into=stack[t])
+            self.progress.update(n * theta.dtype.itemsize)
+            if theta.data_ptr() != stack[t].data_ptr():  # through a device's staging buffer
+                stack[t].copy_(theta)
+            if not self._finite(stack[t]):
+                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
+        return stack
 
     def _inputs(self, entry: TensorInfo, start: int, stop: int) -> dict[str, Iterator[Tensor]]:
         dtype = _compute_dtype(entry.dtype)
@@ -552,19 +573,19 @@ class _Merge:
         self.progress.update(base.numel() * entry.dtype.itemsize)
         return base
 
-    def _merged(self, entry: _Entry, start: int, stop: int, lam: float, extra: dict, checked: bool = False) -> Tensor:
+    def _merged(self, entry: _Entry, start: int, stop: int, lam: float, extra: dict, blame: bool = False) -> Tensor:
         """theta_0 + lam * rule(...) on [start, stop), checked, in the tensor's dtype. The task
-        vectors are checked one by one if ``checked`` or the rule needs it (``propagates_non_finite``
-        False, or DARE, which drops entries); otherwise a merged chunk that fails its check is merged
-        again with them checked, to name the input at fault."""
-        checked = checked or not self.rule.propagates_non_finite or bool(self.options.dare)
+        vectors are checked one by one if the rule needs it (``propagates_non_finite`` False, or
+        DARE, which drops entries) or ``blame`` asks; otherwise a merged chunk that fails its check
+        is merged again with ``blame``, every task vector checked, to name the input at fault."""
+        checked = blame or not self.rule.propagates_non_finite or bool(self.options.dare)
         base = self._read_base(entry, start, stop)
-        merged = self._merge_chunk(entry, start, stop, base, extra, checked).reshape(-1)
+        merged = self._merge_chunk(entry, start, stop, base, extra, checked, picked=not blame).reshape(-1)
         merged = base.add_(merged, alpha=lam) if lam != 1.0 else base.add_(merged)  # in base's buffer
         out = merged.to(entry.dtype, copy=True)  # a fresh tensor: the buffer is the next chunk's
         if not self._fits(merged, out):
-            if not checked:
-                self._merged(entry, start, stop, lam, extra, checked=True)  # raises the input's error
+            if not blame:
+                self._merged(entry, start, stop, lam, extra, blame=True)  # raises the input's error
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype}")
         return out
 
@@ -573,12 +594,27 @@ class _Merge:
             yield start, min(start + self.chunk_size, entry.numel)
 
     def _merge_chunk(
-        self, entry: TensorInfo, start: int, stop: int, base: Tensor, extra: dict, checked: bool = True
+        self,
+        entry: TensorInfo,
+        start: int,
+        stop: int,
+        base: Tensor,
+        extra: dict,
+        checked: bool = True,
+        picked: bool = False,
     ) -> Tensor:
+        """The rule's merged task vector on [start, stop). A rule that ``picks`` (with ``picked``,
+        no DARE) picks from the stored values, and the base is subtracted from its picks only; a
+        task vector that overflows there is found by the ``blame`` pass, which takes the task
+        vectors as every rule does."""
         kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
         for name, draw in self.rule.draws.items():
             kwargs[name] = self._draw(draw, entry, start, stop)
-        return self.rule.fn(self._taus(entry, start, stop, base, checked), **kwargs)
+        stored = self._stored(entry, start, stop) if picked and self.rule.picks and not self.options.dare else None
+        if stored is None:
+            return self.rule.fn(self._taus(entry, start, stop, base, checked), **kwargs)
+        tau = self.buffers.get(("tau",), stop - start, base.dtype)
+        return self._minus_base(self.rule.fn(stored, **kwargs), base, tau)
 
 
 class _StagedMerge(_Merge):
@@ -638,7 +674,7 @@ class _StagedMerge(_Merge):
         except MergeclError:
             raise
         except Exception:  # e.g. an SVD that fails on a NaN the checks have not reported yet
-            self.host._merged(entry, start, stop, lam, extra, checked=True)  # the CPU's error if the inputs are bad
+            self.host._merged(entry, start, stop, lam, extra, blame=True)  # the CPU's error if the inputs are bad
             raise
         return self.staging.download(merged, torch.stack(self.checks).all())
 
@@ -647,7 +683,7 @@ class _StagedMerge(_Merge):
             return launched
         if not launched.wait():
             entry, start, stop, extra = job
-            self.host._merged(entry, start, stop, lam, extra, checked=True)  # raises the CPU's error
+            self.host._merged(entry, start, stop, lam, extra, blame=True)  # raises the CPU's error
             device = self.staging.device
             raise MergeclError(f"tensor {entry.key!r}: the merged values overflow {entry.dtype} (on {device})")
         return launched.host

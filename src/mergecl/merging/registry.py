@@ -35,6 +35,11 @@ declaration says what it needs, so the engine pays only for that:
   then checks the merged chunk only, not every task vector's (a pass over each input saved), and
   looks for the culprit only when the merged chunk fails (tests/merging/test_merging_declared.py
   checks every rule that claims it).
+- ``picks``: (``stack`` rules) each entry of the result is one task vector's entry there, chosen
+  without looking at the values (a random pick). The engine then hands the rule the checkpoints'
+  stored values instead of the task vectors and subtracts the base from the picked entries only:
+  the same bits, one subtraction per entry instead of one per entry and task. Every checkpoint is
+  still checked finite (the same test file checks the claim).
 
 A rule without ``inputs`` is also a continual-learning method: ``RULE`` merges the Seq-FT task
 vectors of a run after every step, ``ind_ft+RULE`` the Ind-FT ones.
@@ -179,6 +184,7 @@ class Rule:
     propagates_non_finite: bool = False  # True: the engine checks the merged chunk, not each input
     whole_tensors: Callable[[Options], bool] = lambda options: False  # stack rules: tensors whole where they fit
     fold_buffers: int = 1  # chunk-sized fp32 buffers a fold rule holds (the engine sizes its chunks by them)
+    picks: bool = False  # stack rules: each entry is one task vector's, chosen blind to the values
 
     @property
     def continual(self) -> bool:
@@ -220,6 +226,7 @@ def register_rule(
     propagates_non_finite: bool = False,
     whole_tensors: Callable[[Options], bool] | None = None,
     fold_buffers: int = 1,
+    picks: bool = False,
 ):
     """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
 
@@ -234,6 +241,8 @@ def register_rule(
             raise MergeclError(f"merge rule {name!r} is already registered")
         if granularity not in GRANULARITIES:
             raise MergeclError(f"merge rule {name!r}: granularity must be one of {', '.join(GRANULARITIES)}")
+        if picks and granularity != "stack":
+            raise MergeclError(f"merge rule {name!r}: only a 'stack' rule picks (picks=True)")
         for key, spec in (inputs or {}).items():
             if not isinstance(spec, Input):
                 raise MergeclError(f"merge rule {name!r}: input {key!r} must be declared as an Input(...)")
@@ -254,6 +263,7 @@ def register_rule(
             propagates_non_finite,
             whole_tensors or (lambda options: False),
             fold_buffers,
+            picks,
         )
         return fn
 

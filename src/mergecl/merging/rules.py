@@ -82,13 +82,16 @@ def magmax(taus: Iterable[Tensor]) -> Tensor:
     granularity="stack",
     draws={"pick": Draw("mix", lambda n, g, num_tasks: torch.randint(num_tasks, (n,), generator=g, dtype=torch.int64))},
     running=Running(lambda mixed, tau, t, g: reservoir_step(mixed, tau, t, g)),
+    picks=True,
 )
 def random_mix(taus: Tensor, pick: Tensor) -> Tensor:
     """Each entry copies tau_k, k uniform at random (seeded): pick[entry] = k.
 
     One gather from the [T, n] stack: a fold needs two ops per task (a 0/1 weight, a lerp), four
-    times the time of the gather and its stack. The unpicked entries are dropped, NaN or not: the
-    engine checks every task vector (``propagates_non_finite`` is not declared)."""
+    times the time of the gather and its stack. The pick never looks at the values (``picks``): the
+    engine gathers from the checkpoints' stored values and subtracts the base from the picked ones.
+    The unpicked entries are dropped, NaN or not: the engine checks every checkpoint
+    (``propagates_non_finite`` is not declared)."""
     return taus.gather(0, pick.unsqueeze(0)).squeeze(0)
 
 
