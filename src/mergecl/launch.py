@@ -15,6 +15,7 @@ others' failures: it alone is named, and its status is the launch's.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ STORE = "MERGECL_LAUNCH_STORE"  # host:port of the store the launching process h
 POLL_S = 0.05
 GRACE_S = 3.0  # after one process failed: time for the others to end on their own (the same error)
 STOP_S = 5.0  # after SIGTERM: time before SIGKILL
+FOLDER = "mergecl-launch-"  # + the launcher's pid + "-" + random: its errors folder, in the temp dir
+LEFT = re.compile(r"rank\d+(\.traceback)?")  # what the processes leave there
 
 
 def launched() -> bool:
@@ -62,7 +65,8 @@ def launch(command: list[str], processes: int, env: dict[str, str]) -> int:
 
     # the store the processes meet at: bound here, on a free port, so no two launches race for one
     store = dist.TCPStore("127.0.0.1", 0, processes, is_master=True, wait_for_workers=False)
-    with tempfile.TemporaryDirectory(prefix="mergecl-launch-") as errors:
+    _tidy_after_killed_launches()
+    with tempfile.TemporaryDirectory(prefix=f"{FOLDER}{os.getpid()}-") as errors:
         shared = {
             **env,
             "WORLD_SIZE": str(processes),
@@ -84,6 +88,34 @@ def launch(command: list[str], processes: int, env: dict[str, str]) -> int:
         for line in _lines(Path(errors), processes, failed):
             print(line, file=sys.stderr, flush=True)
     return _status(failed[0][1]) if failed else 0
+
+
+def _tidy_after_killed_launches() -> None:
+    """Remove the errors folders of launchers that were killed (SIGKILL leaves no time to tidy):
+    this user's, named for a process that no longer runs, holding only what processes leave
+    (``rank<N>`` and ``rank<N>.traceback`` files). Anything else is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER}*-*"):
+        pid = folder.name[len(FOLDER) :].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+            files = list(folder.iterdir())
+            if all(LEFT.fullmatch(f.name) and f.is_file() and not f.is_symlink() for f in files):
+                for f in files:
+                    f.unlink()
+                folder.rmdir()
+        except OSError:  # another launch tidying at once, or a folder that is not ours to read
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _wait(children: list[subprocess.Popen]) -> list[tuple[int, int]]:

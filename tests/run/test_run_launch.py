@@ -128,3 +128,23 @@ def test_nproc_must_be_positive(tmp_path, nproc):
     done = mergecl("run", "digits", "--nproc", nproc, cwd=tmp_path)
     expected = f"mergecl: error: --nproc: expected a positive number of processes, got {nproc}\n"
     assert (done.returncode, done.stderr) == (2, expected)
+
+
+def test_a_killed_launchers_errors_folder_is_removed_by_the_next_launch(tmp_path, monkeypatch, capfd):
+    """SIGKILL leaves a launcher no time to tidy: the next launch removes such folders, but only this
+    user's, of a launcher that no longer runs, holding only what processes leave."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # read TMPDIR again
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    killed = tmp_path / f"mergecl-launch-{dead}-abc"
+    running = tmp_path / f"mergecl-launch-{os.getpid()}-def"
+    foreign = tmp_path / f"mergecl-launch-{dead}-ghi"
+    for folder in (killed, running, foreign):
+        folder.mkdir()
+        (folder / "rank0").write_text("mergecl: error: x\n")
+    (killed / "rank1.traceback").write_text("Traceback ...\n")
+    (foreign / "notes.txt").write_text("not a launch's\n")
+    assert launch(python("sys.exit(0)"), 1, ENV) == 0
+    assert not killed.exists() and running.exists() and (foreign / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, foreign.name])  # its own is gone too
