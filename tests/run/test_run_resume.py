@@ -13,6 +13,7 @@ import yaml
 
 from mergecl import MergeclError
 from mergecl.experiment.config import load_config, parse_config
+from mergecl.experiment.rundir import RunDir
 from mergecl.experiment.runner import run
 
 SMALL = {
@@ -332,8 +333,29 @@ def test_combine_gathers_seeds_run_side_by_side_into_the_run_of_all_seeds(tmp_pa
         combine([tmp_path / "s1", tmp_path / "s2"], tmp_path / "x")
     with pytest.raises(MergeclError, match="already exists"):
         combine([tmp_path / "s1", tmp_path / "s0"], tmp_path / "all")
-    with pytest.raises(MergeclError, match="not a run directory"):
+    with pytest.raises(MergeclError, match="nothing: no such run directory"):
         combine([tmp_path / "s1", tmp_path / "nothing"], tmp_path / "x")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.yaml").write_text("seeds: [5]\n")
+    with pytest.raises(MergeclError, match="plain: not a mergecl run"):
+        combine([tmp_path / "s1", tmp_path / "plain"], tmp_path / "x")
+    with pytest.raises(MergeclError, match="s1: given twice"):
+        combine([tmp_path / "s1", tmp_path / "s0", tmp_path / "s1" / "."], tmp_path / "x")
+    # checked as --resume checks a run: an edited config.yaml is not trusted
+    edited = tmp_path / "s0" / "config.yaml"
+    original = edited.read_text()
+    edited.write_text(original.replace("lr: 0.01", "lr: 0.02"))
+    with pytest.raises(MergeclError, match="differs from the config the run was started with in train.lr"):
+        combine([tmp_path / "s1", tmp_path / "s0"], tmp_path / "x")
+    edited.write_text(original)
+    # a run still running (it holds its lock) is refused: its seeds are still being written
+    running = RunDir(tmp_path / "s0")
+    running.lock()
+    try:
+        with pytest.raises(MergeclError, match="s0: in use by another mergecl process"):
+            combine([tmp_path / "s1", tmp_path / "s0"], tmp_path / "x")
+    finally:
+        running.unlock()
     assert not (tmp_path / "x").exists()
     from mergecl.cli import main
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from mergecl.atomic import atomic_directory, atomic_write_text
 from mergecl.errors import MergeclError
-from mergecl.experiment.config import RunConfig, dump_config, load_config, run_seeds
+from mergecl.experiment.config import RunConfig, dump_config, run_seeds
 from mergecl.experiment.rundir import RunDir
 
 FREE = ("seeds", "keep_vectors")  # the config keys the runs may differ in: they change no number
@@ -25,15 +25,30 @@ FREE = ("seeds", "keep_vectors")  # the config keys the runs may differ in: they
 
 def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Path]:
     """Gather ``runs`` (same config but for ``seeds``, disjoint seeds) into the new run ``out``;
-    returns its results.json's content and its path."""
+    returns its results.json's content and its path. Each run is checked as ``--resume`` checks it
+    (its marker, an unedited config.yaml) and locked while its seeds are read."""
+    if len(runs) < 2:
+        raise MergeclError("combine needs at least two run directories")
+    dirs = [RunDir(path) for path in runs]
+    configs = [rundir.read_config() for rundir in dirs]
+    for i, rundir in enumerate(dirs):
+        if any(rundir.path.resolve() == other.path.resolve() for other in dirs[:i]):
+            raise MergeclError(f"{rundir.path}: given twice; each run may come once")
+    try:
+        for rundir in dirs:  # a run still running is refused (its seeds are still being written)
+            rundir.lock(shared=True)
+        return _combine(dirs, configs, RunDir(out))
+    finally:
+        for rundir in dirs:
+            rundir.unlock()
+
+
+def _combine(dirs: list[RunDir], configs: list[RunConfig], target: RunDir) -> tuple[dict[str, Any], Path]:
+    """``combine`` of the checked, locked runs."""
     from mergecl.evaluation.report import write_report
     from mergecl.evaluation.results import RunMeta
     from mergecl.experiment.runner import results_from_progress
 
-    if len(runs) < 2:
-        raise MergeclError("combine needs at least two run directories")
-    dirs = [RunDir(path) for path in runs]
-    configs = [_read_run(rundir) for rundir in dirs]
     first = configs[0]
     seeds: list[int] = []
     for rundir, config in zip(dirs, configs, strict=True):
@@ -45,7 +60,6 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
         if shared:
             raise MergeclError(f"{rundir.path}: seed {shared[0]} is also in an earlier run; each seed may come once")
         seeds += config.seeds
-    target = RunDir(out)
     if target.path.exists():
         raise MergeclError(f"{target.path}: already exists; combine writes a new run directory")
 
@@ -70,12 +84,6 @@ def combine(runs: list[str | Path], out: str | Path) -> tuple[dict[str, Any], Pa
         RunDir(staging).write_json("results.json", results.to_json())
     write_report(results, target.path)
     return results.to_json(), target.path
-
-
-def _read_run(rundir: RunDir) -> RunConfig:
-    if not rundir.config_path.exists() or not (rundir.path / "progress.json").exists():
-        raise MergeclError(f"{rundir.path}: not a run directory (no config.yaml or progress.json)")
-    return load_config(rundir.config_path)
 
 
 def _link(source: str, destination: str) -> None:

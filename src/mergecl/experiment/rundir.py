@@ -89,21 +89,34 @@ class RunDir:
         data = _on_main(lambda: self._open(seeds).model_dump(mode="json"))
         return parse_config(data, str(self.config_path))
 
-    def lock(self) -> None:
+    def read_config(self) -> RunConfig:
+        """The config this run was started with (with seeds added since), read without writing
+        anything: refused in one line if this is not a mergecl run or its config.yaml was edited."""
+        if not self.path.is_dir():
+            raise MergeclError(f"{self.path}: no such run directory")
+        if not self.is_run():
+            raise MergeclError(f"{self.path}: not a mergecl run (no {MARKER}, nor config.yaml with progress.json)")
+        return self._checked_config(self._recorded_config(), None)
+
+    def lock(self, shared: bool = False) -> None:
         """Take the run's lock, or refuse at once if another process holds it; held until ``unlock``
-        or the death of the process."""
+        or the death of the process. ``shared``: a reader's lock (``combine``), which other readers
+        may hold too; taken without writing (a run with no lock file, or in a folder this user
+        cannot write, is read unlocked)."""
         if fcntl is None or self._lock_fd is not None:
             return
         try:
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path / LOCK, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
+            if shared:
+                return
             raise MergeclError(f"{self.path}: cannot lock the run directory ({err.strerror or err})") from None
         # A process killed a moment ago releases its lock only once the kernel has torn it down
         # (its memory first, then its files): a short grace period, then refuse.
         deadline = time.monotonic() + LOCK_GRACE_S
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() < deadline:
