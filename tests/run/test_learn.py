@@ -103,6 +103,50 @@ def test_init_and_adds_give_the_accuracy_matrix_of_a_run_over_the_same_tasks(tmp
     assert "O(1)" in str(magmax) and "O(1)" in str(opcm) and "every task vector is kept" in str(ties)
 
 
+def test_a_task_of_learned_classes_is_a_new_domain_with_the_matrix_of_a_domain_incremental_run(tmp_path):
+    """Classes are known by name: a task of learned classes (a new domain of them) is not refused,
+    and init + adds of tasks over the same classes give the accuracy matrix of a domain-incremental
+    run over the same tasks; a task may also mix learned and new classes."""
+    rows = _rows(0, PER_TASK)
+    halves: list[list[dict]] = [[], []]
+    for split in ("train", "validation", "test"):
+        part = [row for row in rows if row["split"] == split]
+        for i, row in enumerate(part):  # every intent in both halves: two domains of the same classes
+            halves[i % 2].append(row)
+    files = []
+    for t, half in enumerate(halves):
+        files.append(tmp_path / f"domain{t + 1}.jsonl")
+        files[-1].write_text("".join(json.dumps(row) + "\n" for row in half))
+    combined = tmp_path / "domains.jsonl"
+    combined.write_text("".join(
+        json.dumps({**row, "task": f"task{t + 1}"}) + "\n" for t, half in enumerate(halves) for row in half
+    ))  # fmt: skip
+    config = parse_config({
+        "name": "learn-domains",
+        "seeds": [0],
+        "eval_future": False,
+        "data": {"source": "files", "root": str(combined), "scenario": "domain", "n_tasks": None,
+                 "options": {"task_column": "task"}},
+        "model": {"name": "hf_text", "head": "zero_shot"},
+        "train": TRAIN,
+        "methods": ["magmax"],
+    })  # fmt: skip
+    results, _ = run(config, out=tmp_path / "run", report=False, echo=lambda m: None)
+    status = _learn_all(tmp_path, "magmax", files)
+    expected = results["methods"]["magmax"]["accuracy_matrix"]
+    assert status.matrix == [row[: t + 1] for t, row in enumerate(expected)]
+    # a third task: the same three intents' test rows again under a new name, plus three new intents
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(row) + "\n" for row in [*halves[0], *_rows(PER_TASK, PER_TASK)]))
+    said: list[str] = []
+    done = learn.add(tmp_path / "model-magmax", "mixed", mixed, max_drop=100.0, echo=said.append)
+    assert any("6 classes, 3 of them learned already" in line for line in said)
+    assert len(done.row) == 3 and all(0 <= acc <= 100 for acc in done.row)
+    head = json.loads((tmp_path / "model-magmax" / "model" / "mergecl_head.json").read_text())
+    assert len(head["class_names"]) == 2 * PER_TASK  # each intent once, whichever tasks brought it
+    assert [len(task["classes"]) for task in head["tasks"]] == [PER_TASK, PER_TASK, 2 * PER_TASK]
+
+
 # --- the gate, promote, reject, versions ------------------------------------------------------
 
 
@@ -198,13 +242,10 @@ def learned(tmp_path_factory, small_files) -> Path:
 
 def test_mistakes_are_one_line_errors_that_change_nothing(tmp_path, learned, small_files):
     ledger = (learned / "learn.json").read_bytes()
-    overlapping = tmp_path / "overlap.jsonl"
-    overlapping.write_text(small_files[0].read_text())
     no_label = tmp_path / "no-label.csv"
     no_label.write_text("text,intent\nhello,greet\n")
     cases = [
         (("cards", small_files[1]), "task 'cards' is learned already"),
-        (("again", overlapping), "is learned already \\(task 'cards'\\)"),
         (("other", no_label), "no column 'label'"),
         (("other", tmp_path / "absent.csv"), "no such file"),
         (("../up", small_files[1]), "task name"),

@@ -362,15 +362,21 @@ class LearnDir:
         return list(self.ledger["tasks"])
 
     def scenario(self, tasks: list[dict[str, Any]]) -> Scenario:
-        """The tasks as a class-incremental scenario over the classes in order of arrival."""
-        class_names = [name for task in tasks for name in task["classes"]]
-        built, start = [], 0
+        """The tasks as an incremental scenario over the classes in order of arrival, a class known
+        by its name: a task of new classes is a class-incremental step, a task of learned ones (a
+        new domain) a domain-incremental one, and a task may mix them. Each task trains on its own
+        classes and is evaluated among every class seen so far (the runner's class-incremental
+        rows; with every task over the same classes, its domain-incremental ones)."""
+        ids: dict[str, int] = {}
+        built = []
         for t, task in enumerate(tasks):
-            splits = _read_task_file(self.path / task["data"], start)
-            classes = list(range(start, start + len(task["classes"])))
+            for name in task["classes"]:
+                ids.setdefault(name, len(ids))
+            global_ids = [ids[name] for name in task["classes"]]  # by the task's own label index
+            splits = _read_task_file(self.path / task["data"], global_ids)
+            classes = sorted(global_ids)  # the runner's order of a task's classes
             built.append(Task(t, task["name"], classes, splits["train"], splits["validation"], splits["test"]))
-            start += len(task["classes"])
-        return Scenario("class", built, class_names, f"{self.config.name} ({len(tasks)} tasks)")
+        return Scenario("class", built, list(ids), f"{self.config.name} ({len(tasks)} tasks)")
 
     def learner(self, class_names: list[str], device: torch.device):
         """The model with a head over ``class_names``, its other weights theta_0 (as a run builds it)."""
@@ -401,9 +407,9 @@ class LearnDir:
 # --- the task data ------------------------------------------------------------------------------
 
 
-def _read_task_file(path: Path, first_class: int) -> dict[str, Split]:
+def _read_task_file(path: Path, global_ids: list[int]) -> dict[str, Split]:
     """A task's examples as stored in DIR/tasks (JSON lines: input, label = class index within the
-    task, split), with global class ids from ``first_class``."""
+    task, split), labelled with the global class ids: ``global_ids[label]``."""
     rows: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "validation", "test")}
     kind = "text"
     try:
@@ -413,8 +419,8 @@ def _read_task_file(path: Path, first_class: int) -> dict[str, Split]:
             for line in handle:
                 row = json.loads(line)
                 rows[row["split"]][0].append(row["input"])
-                rows[row["split"]][1].append(first_class + int(row["label"]))
-    except (OSError, ValueError, KeyError) as err:
+                rows[row["split"]][1].append(global_ids[int(row["label"])])
+    except (OSError, ValueError, KeyError, IndexError) as err:
         raise MergeclError(f"{path}: the task's data cannot be read ({err})") from None
     return {s: Split(inputs, torch.tensor(labels, dtype=torch.long), kind) for s, (inputs, labels) in rows.items()}
 
@@ -546,12 +552,8 @@ def _add(learn: LearnDir, name: str, data: Path, max_drop: float | None, echo) -
     if max_drop is not None and not (max_drop >= 0 and np.isfinite(max_drop)):
         raise MergeclError(f"max_drop: expected a number of points >= 0, got {max_drop}")
     class_names, splits = read_task(config, data, name)
-    learned = {c: task["name"] for task in tasks for c in task["classes"]}
-    for c in class_names:
-        if c in learned:
-            raise MergeclError(
-                f"{data}: class {c!r} is learned already (task '{learned[c]}'); a task brings new classes"
-            )
+    learned = {c for task in tasks for c in task["classes"]}
+    known = sum(c in learned for c in class_names)  # a new domain of learned classes, or a mix
     k, t = len(tasks) + 1, len(tasks)
     entry = {"name": name, "classes": class_names, "data": f"tasks/{name}.jsonl", "source": str(data.resolve()),
              "examples": {s: len(split) for s, split in splits.items()}}  # fmt: skip
@@ -582,7 +584,8 @@ def _add(learn: LearnDir, name: str, data: Path, max_drop: float | None, echo) -
     seed_t = step_seed(config.seed, training.name, t)
     torch.manual_seed(seed_t)
     options = read_options(training.options, {} if spec.rule else config.method_options, "method_options")
-    echo(f"training task {k} '{name}' ({len(splits['train'])} examples, {len(class_names)} classes)")
+    of_them = f", {known} of them learned already" if known else ""
+    echo(f"training task {k} '{name}' ({len(splits['train'])} examples, {len(class_names)} classes{of_them})")
     result = training.step(Step(learner, scenario, t, config.train, seed_t, options, carried))
     trained = learner.state_dict()
     tau = {key: trained[key].detach().cpu().float() - base[key].float() for key in tuned}
