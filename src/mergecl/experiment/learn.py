@@ -183,7 +183,7 @@ class AddResult:
     version: int  # the model after this many tasks
     promoted: bool
     row: list[float]  # the new model's accuracy on every task so far (percent)
-    before: list[float | None]  # the promoted model's, before the add (the new task: its zero-shot accuracy)
+    before: list[float | None]  # the promoted model's, before the add (the new task: before training on it)
     acc: float  # mean of ``row``
     bwt: float | None  # of the accuracy matrix with this row
     drops: dict[str, float]  # earlier task -> points lost
@@ -715,7 +715,8 @@ def _evaluate(learner, weights, scenario: Scenario, t: int, batch_size: int, spl
 
 
 def _zero_shot_on_new(learner, weights, scenario: Scenario, batch_size: int) -> float:
-    """The accuracy of the model ``weights`` (before the add) on the new task, among every class."""
+    """The accuracy of the model ``weights`` (before the add) on the new task, among every class seen
+    (zero-shot where the task brings new classes)."""
     check_finite(weights, "the model before this task")
     learner.load_state_dict(weights)
     t = len(scenario.tasks) - 1
@@ -834,7 +835,8 @@ def _report(learn: LearnDir, scenario, k, before, row, matrix, drops, limit, pro
         lines.append(f"| {name} | {was:.2f} | {row[i]:.2f} | {row[i] - was:+.2f} |")
     lines += [
         "",
-        f"'before' is the model before this add ({previous}); for the new task, its accuracy there (zero-shot).",
+        f"'before' is the model before this add ({previous}); for the new task, its accuracy there before "
+        "training on it (zero-shot for new classes; for learned ones, how it did on the new domain).",
         "",
         "## Accuracy matrix (row: the model after task t; column: the task evaluated on)",
         "",
