@@ -128,14 +128,14 @@ def test_api_in_memory_and_task_vectors(method):
 def test_each_checkpoint_is_read_once_on_the_running_path_and_s_times_from_scratch(monkeypatch):
     base, fts = make_models()
     reads = Counter()
-    original = _Merge._tau
+    original = _Merge._raw
 
-    def counting(self, t, entry, start, stop, *rest):
-        if entry.key == "enc.w":
-            reads[t] += 1
-        return original(self, t, entry, start, stop, *rest)
+    def counting(self, reader, key, *rest, **kwargs):
+        if key == "enc.w" and reader in self.finetuned:
+            reads[self.finetuned.index(reader)] += 1
+        return original(self, reader, key, *rest, **kwargs)
 
-    monkeypatch.setattr(_Merge, "_tau", counting)
+    monkeypatch.setattr(_Merge, "_raw", counting)
     merge_continual(base, fts, "average")
     assert reads == Counter(dict.fromkeys(range(T), 1))
     reads.clear()

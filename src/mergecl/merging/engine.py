@@ -49,7 +49,7 @@ from pydantic import Field, create_model, field_validator
 from torch import Tensor
 
 from mergecl.errors import MergeclError
-from mergecl.merging import rules
+from mergecl.merging import fused, rules
 from mergecl.merging.checkpoints import check_output, numel, open_checkpoint, write_checkpoint
 from mergecl.merging.device import DEVICE_PATTERN, Landing, Staging, resolve_device
 from mergecl.merging.forked import can_fork, forked_map
@@ -339,6 +339,8 @@ class _Merge:
             budget = max(RNG_BLOCK, (STACK_BUDGET // (self.num_tasks + 2)) // RNG_BLOCK * RNG_BLOCK)
             self.chunk_size = min(self.chunk_size, budget)
         self.whole_tensors = rule.granularity == "stack" and rule.whole_tensors(options)
+        # the rule's fused step, where it can run here (compiled now, before any worker is forked)
+        self.fused = rule.fused if rule.fused and not vectors and fused.library() is not None else None
         model_bytes = sum(e.numel * e.dtype.itemsize for e in self.entries)
         self.whole_budget = min(WHOLE_BUDGET, model_bytes)  # memory: the interpreter plus one model at most
         self.buffers = _Buffers(self.chunk_size)
@@ -468,6 +470,21 @@ class _Merge:
             if not self._finite(stack[t]):
                 raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
         return stack
+
+    def _fused_fold(self, entry: TensorInfo, start: int, stop: int, base: Tensor) -> Tensor | None:
+        """The rule's fold as its fused step (fused.py) over the checkpoints' chunks as stored: one
+        pass each, the same bits as ``running.update`` over the task vectors; None where a
+        checkpoint's dtype is not one the step reads (or the compute's is not fp32)."""
+        dtypes = {reader.spec(entry.key)[0] for reader in self.finetuned}
+        if base.dtype != torch.float32 or not dtypes <= fused.DTYPES.keys():
+            return None
+        state = self.buffers.get(("tau",), stop - start, torch.float32)
+        for t, reader in enumerate(self.finetuned):
+            theta = self._raw(reader, entry.key, start, stop, "theta")
+            self.progress.update(theta.numel() * theta.dtype.itemsize)
+            fused.step(self.fused if t else "first", state, theta, base)
+        assert self.rule.running is not None  # a rule declared fused has its running form
+        return self.rule.running.finish(state, self.num_tasks)
 
     def _inputs(self, entry: TensorInfo, start: int, stop: int) -> dict[str, Iterator[Tensor]]:
         dtype = _compute_dtype(entry.dtype)
@@ -610,6 +627,10 @@ class _Merge:
         kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
         for name, draw in self.rule.draws.items():
             kwargs[name] = self._draw(draw, entry, start, stop)
+        if self.fused and not checked:
+            merged = self._fused_fold(entry, start, stop, base)
+            if merged is not None:
+                return merged
         stored = self._stored(entry, start, stop) if picked and self.rule.picks and not self.options.dare else None
         if stored is None:
             return self.rule.fn(self._taus(entry, start, stop, base, checked), **kwargs)
@@ -627,6 +648,7 @@ class _StagedMerge(_Merge):
     def __init__(self, job: _Merge, staging: Staging) -> None:
         vars(self).update(vars(job))  # the same readers, layout, options and progress bar
         self.host = job
+        self.fused = None  # the fused steps run on the CPU
         self.staging = staging
         self.buffers = _Buffers(job.chunk_size, staging.device)
         self.checks: list[Tensor] = []  # the current chunk's, each a bool on the device

@@ -35,6 +35,10 @@ declaration says what it needs, so the engine pays only for that:
   then checks the merged chunk only, not every task vector's (a pass over each input saved), and
   looks for the culprit only when the merged chunk fails (tests/merging/test_merging_declared.py
   checks every rule that claims it).
+- ``fused``: (``fold`` rules with a running form that propagates non-finite entries) the name of
+  the step in merging/fused.c that does the running update and the subtraction of the base in one
+  pass over a checkpoint's chunk ("sum", "magmax"); the engine uses it where the C compiler
+  allows, with the same bits as torch's ops (tests/merging/test_merging_fused.py).
 - ``picks``: (``stack`` rules) each entry of the result is one task vector's entry there, chosen
   without looking at the values (a random pick). The engine then hands the rule the checkpoints'
   stored values instead of the task vectors and subtracts the base from the picked entries only:
@@ -57,6 +61,7 @@ import torch
 from torch import Tensor
 
 from mergecl.errors import MergeclError
+from mergecl.merging.fused import STEPS as FUSED_STEPS
 from mergecl.options import Options
 from mergecl.plugins import load_plugins
 
@@ -185,6 +190,7 @@ class Rule:
     whole_tensors: Callable[[Options], bool] = lambda options: False  # stack rules: tensors whole where they fit
     fold_buffers: int = 1  # chunk-sized fp32 buffers a fold rule holds (the engine sizes its chunks by them)
     picks: bool = False  # stack rules: each entry is one task vector's, chosen blind to the values
+    fused: str | None = None  # fold rules: the fused.c step that is ``running.update`` minus the base
 
     @property
     def continual(self) -> bool:
@@ -227,6 +233,7 @@ def register_rule(
     whole_tensors: Callable[[Options], bool] | None = None,
     fold_buffers: int = 1,
     picks: bool = False,
+    fused: str | None = None,
 ):
     """Declare merge rule ``name`` (see the module docstring); usable as a decorator.
 
@@ -241,6 +248,11 @@ def register_rule(
             raise MergeclError(f"merge rule {name!r} is already registered")
         if granularity not in GRANULARITIES:
             raise MergeclError(f"merge rule {name!r}: granularity must be one of {', '.join(GRANULARITIES)}")
+        if fused is not None and (fused not in FUSED_STEPS or running is None or not propagates_non_finite):
+            raise MergeclError(
+                f"merge rule {name!r}: fused must name a step of fused.c ({', '.join(FUSED_STEPS)}) of a rule "
+                "with a running form that propagates non-finite entries"
+            )
         if picks and granularity != "stack":
             raise MergeclError(f"merge rule {name!r}: only a 'stack' rule picks (picks=True)")
         for key, spec in (inputs or {}).items():
@@ -264,6 +276,7 @@ def register_rule(
             whole_tensors or (lambda options: False),
             fold_buffers,
             picks,
+            fused,
         )
         return fn
 

@@ -29,6 +29,7 @@ from mergecl.options import Options
     "average",
     running=Running(lambda total, tau, t, g: total.add_(tau), lambda total, n: total / n),
     propagates_non_finite=True,
+    fused="sum",
 )
 def average(taus: Iterable[Tensor]) -> Tensor:
     """theta_0 + lam * mean_t tau_t (weight averaging of the fine-tuned models)."""
@@ -40,7 +41,11 @@ def average(taus: Iterable[Tensor]) -> Tensor:
 
 
 @register_rule(
-    "task_arithmetic", lam=0.3, running=Running(lambda total, tau, t, g: total.add_(tau)), propagates_non_finite=True
+    "task_arithmetic",
+    lam=0.3,
+    running=Running(lambda total, tau, t, g: total.add_(tau)),
+    propagates_non_finite=True,
+    fused="sum",
 )
 def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
     """theta_0 + lam * sum_t tau_t (task arithmetic, Ilharco et al.)."""
@@ -56,6 +61,7 @@ def task_arithmetic(taus: Iterable[Tensor]) -> Tensor:
     running=Running(lambda best, tau, t, g: magmax([best, tau])),
     propagates_non_finite=True,
     fold_buffers=3,  # best, |best| and the 0/1 weight
+    fused="magmax",
 )
 def magmax(taus: Iterable[Tensor]) -> Tensor:
     """Each entry takes the signed tau_t of largest |tau_t|; ties go to the later task.
