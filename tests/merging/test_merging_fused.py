@@ -61,9 +61,24 @@ def merged_files(tmp_path, name: str, dtype: torch.dtype, tag: str, **options) -
     return load_file(out)
 
 
-def test_the_folding_rules_declare_their_fused_steps():
-    assert set(FUSED) >= {"average", "task_arithmetic", "magmax"}
-    assert all(all_rules()[name].fused in fused.STEPS for name in FUSED)
+def test_the_folding_rules_and_random_mix_declare_their_fused_steps():
+    assert set(FUSED) >= {"average", "task_arithmetic", "magmax", "random_mix"}
+    assert all(all_rules()[name].fused in (*fused.STEPS, "pick") for name in FUSED)
+    assert all_rules()["random_mix"].fused == "pick"
+
+
+@needs_compiler
+@pytest.mark.parametrize("seed", [0, 7, 5489, 2**32 - 1, 123456789])
+@pytest.mark.parametrize("high", [1, 2, 3, 7, 8, 13, 255, 256])
+def test_the_fused_draws_are_torchs(seed, high, native):
+    """fused.c's MT19937 gives torch.randint's values from the same seed, across its 624-word
+    refills, for powers of two (a mask) and others (a remainder by multiplication)."""
+    assert native(True)
+    for n in (1, 624, 625, 70_000):
+        picks = torch.empty(n, dtype=torch.uint8)
+        fused.draw_tasks(picks, seed, high)
+        expected = torch.randint(high, (n,), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(picks.long(), expected), (seed, high, n)
 
 
 @needs_compiler
@@ -92,6 +107,11 @@ def test_the_fused_steps_are_what_the_engine_runs(tmp_path, native, monkeypatch)
     calls.clear()
     merged_files(tmp_path, "magmax", torch.float16, "fp16")
     assert calls == []
+    picked = []
+    real_pick = fused.pick
+    monkeypatch.setattr(fused, "pick", lambda *args: picked.append(args[-1]) or real_pick(*args))
+    merged_files(tmp_path, "random_mix", torch.bfloat16, "mix")
+    assert sorted(picked) == sorted([0, 1, 2, 3] * 5)
 
 
 @needs_compiler

@@ -486,6 +486,29 @@ class _Merge:
         assert self.rule.running is not None  # a rule declared fused has its running form
         return self.rule.running.finish(state, self.num_tasks)
 
+    def _fused_pick(self, entry: TensorInfo, start: int, stop: int, base: Tensor) -> Tensor | None:
+        """A ``picks`` rule's pick by its fused step: the rule's draws of task indices (the same
+        values as its ``Draw``) and one pass per checkpoint chunk as stored, each checked finite;
+        None where a dtype is not one the step reads or there are too many tasks for a byte."""
+        dtypes = {reader.spec(entry.key)[0] for reader in self.finetuned}
+        if base.dtype != torch.float32 or not dtypes <= fused.DTYPES.keys() or self.num_tasks > fused.MAX_PICKED_TASKS:
+            return None
+        n = stop - start
+        (draw,) = self.rule.draws.values()
+        picks = self.buffers.get(("picks",), n, torch.uint8)
+        scratch = self.buffers.get(("block picks",), RNG_BLOCK, torch.uint8)
+        for block_seed, lo, count in draw.blocks(self.options.seed, entry.key, start, stop, entry.numel):
+            fused.draw_tasks(scratch[:count], block_seed, self.num_tasks)
+            first, last = max(start, lo), min(stop, lo + count)
+            picks[first - start : last - start].copy_(scratch[first - lo : last - lo])
+        state = self.buffers.get(("tau",), n, torch.float32)
+        for t, reader in enumerate(self.finetuned):
+            theta = self._raw(reader, entry.key, start, stop, "theta")
+            self.progress.update(n * theta.dtype.itemsize)
+            if fused.pick(state, theta, base, picks, t):
+                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
+        return state
+
     def _inputs(self, entry: TensorInfo, start: int, stop: int) -> dict[str, Iterator[Tensor]]:
         dtype = _compute_dtype(entry.dtype)
         return {name: self._input(name, readers, entry, start, stop, dtype) for name, readers in self.inputs.items()}
@@ -627,7 +650,11 @@ class _Merge:
         kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
         for name, draw in self.rule.draws.items():
             kwargs[name] = self._draw(draw, entry, start, stop)
-        if self.fused and not checked:
+        if self.fused == "pick" and picked and not self.options.dare:
+            merged = self._fused_pick(entry, start, stop, base)
+            if merged is not None:
+                return merged
+        elif self.fused and not checked:
             merged = self._fused_fold(entry, start, stop, base)
             if merged is not None:
                 return merged

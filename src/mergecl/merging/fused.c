@@ -37,3 +37,64 @@ static inline float magmax_pick(float best, float tau) {
 #define AS_IS(x) (x)
 STEPS(bf16, uint16_t, from_bf16)
 STEPS(f32, float, AS_IS)
+
+/* --- random mix: torch's seeded draws and the pick, in one pass per checkpoint ----------------- */
+
+/* MT19937 as torch's CPU generator runs it: seeded by manual_seed (the reference initialisation of
+ * a 32-bit seed), 32-bit outputs; torch.randint(high) takes output % high, one output per entry. */
+#define MT_N 624
+#define MT_M 397
+
+static inline uint32_t mt_mix(uint32_t upper, uint32_t lower, uint32_t far) {
+    uint32_t y = (upper & 0x80000000u) | (lower & 0x7fffffffu);
+    return far ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+}
+
+/* the next 624 outputs of the state (the reference twist, without a modulo per element) */
+static void mt_block(uint32_t *state, uint32_t *out) {
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) state[i] = mt_mix(state[i], state[i + 1], state[i + MT_M]);
+    for (; i < MT_N - 1; i++) state[i] = mt_mix(state[i], state[i + 1], state[i + MT_M - MT_N]);
+    state[MT_N - 1] = mt_mix(state[MT_N - 1], state[0], state[MT_M - 1]);
+    for (i = 0; i < MT_N; i++) {
+        uint32_t y = state[i];
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        out[i] = y ^ (y >> 18);
+    }
+}
+
+/* pick[i] = torch.randint(high, (n,), generator=torch.Generator().manual_seed(seed))[i] for
+ * 1 <= high <= 256: torch's CPU generator is MT19937 seeded by the reference initialisation of a
+ * 32-bit seed, and randint takes one 32-bit output per entry, modulo high */
+void randint_u8(uint8_t *pick, long n, uint32_t seed, uint32_t high) {
+    uint32_t state[MT_N], out[MT_N];
+    uint64_t inverse = UINT64_C(0xFFFFFFFFFFFFFFFF) / high + 1;
+    state[0] = seed;
+    for (int i = 1; i < MT_N; i++) state[i] = 1812433253u * (state[i - 1] ^ (state[i - 1] >> 30)) + (uint32_t)i;
+    for (long done = 0; done < n; done += MT_N) {
+        mt_block(state, out);
+        long count = n - done < MT_N ? n - done : MT_N;
+        if ((high & (high - 1)) == 0)
+            for (long i = 0; i < count; i++) pick[done + i] = (uint8_t)(out[i] & (high - 1));
+        else  /* out % high by a multiplication (Lemire's direct remainder, exact for 32-bit values) */
+            for (long i = 0; i < count; i++)
+                pick[done + i] = (uint8_t)(((__uint128_t)(inverse * out[i]) * high) >> 64);
+    }
+}
+
+/* where pick == task: state = theta - base; returns how many of theta's n entries are not finite */
+#define PICK(SUFFIX, TYPE, WIDEN)                                                                    \
+    long pick_##SUFFIX(float *state, const TYPE *theta, const float *base, const uint8_t *pick,      \
+                       long n, long task) {                                                          \
+        long bad = 0;                                                                                \
+        for (long i = 0; i < n; i++) {                                                               \
+            float x = WIDEN(theta[i]);                                                               \
+            bad += !isfinite(x);                                                                     \
+            if (pick[i] == task) state[i] = x - base[i];                                             \
+        }                                                                                            \
+        return bad;                                                                                  \
+    }
+PICK(bf16, uint16_t, from_bf16)
+PICK(f32, float, AS_IS)

@@ -37,8 +37,10 @@ declaration says what it needs, so the engine pays only for that:
   checks every rule that claims it).
 - ``fused``: (``fold`` rules with a running form that propagates non-finite entries) the name of
   the step in merging/fused.c that does the running update and the subtraction of the base in one
-  pass over a checkpoint's chunk ("sum", "magmax"); the engine uses it where the C compiler
-  allows, with the same bits as torch's ops (tests/merging/test_merging_fused.py).
+  pass over a checkpoint's chunk ("sum", "magmax"); or "pick" for a rule that ``picks`` by one
+  draw of ``torch.randint(num_tasks)`` (random mix): the draws and the pick in C. The engine uses
+  it where the C compiler allows, with the same bits as torch's ops
+  (tests/merging/test_merging_fused.py).
 - ``picks``: (``stack`` rules) each entry of the result is one task vector's entry there, chosen
   without looking at the values (a random pick). The engine then hands the rule the checkpoints'
   stored values instead of the task vectors and subtracts the base from the picked entries only:
@@ -84,12 +86,17 @@ class Draw:
         seeded from (seed, stream, key, block)."""
         parts = []
         generator = torch.Generator()
-        for block in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1):
-            generator.manual_seed(zlib.crc32(f"{seed}:{self.stream}:{key}:{block}".encode()))
-            lo = block * RNG_BLOCK
-            values = self.values(min(RNG_BLOCK, total - lo), generator, num_tasks)
+        for block_seed, lo, count in self.blocks(seed, key, start, stop, total):
+            generator.manual_seed(block_seed)
+            values = self.values(count, generator, num_tasks)
             parts.append(values[max(start - lo, 0) : min(stop - lo, RNG_BLOCK)])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def blocks(self, seed: int, key: str, start: int, stop: int, total: int) -> Iterator[tuple[int, int, int]]:
+        """(its generator's seed, its first element, its length) of each block [start, stop) touches."""
+        for block in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1):
+            lo = block * RNG_BLOCK
+            yield zlib.crc32(f"{seed}:{self.stream}:{key}:{block}".encode()), lo, min(RNG_BLOCK, total - lo)
 
 
 @dataclass(frozen=True)
@@ -248,10 +255,13 @@ def register_rule(
             raise MergeclError(f"merge rule {name!r} is already registered")
         if granularity not in GRANULARITIES:
             raise MergeclError(f"merge rule {name!r}: granularity must be one of {', '.join(GRANULARITIES)}")
-        if fused is not None and (fused not in FUSED_STEPS or running is None or not propagates_non_finite):
+        folds = fused in FUSED_STEPS and running is not None and propagates_non_finite
+        picks_by_randint = fused == "pick" and picks and len(draws or {}) == 1
+        if fused is not None and not (folds or picks_by_randint):
             raise MergeclError(
                 f"merge rule {name!r}: fused must name a step of fused.c ({', '.join(FUSED_STEPS)}) of a rule "
-                "with a running form that propagates non-finite entries"
+                "with a running form that propagates non-finite entries, or be 'pick' for a rule that "
+                "picks by one draw of a task index"
             )
         if picks and granularity != "stack":
             raise MergeclError(f"merge rule {name!r}: only a 'stack' rule picks (picks=True)")

@@ -89,6 +89,7 @@ def magmax(taus: Iterable[Tensor]) -> Tensor:
     draws={"pick": Draw("mix", lambda n, g, num_tasks: torch.randint(num_tasks, (n,), generator=g, dtype=torch.int64))},
     running=Running(lambda mixed, tau, t, g: reservoir_step(mixed, tau, t, g)),
     picks=True,
+    fused="pick",
 )
 def random_mix(taus: Tensor, pick: Tensor) -> Tensor:
     """Each entry copies tau_k, k uniform at random (seeded): pick[entry] = k.
