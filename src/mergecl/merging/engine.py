@@ -471,6 +471,15 @@ class _Merge:
                 raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
         return stack
 
+    def _fused(self, entry: TensorInfo, start: int, stop: int, base: Tensor, checked: bool, picked: bool):
+        """The merged task vector by the rule's fused step (fused.py), or None: a fold's where its
+        merged chunk alone is checked, a pick's outside a ``blame`` pass and without DARE."""
+        if self.fused == "pick":
+            return self._fused_pick(entry, start, stop, base) if picked and not self.options.dare else None
+        if self.fused and not checked:
+            return self._fused_fold(entry, start, stop, base)
+        return None
+
     def _fused_fold(self, entry: TensorInfo, start: int, stop: int, base: Tensor) -> Tensor | None:
         """The rule's fold as its fused step (fused.py) over the checkpoints' chunks as stored: one
         pass each, the same bits as ``running.update`` over the task vectors; None where a
@@ -643,21 +652,17 @@ class _Merge:
         checked: bool = True,
         picked: bool = False,
     ) -> Tensor:
-        """The rule's merged task vector on [start, stop). A rule that ``picks`` (with ``picked``,
-        no DARE) picks from the stored values, and the base is subtracted from its picks only; a
-        task vector that overflows there is found by the ``blame`` pass, which takes the task
-        vectors as every rule does."""
+        """The rule's merged task vector on [start, stop): by its fused step where it has one that
+        applies (``_fused``), else by its function. A rule that ``picks`` (with ``picked``, no DARE)
+        picks from the stored values, and the base is subtracted from its picks only; a task vector
+        that overflows there is found by the ``blame`` pass, which takes the task vectors as every
+        rule does."""
+        merged = self._fused(entry, start, stop, base, checked, picked)
+        if merged is not None:
+            return merged
         kwargs = {**self.rule_options, **extra, **self._inputs(entry, start, stop)}
         for name, draw in self.rule.draws.items():
             kwargs[name] = self._draw(draw, entry, start, stop)
-        if self.fused == "pick" and picked and not self.options.dare:
-            merged = self._fused_pick(entry, start, stop, base)
-            if merged is not None:
-                return merged
-        elif self.fused and not checked:
-            merged = self._fused_fold(entry, start, stop, base)
-            if merged is not None:
-                return merged
         stored = self._stored(entry, start, stop) if picked and self.rule.picks and not self.options.dare else None
         if stored is None:
             return self.rule.fn(self._taus(entry, start, stop, base, checked), **kwargs)

@@ -84,15 +84,18 @@ void randint_u8(uint8_t *pick, long n, uint32_t seed, uint32_t high) {
     }
 }
 
-/* where pick == task: state = theta - base; returns how many of theta's n entries are not finite */
+/* where pick == task: state = theta - base; returns whether any of theta's n entries, picked or
+ * not, is not finite (written without branches, so that the loop is vectorised) */
 #define PICK(SUFFIX, TYPE, WIDEN)                                                                    \
     long pick_##SUFFIX(float *state, const TYPE *theta, const float *base, const uint8_t *pick,      \
                        long n, long task) {                                                          \
-        long bad = 0;                                                                                \
+        const uint8_t mine = (uint8_t)task;                                                          \
+        int bad = 0;                                                                                 \
         for (long i = 0; i < n; i++) {                                                               \
             float x = WIDEN(theta[i]);                                                               \
-            bad += !isfinite(x);                                                                     \
-            if (pick[i] == task) state[i] = x - base[i];                                             \
+            float here = x - base[i];                                                                \
+            bad |= (x != x) | (fabsf(x) == INFINITY);                                                \
+            state[i] = pick[i] == mine ? here : state[i];                                            \
         }                                                                                            \
         return bad;                                                                                  \
     }
