@@ -322,7 +322,7 @@ def test_run_help_says_what_the_default_runs_and_the_time_the_readme_measured(ca
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     minutes, seconds = map(int, re.search(r"`mergecl run` (\d+) min (\d+) s", readme).groups())
-    assert DEFAULT_RUN_TIME == f"about {round(minutes + seconds / 60)} minutes on 2 CPU cores"
+    assert DEFAULT_RUN_TIME == f"about {round(minutes + seconds / 60, 1):g} minutes on 2 CPU cores"
     default = load_config(None)
     assert DEFAULT_RUN_TIME in text and f"{len(default.seeds)} seeds" in text
     assert f"methods {', '.join(default.methods)};" in text
