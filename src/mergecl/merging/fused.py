@@ -49,7 +49,7 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         return _load(_built(compiler))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, RuntimeError):  # RuntimeError: no home folder to cache in
         return None
 
 
