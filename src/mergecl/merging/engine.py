@@ -249,6 +249,10 @@ class _Buffers:
         return buffer if buffer.numel() == n else buffer[:n]
 
 
+def _non_finite(name: str, key: str) -> MergeclError:
+    return MergeclError(f"{name}: tensor '{key}' has NaN/Inf values")
+
+
 def forked_chunk(rule: Rule) -> int:
     """A forked worker's chunk for ``rule``: ``FORKED_CHUNK``, or less for a fold whose buffers (its
     ``fold_buffers``, the base's and the task vector's) would not fit ``FORKED_CACHE`` (a multiple of
@@ -341,6 +345,7 @@ class _Merge:
         self.whole_tensors = rule.granularity == "stack" and rule.whole_tensors(options)
         # the rule's fused step, where it can run here (compiled now, before any worker is forked)
         self.fused = rule.fused if rule.fused and not vectors and fused.library() is not None else None
+        self.stored_dtypes: dict[str, torch.dtype | None] = {}  # tensor -> ``_stored_dtype``
         model_bytes = sum(e.numel * e.dtype.itemsize for e in self.entries)
         self.whole_budget = min(WHOLE_BUDGET, model_bytes)  # memory: the interpreter plus one model at most
         self.buffers = _Buffers(self.chunk_size)
@@ -454,21 +459,33 @@ class _Merge:
             return out.copy_(theta).sub_(base)
         return torch.sub(theta, base, out=out)
 
+    def _stored_dtype(self, key: str) -> torch.dtype | None:
+        """The dtype every fine-tuned checkpoint stores ``key`` in, or None where they differ (read
+        once per tensor: the stored and fused paths ask at every chunk)."""
+        if key not in self.stored_dtypes:
+            dtypes = {reader.spec(key)[0] for reader in self.finetuned}
+            self.stored_dtypes[key] = dtypes.pop() if len(dtypes) == 1 else None
+        return self.stored_dtypes[key]
+
+    def _fusable(self, entry: TensorInfo, base: Tensor) -> bool:
+        """Whether the fused steps read this tensor: checkpoints in a dtype they take, fp32 compute."""
+        return base.dtype == torch.float32 and self._stored_dtype(entry.key) in fused.DTYPES
+
     def _stored(self, entry: TensorInfo, start: int, stop: int) -> Tensor | None:
         """The [T, n] stack of the fine-tuned checkpoints' values on [start, stop), as stored, each
         checked finite; None where they are not all stored in one dtype a gather takes."""
-        dtypes = {reader.spec(entry.key)[0] for reader in self.finetuned}
-        if len(dtypes) != 1 or not dtypes <= PICKED_DTYPES:
+        dtype = self._stored_dtype(entry.key)
+        if dtype not in PICKED_DTYPES:
             return None
         n = stop - start
-        stack = self.buffers.get(("stored",), self.num_tasks * n, dtypes.pop()).view(self.num_tasks, n)
+        stack = self.buffers.get(("stored",), self.num_tasks * n, dtype).view(self.num_tasks, n)
         for t, reader in enumerate(self.finetuned):
             theta = self._raw(reader, entry.key, start, stop, "theta", into=stack[t])
             self.progress.update(n * theta.dtype.itemsize)
             if theta.data_ptr() != stack[t].data_ptr():  # through a device's staging buffer
                 stack[t].copy_(theta)
             if not self._finite(stack[t]):
-                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
+                raise _non_finite(reader.name, entry.key)
         return stack
 
     def _fused(self, entry: TensorInfo, start: int, stop: int, base: Tensor, checked: bool, picked: bool):
@@ -484,8 +501,7 @@ class _Merge:
         """The rule's fold as its fused step (fused.py) over the checkpoints' chunks as stored: one
         pass each, the same bits as ``running.update`` over the task vectors; None where a
         checkpoint's dtype is not one the step reads (or the compute's is not fp32)."""
-        dtypes = {reader.spec(entry.key)[0] for reader in self.finetuned}
-        if base.dtype != torch.float32 or not dtypes <= fused.DTYPES.keys():
+        if not self._fusable(entry, base):
             return None
         state = self.buffers.get(("tau",), stop - start, torch.float32)
         for t, reader in enumerate(self.finetuned):
@@ -499,8 +515,7 @@ class _Merge:
         """A ``picks`` rule's pick by its fused step: the rule's draws of task indices (the same
         values as its ``Draw``) and one pass per checkpoint chunk as stored, each checked finite;
         None where a dtype is not one the step reads or there are too many tasks for a byte."""
-        dtypes = {reader.spec(entry.key)[0] for reader in self.finetuned}
-        if base.dtype != torch.float32 or not dtypes <= fused.DTYPES.keys() or self.num_tasks > fused.MAX_PICKED_TASKS:
+        if not self._fusable(entry, base) or self.num_tasks > fused.MAX_PICKED_TASKS:
             return None
         n = stop - start
         (draw,) = self.rule.draws.values()
@@ -515,7 +530,7 @@ class _Merge:
             theta = self._raw(reader, entry.key, start, stop, "theta")
             self.progress.update(n * theta.dtype.itemsize)
             if fused.pick(state, theta, base, picks, t):
-                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
+                raise _non_finite(reader.name, entry.key)
         return state
 
     def _inputs(self, entry: TensorInfo, start: int, stop: int) -> dict[str, Iterator[Tensor]]:
@@ -526,7 +541,7 @@ class _Merge:
         for reader in readers:
             values = self._raw(reader, entry.key, start, stop, None).to(dtype)
             if not self._holds(torch.isfinite(values).all()):
-                raise MergeclError(f"{reader.name}: tensor '{entry.key}' has NaN/Inf values")
+                raise _non_finite(reader.name, entry.key)
             if self.rule.inputs[name].non_negative and not self._holds((values >= 0).all()):
                 raise MergeclError(f"{reader.name}: tensor '{entry.key}' has negative values (a {name} is >= 0)")
             yield values
@@ -552,9 +567,9 @@ class _Merge:
 
     def _blame_non_finite(self, key: str, reader, start: int, stop: int, base: Tensor) -> None:
         if not torch.isfinite(base).all():
-            raise MergeclError(f"{self.base.name}: tensor '{key}' has NaN/Inf values")
+            raise _non_finite(self.base.name, key)
         if not torch.isfinite(reader.read(key, start, stop)).all():  # read again: out may hold it no more
-            raise MergeclError(f"{reader.name}: tensor '{key}' has NaN/Inf values")
+            raise _non_finite(reader.name, key)
         raise MergeclError(f"{reader.name}: tensor '{key}' overflows when subtracted from the base")
 
     # --- the merge pass -------------------------------------------------------------------------

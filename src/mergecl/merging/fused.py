@@ -49,7 +49,8 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         return _load(_built(compiler))
-    except (OSError, subprocess.SubprocessError, RuntimeError):  # RuntimeError: no home folder to cache in
+    # RuntimeError: no home folder to cache in; AttributeError: a library without the steps
+    except (OSError, subprocess.SubprocessError, RuntimeError, AttributeError):
         return None
 
 
@@ -86,9 +87,17 @@ def _cpu() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _compiler_identity(compiler: str) -> bytes:
+    """The compiler as a file (where it resolves to, its size and time): a new or upgraded compiler
+    gets a library of its own, and no process is started to ask its version at every merge."""
+    path = Path(shutil.which(compiler) or compiler).resolve()
+    info = path.stat()
+    return f"{path} {info.st_size} {info.st_mtime_ns}".encode()
+
+
 def _built(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=COMPILE_TIMEOUT_S).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version, _cpu().encode()]))
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_identity(compiler), _cpu().encode()]
+    key = hashlib.sha256(b"\0".join(parts))
     folder = _cache()
     path = folder / f"fused-{key.hexdigest()[:16]}.so"
     if not path.exists():
